@@ -1,0 +1,3 @@
+//! Text to model inputs: tokenization (and, with the trainer, readers and batching).
+
+pub mod tokenize;

@@ -1,0 +1,1 @@
+//! The BERT layer sequence over the backend boundary.

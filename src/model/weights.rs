@@ -1,0 +1,1 @@
+//! Loading and saving weights in transformers naming (safetensors).

@@ -1,0 +1,1 @@
+//! AdamW over the flat parameter buffer, with the Trainer's parameter groups.

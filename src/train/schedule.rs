@@ -1,0 +1,1 @@
+//! Learning-rate schedules as transformers' `get_scheduler` computes them.
