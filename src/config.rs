@@ -114,14 +114,16 @@ const BERT_COMPATIBLE: &[&str] = &["bert"];
 
 impl BertConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("{}", path.display()))
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text).context("invalid JSON")?;
-        let Value::Object(raw) = value else { bail!("config is not a JSON object") };
+        let Value::Object(raw) = value else {
+            bail!("config is not a JSON object")
+        };
         let c: RawConfig = serde_json::from_value(Value::Object(raw.clone()))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         if !BERT_COMPATIBLE.contains(&c.model_type.as_str()) {
@@ -156,7 +158,9 @@ impl BertConfig {
             (Some(map), _) => {
                 let mut labels = vec![None; map.len()];
                 for (k, v) in map {
-                    let id: usize = k.parse().with_context(|| format!("id2label key {k:?} is not an integer"))?;
+                    let id: usize = k
+                        .parse()
+                        .with_context(|| format!("id2label key {k:?} is not an integer"))?;
                     if id >= labels.len() {
                         bail!("id2label ids must be 0..{}, found {id}", map.len());
                     }
@@ -210,7 +214,10 @@ impl BertConfig {
     /// the architecture, the labels and the problem type set.
     pub fn to_classifier_json(&self) -> String {
         let mut raw = self.raw.clone();
-        raw.insert("architectures".into(), serde_json::json!(["BertForSequenceClassification"]));
+        raw.insert(
+            "architectures".into(),
+            serde_json::json!(["BertForSequenceClassification"]),
+        );
         raw.insert("model_type".into(), Value::String(self.model_type.clone()));
         let id2label: serde_json::Map<String, Value> = self
             .id2label
@@ -227,7 +234,10 @@ impl BertConfig {
         raw.insert("id2label".into(), Value::Object(id2label));
         raw.insert("label2id".into(), Value::Object(label2id));
         raw.remove("num_labels");
-        raw.insert("problem_type".into(), Value::String("single_label_classification".into()));
+        raw.insert(
+            "problem_type".into(),
+            Value::String("single_label_classification".into()),
+        );
         serde_json::to_string_pretty(&Value::Object(raw)).expect("a JSON map always serializes")
     }
 }
@@ -260,10 +270,19 @@ mod tests {
     #[test]
     fn refuses_what_it_cannot_run() {
         for (json, needle) in [
-            (r#"{"vocab_size":5,"model_type":"gpt2"}"#, "model_type \"gpt2\""),
-            (r#"{"vocab_size":5,"position_embedding_type":"relative_key"}"#, "relative_key"),
+            (
+                r#"{"vocab_size":5,"model_type":"gpt2"}"#,
+                "model_type \"gpt2\"",
+            ),
+            (
+                r#"{"vocab_size":5,"position_embedding_type":"relative_key"}"#,
+                "relative_key",
+            ),
             (r#"{"vocab_size":5,"hidden_act":"swish"}"#, "swish"),
-            (r#"{"vocab_size":5,"hidden_size":10,"num_attention_heads":3}"#, "multiple"),
+            (
+                r#"{"vocab_size":5,"hidden_size":10,"num_attention_heads":3}"#,
+                "multiple",
+            ),
         ] {
             let err = format!("{:#}", BertConfig::from_json(json).unwrap_err());
             assert!(err.contains(needle), "{err}");
@@ -275,6 +294,8 @@ mod tests {
         let c = BertConfig::from_json(MINI).unwrap();
         let back = BertConfig::from_json(&c.to_classifier_json()).unwrap();
         assert_eq!(back.id2label, c.id2label);
-        assert!(c.to_classifier_json().contains("BertForSequenceClassification"));
+        assert!(c
+            .to_classifier_json()
+            .contains("BertForSequenceClassification"));
     }
 }

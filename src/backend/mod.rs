@@ -77,7 +77,12 @@ impl SeqLayout {
 
     /// Total rows of the batch's activations.
     pub fn total_rows(&self) -> usize {
-        self.starts.iter().zip(&self.rows).map(|(&s, &r)| (s + r) as usize).max().unwrap_or(0)
+        self.starts
+            .iter()
+            .zip(&self.rows)
+            .map(|(&s, &r)| (s + r) as usize)
+            .max()
+            .unwrap_or(0)
     }
 
     /// Longest sequence (in rows), the bound attention kernels size their tiles by.
@@ -104,7 +109,11 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    pub const NONE: Dropout = Dropout { p: 0.0, seed: 0, stream: 0 };
+    pub const NONE: Dropout = Dropout {
+        p: 0.0,
+        seed: 0,
+        stream: 0,
+    };
     pub fn is_active(&self) -> bool {
         self.p > 0.0
     }
@@ -113,10 +122,11 @@ impl Dropout {
 /// Hyper-parameters of one AdamW step, as `torch.optim.AdamW` applies them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
-    pub lr: f32,
-    pub beta1: f32,
-    pub beta2: f32,
-    pub eps: f32,
+    // f64, as the Python floats torch computes the step's scalars from.
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
     /// 1-based step count (bias correction).
     pub step: u64,
 }
@@ -128,7 +138,7 @@ pub struct AdamWTensor<'a, T> {
     pub exp_avg: &'a T,
     pub exp_avg_sq: &'a T,
     /// 0 for the no-decay group (biases, LayerNorm weights).
-    pub weight_decay: f32,
+    pub weight_decay: f64,
 }
 
 /// The ops the model and the trainer are written against.
@@ -248,7 +258,12 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- activations (activation.rs) ----
-    fn activation_forward(&self, out: &Self::Tensor, x: &Self::Tensor, act: Activation) -> Result<()>;
+    fn activation_forward(
+        &self,
+        out: &Self::Tensor,
+        x: &Self::Tensor,
+        act: Activation,
+    ) -> Result<()>;
     fn activation_backward(
         &self,
         dx: &Self::Tensor,
@@ -259,7 +274,8 @@ pub trait Backend {
     /// `out = tanh(x)` (the pooler).
     fn tanh_forward(&self, out: &Self::Tensor, x: &Self::Tensor) -> Result<()>;
     /// `dx = dout·(1 − y²)` from the forward output `y`.
-    fn tanh_backward(&self, dx: &Self::Tensor, dout: &Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    fn tanh_backward(&self, dx: &Self::Tensor, dout: &Self::Tensor, y: &Self::Tensor)
+        -> Result<()>;
 
     // ---- dropout (dropout.rs) ----
     /// `out = x·keep/(1−p)` with `keep` drawn from Philox at (seed, stream, element index).
@@ -338,7 +354,16 @@ pub trait Backend {
     /// `out[0] = Σ x²` (accumulated in f64 on the CPU, fp32 on the GPU).
     fn sum_squares(&self, out: &Self::Tensor, x: &Self::Tensor) -> Result<()>;
     /// `x *= min(1, max_norm / (√sumsq[0] + 1e-6))`, as `torch.nn.utils.clip_grad_norm_`.
-    fn clip_by_global_norm(&self, x: &Self::Tensor, sumsq: &Self::Tensor, max_norm: f32) -> Result<()>;
+    fn clip_by_global_norm(
+        &self,
+        x: &Self::Tensor,
+        sumsq: &Self::Tensor,
+        max_norm: f32,
+    ) -> Result<()>;
     /// One `torch.optim.AdamW` step over each tensor.
-    fn adamw_update(&self, tensors: &[AdamWTensor<'_, Self::Tensor>], step: &AdamWStep) -> Result<()>;
+    fn adamw_update(
+        &self,
+        tensors: &[AdamWTensor<'_, Self::Tensor>],
+        step: &AdamWStep,
+    ) -> Result<()>;
 }

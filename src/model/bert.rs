@@ -1,1 +1,789 @@
-//! The BERT layer sequence over the backend boundary.
+//! The BERT sequence classifier's layer sequence, forward and backward, over [`Backend`].
+//!
+//! This is the one place that says which ops run in which order and which tensors are kept for
+//! backward; every backend runs exactly this code. It follows transformers'
+//! `BertForSequenceClassification`:
+//!
+//! ```text
+//! x₀ = dropout(LN(word[ids] + position[pos] + token_type[types]))
+//! per layer:  qkv = x·Wqkvᵀ + b               (one GEMM for Q, K and V)
+//!             a   = attention(qkv)            (softmax(QKᵀ/√d + mask), dropout, ·V)
+//!             h   = LN(dropout(a·Woᵀ + bo) + x)
+//!             x'  = LN(dropout(act(h·W1ᵀ + b1)·W2ᵀ + b2) + h)
+//! pooled = tanh(x_L[CLS]·Wpᵀ + bp);  logits = dropout(pooled)·Wcᵀ + bc
+//! ```
+//! Kept for backward (per layer): qkv, the attention output and its log-sum-exp, both residual
+//! sums with their LayerNorm statistics, both LayerNorm outputs, the feed-forward
+//! pre-activation and activation. Dropout masks are regenerated, never stored.
+
+use anyhow::{ensure, Result};
+
+use crate::backend::philox::stream_id;
+use crate::backend::{AttentionDims, Backend, Dropout, SeqLayout};
+use crate::config::BertConfig;
+use crate::model::params::{BertTensors, LayerTensors};
+
+/// Whether dropout is on, and which random numbers it draws.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// No dropout (evaluation, prediction).
+    Eval,
+    /// Dropout drawn from `seed` at micro-step `step` (each forward of a step differs).
+    Train { seed: u64, step: u64 },
+}
+
+/// One batch of token ids on the backend, with where each sequence lies.
+pub struct Batch<B: Backend> {
+    pub layout: SeqLayout,
+    pub ids: B::Ids,
+    pub positions: B::Ids,
+    pub type_ids: B::Ids,
+    pub labels: Option<B::Ids>,
+    /// Host copy of the labels (loss reduction and metrics).
+    pub host_labels: Option<Vec<u32>>,
+}
+
+impl<B: Backend> Batch<B> {
+    /// Sequences right-padded with `pad_id` to the longest of the batch, as transformers'
+    /// dynamic padding does (positions 0.. on every row, padding rows of token type 0).
+    pub fn padded(
+        backend: &B,
+        ids: &[&[u32]],
+        type_ids: &[&[u32]],
+        labels: Option<&[u32]>,
+        pad_id: u32,
+    ) -> Result<Self> {
+        let seq_len = ids.iter().map(|s| s.len()).max().unwrap_or(0);
+        Self::padded_to(backend, ids, type_ids, labels, pad_id, seq_len)
+    }
+
+    /// As [`Batch::padded`], to a fixed `seq_len`.
+    pub fn padded_to(
+        backend: &B,
+        ids: &[&[u32]],
+        type_ids: &[&[u32]],
+        labels: Option<&[u32]>,
+        pad_id: u32,
+        seq_len: usize,
+    ) -> Result<Self> {
+        ensure!(!ids.is_empty(), "empty batch");
+        ensure!(
+            ids.len() == type_ids.len(),
+            "ids and token type ids differ in batch size"
+        );
+        for (i, (s, t)) in ids.iter().zip(type_ids).enumerate() {
+            ensure!(
+                !s.is_empty() && s.len() <= seq_len,
+                "sequence {i} has {} tokens (limit {seq_len})",
+                s.len()
+            );
+            ensure!(
+                s.len() == t.len(),
+                "sequence {i}: {} ids but {} token type ids",
+                s.len(),
+                t.len()
+            );
+        }
+        let mut flat_ids = vec![pad_id; ids.len() * seq_len];
+        let mut flat_types = vec![0u32; ids.len() * seq_len];
+        for (b, (s, t)) in ids.iter().zip(type_ids).enumerate() {
+            flat_ids[b * seq_len..][..s.len()].copy_from_slice(s);
+            flat_types[b * seq_len..][..t.len()].copy_from_slice(t);
+        }
+        let positions: Vec<u32> = (0..ids.len()).flat_map(|_| 0..seq_len as u32).collect();
+        let lengths: Vec<usize> = ids.iter().map(|s| s.len()).collect();
+        Self::from_rows(
+            backend,
+            SeqLayout::padded(&lengths, seq_len),
+            &flat_ids,
+            &positions,
+            &flat_types,
+            labels,
+        )
+    }
+
+    /// Sequences back to back with no padding rows (the variable-length path).
+    pub fn packed(
+        backend: &B,
+        ids: &[&[u32]],
+        type_ids: &[&[u32]],
+        labels: Option<&[u32]>,
+    ) -> Result<Self> {
+        ensure!(!ids.is_empty(), "empty batch");
+        let lengths: Vec<usize> = ids.iter().map(|s| s.len()).collect();
+        ensure!(lengths.iter().all(|&l| l > 0), "empty sequence in batch");
+        let flat_ids: Vec<u32> = ids.concat();
+        let flat_types: Vec<u32> = type_ids.concat();
+        ensure!(
+            flat_ids.len() == flat_types.len(),
+            "ids and token type ids differ in length"
+        );
+        let positions: Vec<u32> = lengths.iter().flat_map(|&l| 0..l as u32).collect();
+        Self::from_rows(
+            backend,
+            SeqLayout::packed(&lengths),
+            &flat_ids,
+            &positions,
+            &flat_types,
+            labels,
+        )
+    }
+
+    fn from_rows(
+        backend: &B,
+        layout: SeqLayout,
+        ids: &[u32],
+        positions: &[u32],
+        type_ids: &[u32],
+        labels: Option<&[u32]>,
+    ) -> Result<Self> {
+        if let Some(l) = labels {
+            ensure!(
+                l.len() == layout.batch(),
+                "{} labels for {} sequences",
+                l.len(),
+                layout.batch()
+            );
+        }
+        Ok(Batch {
+            ids: backend.upload_ids(ids)?,
+            positions: backend.upload_ids(positions)?,
+            type_ids: backend.upload_ids(type_ids)?,
+            labels: labels.map(|l| backend.upload_ids(l)).transpose()?,
+            host_labels: labels.map(|l| l.to_vec()),
+            layout,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.layout.total_rows()
+    }
+
+    pub fn size(&self) -> usize {
+        self.layout.batch()
+    }
+}
+
+/// What one encoder layer keeps from forward for backward.
+pub struct LayerActs<T> {
+    pub qkv: T,
+    pub attn: T,
+    pub attn_lse: T,
+    pub attn_sum: T,
+    pub attn_ln_mean: T,
+    pub attn_ln_rstd: T,
+    pub attn_ln_out: T,
+    pub ffn_pre: T,
+    pub ffn_act: T,
+    pub ffn_sum: T,
+    pub ffn_ln_mean: T,
+    pub ffn_ln_rstd: T,
+    /// The layer's output.
+    pub ffn_ln_out: T,
+}
+
+/// Every buffer forward and backward use for one batch shape: allocated once, reused.
+pub struct Activations<T> {
+    pub rows: usize,
+    pub batch: usize,
+    pub emb_sum: T,
+    pub emb_ln_mean: T,
+    pub emb_ln_rstd: T,
+    pub emb_ln_out: T,
+    /// The first layer's input (embeddings after dropout).
+    pub emb_out: T,
+    pub layers: Vec<LayerActs<T>>,
+    pub cls: T,
+    pub pooled_pre: T,
+    pub pooled: T,
+    pub pooled_drop: T,
+    pub logits: T,
+    pub losses: T,
+    // Scratch, not kept between forward and backward.
+    proj: T,
+    proj_drop: T,
+    g_hidden: [T; 3],
+    g_qkv: T,
+    g_inter: [T; 2],
+    g_pool: [T; 3],
+    g_logits: T,
+}
+
+impl<T: Clone> Activations<T> {
+    pub fn new<B: Backend<Tensor = T>>(
+        backend: &B,
+        cfg: &BertConfig,
+        rows: usize,
+        batch: usize,
+    ) -> Result<Self> {
+        let (h, i, heads) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.num_attention_heads,
+        );
+        let z = |n: usize| backend.zeros(n);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                Ok(LayerActs {
+                    qkv: z(rows * 3 * h)?,
+                    attn: z(rows * h)?,
+                    attn_lse: z(rows * heads)?,
+                    attn_sum: z(rows * h)?,
+                    attn_ln_mean: z(rows)?,
+                    attn_ln_rstd: z(rows)?,
+                    attn_ln_out: z(rows * h)?,
+                    ffn_pre: z(rows * i)?,
+                    ffn_act: z(rows * i)?,
+                    ffn_sum: z(rows * h)?,
+                    ffn_ln_mean: z(rows)?,
+                    ffn_ln_rstd: z(rows)?,
+                    ffn_ln_out: z(rows * h)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Activations {
+            rows,
+            batch,
+            emb_sum: z(rows * h)?,
+            emb_ln_mean: z(rows)?,
+            emb_ln_rstd: z(rows)?,
+            emb_ln_out: z(rows * h)?,
+            emb_out: z(rows * h)?,
+            layers,
+            cls: z(batch * h)?,
+            pooled_pre: z(batch * h)?,
+            pooled: z(batch * h)?,
+            pooled_drop: z(batch * h)?,
+            logits: z(batch * cfg.num_labels())?,
+            losses: z(batch)?,
+            proj: z(rows * h)?,
+            proj_drop: z(rows * h)?,
+            g_hidden: [z(rows * h)?, z(rows * h)?, z(rows * h)?],
+            g_qkv: z(rows * 3 * h)?,
+            g_inter: [z(rows * i)?, z(rows * i)?],
+            g_pool: [z(batch * h)?, z(batch * h)?, z(batch * h)?],
+            g_logits: z(batch * cfg.num_labels())?,
+        })
+    }
+
+    /// The encoder's output `[rows, hidden]` after the last forward.
+    pub fn last_hidden_state(&self) -> &T {
+        self.layers
+            .last()
+            .map(|l| &l.ffn_ln_out)
+            .unwrap_or(&self.emb_out)
+    }
+}
+
+/// The dropout sites of the model, each drawing its own Philox stream.
+#[derive(Clone, Copy)]
+enum Site {
+    Embeddings,
+    AttentionProbs(usize),
+    AttentionOutput(usize),
+    FeedForwardOutput(usize),
+    Classifier,
+}
+
+impl Site {
+    fn id(self, layers: usize) -> u32 {
+        (match self {
+            Site::Embeddings => 0,
+            Site::AttentionProbs(l) => 1 + 3 * l,
+            Site::AttentionOutput(l) => 2 + 3 * l,
+            Site::FeedForwardOutput(l) => 3 + 3 * l,
+            Site::Classifier => 1 + 3 * layers,
+        }) as u32
+    }
+}
+
+/// The loss a backward pass differentiates: the mean cross-entropy over `normalizer` rows (the
+/// rows of the whole accumulated batch, so micro-batches add up to one batch's gradient).
+#[derive(Clone, Copy, Debug)]
+pub struct LossSpec {
+    pub label_smoothing: f32,
+    pub normalizer: usize,
+}
+
+/// The model over one backend: its config and its parameter views.
+pub struct Bert<'a, B: Backend> {
+    pub backend: &'a B,
+    pub cfg: &'a BertConfig,
+    pub weights: &'a BertTensors<B::Tensor>,
+}
+
+impl<B: Backend> Bert<'_, B> {
+    fn dims(&self) -> (usize, usize, usize) {
+        (
+            self.cfg.hidden_size,
+            self.cfg.intermediate_size,
+            self.cfg.num_labels(),
+        )
+    }
+
+    fn dropout(&self, mode: Mode, site: Site, p: f32) -> Dropout {
+        match mode {
+            Mode::Train { seed, step } if p > 0.0 => Dropout {
+                p,
+                seed,
+                stream: stream_id(step, site.id(self.cfg.num_hidden_layers)),
+            },
+            _ => Dropout::NONE,
+        }
+    }
+
+    fn attention_dims(&self) -> AttentionDims {
+        AttentionDims {
+            heads: self.cfg.num_attention_heads,
+            head_dim: self.cfg.head_dim(),
+        }
+    }
+
+    fn check_shape(&self, batch: &Batch<B>, acts: &Activations<B::Tensor>) -> Result<()> {
+        ensure!(
+            acts.rows == batch.rows() && acts.batch == batch.size(),
+            "activations for {}×{} used with a batch of {} sequences in {} rows",
+            acts.batch,
+            acts.rows,
+            batch.size(),
+            batch.rows()
+        );
+        ensure!(
+            batch.layout.max_rows() <= self.cfg.max_position_embeddings,
+            "a sequence of {} tokens exceeds max_position_embeddings {}",
+            batch.layout.max_rows(),
+            self.cfg.max_position_embeddings
+        );
+        Ok(())
+    }
+
+    /// Forward through the classifier: `acts.logits` holds `[batch, num_labels]` after it.
+    pub fn forward(
+        &self,
+        batch: &Batch<B>,
+        acts: &Activations<B::Tensor>,
+        mode: Mode,
+    ) -> Result<()> {
+        self.check_shape(batch, acts)?;
+        let (be, w, cfg) = (self.backend, self.weights, self.cfg);
+        let (h, _, c) = self.dims();
+        let (rows, n) = (batch.rows(), batch.size());
+        let eps = cfg.layer_norm_eps;
+        be.embeddings_forward(
+            &acts.emb_sum,
+            &w.word,
+            &w.position,
+            &w.token_type,
+            &batch.ids,
+            &batch.positions,
+            &batch.type_ids,
+            h,
+        )?;
+        be.layernorm_forward(
+            &acts.emb_ln_out,
+            &acts.emb_ln_mean,
+            &acts.emb_ln_rstd,
+            &acts.emb_sum,
+            None,
+            &w.emb_ln_g,
+            &w.emb_ln_b,
+            rows,
+            h,
+            eps,
+        )?;
+        let p_hidden = cfg.hidden_dropout_prob;
+        be.dropout_forward(
+            &acts.emb_out,
+            &acts.emb_ln_out,
+            self.dropout(mode, Site::Embeddings, p_hidden),
+        )?;
+        let mut x = &acts.emb_out;
+        for (l, (lw, la)) in w.layers.iter().zip(&acts.layers).enumerate() {
+            self.layer_forward(l, lw, la, acts, x, &batch.layout, mode)?;
+            x = &la.ffn_ln_out;
+        }
+        be.gather_first_tokens(&acts.cls, x, &batch.layout, h)?;
+        be.linear_forward(
+            &acts.pooled_pre,
+            &acts.cls,
+            &w.pooler_w,
+            &w.pooler_b,
+            n,
+            h,
+            h,
+        )?;
+        be.tanh_forward(&acts.pooled, &acts.pooled_pre)?;
+        let p_cls = cfg.classifier_dropout_prob();
+        be.dropout_forward(
+            &acts.pooled_drop,
+            &acts.pooled,
+            self.dropout(mode, Site::Classifier, p_cls),
+        )?;
+        be.linear_forward(
+            &acts.logits,
+            &acts.pooled_drop,
+            &w.classifier_w,
+            &w.classifier_b,
+            n,
+            h,
+            c,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        l: usize,
+        w: &LayerTensors<B::Tensor>,
+        a: &LayerActs<B::Tensor>,
+        acts: &Activations<B::Tensor>,
+        x: &B::Tensor,
+        layout: &SeqLayout,
+        mode: Mode,
+    ) -> Result<()> {
+        let (be, cfg) = (self.backend, self.cfg);
+        let (h, i, _) = self.dims();
+        let rows = layout.total_rows();
+        let (eps, p_hidden) = (cfg.layer_norm_eps, cfg.hidden_dropout_prob);
+        be.linear_forward(&a.qkv, x, &w.qkv_w, &w.qkv_b, rows, h, 3 * h)?;
+        let attn_drop = self.dropout(
+            mode,
+            Site::AttentionProbs(l),
+            cfg.attention_probs_dropout_prob,
+        );
+        be.attention_forward(
+            &a.attn,
+            &a.attn_lse,
+            &a.qkv,
+            layout,
+            self.attention_dims(),
+            attn_drop,
+        )?;
+        be.linear_forward(
+            &acts.proj,
+            &a.attn,
+            &w.attn_out_w,
+            &w.attn_out_b,
+            rows,
+            h,
+            h,
+        )?;
+        be.dropout_forward(
+            &acts.proj_drop,
+            &acts.proj,
+            self.dropout(mode, Site::AttentionOutput(l), p_hidden),
+        )?;
+        be.layernorm_forward(
+            &a.attn_ln_out,
+            &a.attn_ln_mean,
+            &a.attn_ln_rstd,
+            &acts.proj_drop,
+            Some((x, &a.attn_sum)),
+            &w.attn_ln_g,
+            &w.attn_ln_b,
+            rows,
+            h,
+            eps,
+        )?;
+        be.linear_forward(
+            &a.ffn_pre,
+            &a.attn_ln_out,
+            &w.ffn_in_w,
+            &w.ffn_in_b,
+            rows,
+            h,
+            i,
+        )?;
+        be.activation_forward(&a.ffn_act, &a.ffn_pre, cfg.hidden_act)?;
+        be.linear_forward(
+            &acts.proj,
+            &a.ffn_act,
+            &w.ffn_out_w,
+            &w.ffn_out_b,
+            rows,
+            i,
+            h,
+        )?;
+        be.dropout_forward(
+            &acts.proj_drop,
+            &acts.proj,
+            self.dropout(mode, Site::FeedForwardOutput(l), p_hidden),
+        )?;
+        be.layernorm_forward(
+            &a.ffn_ln_out,
+            &a.ffn_ln_mean,
+            &a.ffn_ln_rstd,
+            &acts.proj_drop,
+            Some((&a.attn_ln_out, &a.ffn_sum)),
+            &w.ffn_ln_g,
+            &w.ffn_ln_b,
+            rows,
+            h,
+            eps,
+        )
+    }
+
+    /// Per-row losses of the last forward into `acts.losses`; returns them on the host.
+    pub fn losses(
+        &self,
+        batch: &Batch<B>,
+        acts: &Activations<B::Tensor>,
+        label_smoothing: f32,
+    ) -> Result<Vec<f32>> {
+        let labels = batch
+            .labels
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the batch has no labels"))?;
+        self.backend.cross_entropy_forward(
+            &acts.losses,
+            &acts.logits,
+            labels,
+            self.cfg.num_labels(),
+            label_smoothing,
+        )?;
+        self.backend.download(&acts.losses)
+    }
+
+    /// Backward from the loss of the last forward (same `batch`, `acts`, `mode`), accumulating
+    /// every parameter's gradient into `grads`.
+    pub fn backward(
+        &self,
+        grads: &BertTensors<B::Tensor>,
+        batch: &Batch<B>,
+        acts: &Activations<B::Tensor>,
+        mode: Mode,
+        loss: LossSpec,
+    ) -> Result<()> {
+        self.check_shape(batch, acts)?;
+        let (be, w, cfg) = (self.backend, self.weights, self.cfg);
+        let (h, _, c) = self.dims();
+        let (rows, n) = (batch.rows(), batch.size());
+        let labels = batch
+            .labels
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the batch has no labels"))?;
+        let scale = 1.0 / loss.normalizer as f32;
+        be.cross_entropy_backward(
+            &acts.g_logits,
+            &acts.logits,
+            labels,
+            c,
+            loss.label_smoothing,
+            scale,
+        )?;
+        let [g_pool_drop, g_pooled, g_cls] = &acts.g_pool;
+        be.linear_backward(
+            Some(g_pool_drop),
+            false,
+            &grads.classifier_w,
+            &grads.classifier_b,
+            &acts.g_logits,
+            &acts.pooled_drop,
+            &w.classifier_w,
+            n,
+            h,
+            c,
+        )?;
+        let p_cls = cfg.classifier_dropout_prob();
+        be.dropout_backward(
+            g_pooled,
+            g_pool_drop,
+            self.dropout(mode, Site::Classifier, p_cls),
+        )?;
+        be.tanh_backward(g_pool_drop, g_pooled, &acts.pooled)?;
+        be.linear_backward(
+            Some(g_cls),
+            false,
+            &grads.pooler_w,
+            &grads.pooler_b,
+            g_pool_drop,
+            &acts.cls,
+            &w.pooler_w,
+            n,
+            h,
+            h,
+        )?;
+
+        // g_out: gradient of the current layer's output; the other two buffers are scratch.
+        let [mut g_out, mut g_in, mut g_tmp] =
+            [&acts.g_hidden[0], &acts.g_hidden[1], &acts.g_hidden[2]];
+        be.fill_zero(g_out)?;
+        be.scatter_first_tokens_backward(g_out, g_cls, &batch.layout, h)?;
+        for l in (0..cfg.num_hidden_layers).rev() {
+            let x = if l == 0 {
+                &acts.emb_out
+            } else {
+                &acts.layers[l - 1].ffn_ln_out
+            };
+            self.layer_backward(
+                l,
+                &grads.layers[l],
+                acts,
+                x,
+                g_out,
+                g_in,
+                g_tmp,
+                &batch.layout,
+                mode,
+            )?;
+            // The layer's input gradient (in g_in) is the output gradient of the layer below.
+            (g_out, g_in, g_tmp) = (g_in, g_out, g_tmp);
+        }
+        be.dropout_backward(
+            g_in,
+            g_out,
+            self.dropout(mode, Site::Embeddings, cfg.hidden_dropout_prob),
+        )?;
+        be.layernorm_backward(
+            g_tmp,
+            &grads.emb_ln_g,
+            &grads.emb_ln_b,
+            g_in,
+            &acts.emb_sum,
+            &acts.emb_ln_mean,
+            &acts.emb_ln_rstd,
+            &w.emb_ln_g,
+            rows,
+            h,
+        )?;
+        be.embeddings_backward(
+            &grads.word,
+            &grads.position,
+            &grads.token_type,
+            g_tmp,
+            &batch.ids,
+            &batch.positions,
+            &batch.type_ids,
+            h,
+            cfg.pad_token_id,
+        )
+    }
+
+    /// One layer backward: from `g_out` (gradient of the layer's output) to `g_in` (of its
+    /// input `x`), accumulating the layer's parameter gradients. `g_tmp` is scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(
+        &self,
+        l: usize,
+        g: &LayerTensors<B::Tensor>,
+        acts: &Activations<B::Tensor>,
+        x: &B::Tensor,
+        g_out: &B::Tensor,
+        g_in: &B::Tensor,
+        g_tmp: &B::Tensor,
+        layout: &SeqLayout,
+        mode: Mode,
+    ) -> Result<()> {
+        let (be, cfg) = (self.backend, self.cfg);
+        let (w, a) = (&self.weights.layers[l], &acts.layers[l]);
+        let (h, i, _) = self.dims();
+        let rows = layout.total_rows();
+        let p_hidden = cfg.hidden_dropout_prob;
+        let [g_act, g_pre] = &acts.g_inter;
+
+        // Feed-forward block: x' = LN(dropout(W2·act(W1·h)) + h).
+        // g_tmp = ∂/∂ffn_sum, which is also the residual branch's share of ∂/∂h.
+        be.layernorm_backward(
+            g_tmp,
+            &g.ffn_ln_g,
+            &g.ffn_ln_b,
+            g_out,
+            &a.ffn_sum,
+            &a.ffn_ln_mean,
+            &a.ffn_ln_rstd,
+            &w.ffn_ln_g,
+            rows,
+            h,
+        )?;
+        be.dropout_backward(
+            &acts.proj,
+            g_tmp,
+            self.dropout(mode, Site::FeedForwardOutput(l), p_hidden),
+        )?;
+        be.linear_backward(
+            Some(g_act),
+            false,
+            &g.ffn_out_w,
+            &g.ffn_out_b,
+            &acts.proj,
+            &a.ffn_act,
+            &w.ffn_out_w,
+            rows,
+            i,
+            h,
+        )?;
+        be.activation_backward(g_pre, g_act, &a.ffn_pre, cfg.hidden_act)?;
+        // g_tmp += W1ᵀ-path: now the whole ∂/∂h.
+        be.linear_backward(
+            Some(g_tmp),
+            true,
+            &g.ffn_in_w,
+            &g.ffn_in_b,
+            g_pre,
+            &a.attn_ln_out,
+            &w.ffn_in_w,
+            rows,
+            h,
+            i,
+        )?;
+
+        // Attention block: h = LN(dropout(Wo·attn(Wqkv·x)) + x).
+        // g_in = ∂/∂attn_sum, the residual branch's share of ∂/∂x.
+        be.layernorm_backward(
+            g_in,
+            &g.attn_ln_g,
+            &g.attn_ln_b,
+            g_tmp,
+            &a.attn_sum,
+            &a.attn_ln_mean,
+            &a.attn_ln_rstd,
+            &w.attn_ln_g,
+            rows,
+            h,
+        )?;
+        be.dropout_backward(
+            &acts.proj,
+            g_in,
+            self.dropout(mode, Site::AttentionOutput(l), p_hidden),
+        )?;
+        be.linear_backward(
+            Some(g_tmp),
+            false,
+            &g.attn_out_w,
+            &g.attn_out_b,
+            &acts.proj,
+            &a.attn,
+            &w.attn_out_w,
+            rows,
+            h,
+            h,
+        )?;
+        let attn_drop = self.dropout(
+            mode,
+            Site::AttentionProbs(l),
+            cfg.attention_probs_dropout_prob,
+        );
+        be.attention_backward(
+            &acts.g_qkv,
+            g_tmp,
+            &a.qkv,
+            &a.attn,
+            &a.attn_lse,
+            layout,
+            self.attention_dims(),
+            attn_drop,
+        )?;
+        be.linear_backward(
+            Some(g_in),
+            true,
+            &g.qkv_w,
+            &g.qkv_b,
+            &acts.g_qkv,
+            x,
+            &w.qkv_w,
+            rows,
+            h,
+            3 * h,
+        )
+    }
+}

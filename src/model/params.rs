@@ -43,9 +43,18 @@ impl ParamLayout {
     pub fn new(cfg: &BertConfig) -> Self {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         let mut shapes: Vec<(String, Vec<usize>)> = vec![
-            ("bert.embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, h]),
-            ("bert.embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, h]),
-            ("bert.embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, h]),
+            (
+                "bert.embeddings.word_embeddings.weight".into(),
+                vec![cfg.vocab_size, h],
+            ),
+            (
+                "bert.embeddings.position_embeddings.weight".into(),
+                vec![cfg.max_position_embeddings, h],
+            ),
+            (
+                "bert.embeddings.token_type_embeddings.weight".into(),
+                vec![cfg.type_vocab_size, h],
+            ),
             ("bert.embeddings.LayerNorm.weight".into(), vec![h]),
             ("bert.embeddings.LayerNorm.bias".into(), vec![h]),
         ];
@@ -80,12 +89,20 @@ impl ParamLayout {
         let specs = shapes
             .into_iter()
             .map(|(name, shape)| {
-                let spec = ParamSpec { decay: decays(&name), name, shape, offset };
+                let spec = ParamSpec {
+                    decay: decays(&name),
+                    name,
+                    shape,
+                    offset,
+                };
                 offset += spec.len();
                 spec
             })
             .collect();
-        ParamLayout { specs, total: offset }
+        ParamLayout {
+            specs,
+            total: offset,
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&ParamSpec> {
@@ -93,12 +110,19 @@ impl ParamLayout {
     }
 
     fn range(&self, name: &str) -> (usize, usize) {
-        let s = self.get(name).unwrap_or_else(|| panic!("no parameter named {name}"));
+        let s = self
+            .get(name)
+            .unwrap_or_else(|| panic!("no parameter named {name}"));
         (s.offset, s.len())
     }
 
     /// Typed views of every parameter in `flat` (weights, gradients or an optimizer moment).
-    pub fn views<B: Backend>(&self, backend: &B, flat: &B::Tensor, cfg: &BertConfig) -> BertTensors<B::Tensor> {
+    pub fn views<B: Backend>(
+        &self,
+        backend: &B,
+        flat: &B::Tensor,
+        cfg: &BertConfig,
+    ) -> BertTensors<B::Tensor> {
         let v = |name: &str| {
             let (o, n) = self.range(name);
             backend.view(flat, o, n)
@@ -194,10 +218,19 @@ mod tests {
         }
         assert_eq!(at, l.total);
         assert_eq!(l.specs.len(), 5 + 2 * 16 + 4);
-        let q = l.get("bert.encoder.layer.1.attention.self.query.weight").unwrap();
-        let k = l.get("bert.encoder.layer.1.attention.self.key.weight").unwrap();
+        let q = l
+            .get("bert.encoder.layer.1.attention.self.query.weight")
+            .unwrap();
+        let k = l
+            .get("bert.encoder.layer.1.attention.self.key.weight")
+            .unwrap();
         assert_eq!(k.offset, q.offset + 144);
-        assert!(q.decay && l.get("bert.embeddings.word_embeddings.weight").unwrap().decay);
+        assert!(
+            q.decay
+                && l.get("bert.embeddings.word_embeddings.weight")
+                    .unwrap()
+                    .decay
+        );
         assert!(!l.get("bert.embeddings.LayerNorm.weight").unwrap().decay);
         assert!(!l.get("classifier.bias").unwrap().decay);
         assert_eq!(l.get("classifier.weight").unwrap().shape, vec![3, 12]);

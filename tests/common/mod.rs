@@ -1,6 +1,8 @@
 //! Shared by the integration tests: where the test assets are.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use std::path::PathBuf;
 
 /// The repository's committed fixtures (`tests/fixtures/`).
@@ -13,7 +15,9 @@ pub fn fixtures_dir() -> PathBuf {
 pub fn minilm_dir() -> PathBuf {
     let dir = std::env::var_os("BERTFT_MINILM_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-assets/all-minilm-l6-v2"));
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-assets/all-minilm-l6-v2")
+        });
     assert!(
         dir.join("model.safetensors").is_file(),
         "the all-MiniLM-L6-v2 checkpoint is not at {} (run tests/run.sh, which fetches it, or set BERTFT_MINILM_DIR)",
@@ -27,6 +31,10 @@ pub fn sst2_dir() -> PathBuf {
     let dir = std::env::var_os("BERTFT_SST2_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/sst2"));
-    assert!(dir.join("dev.tsv").is_file(), "SST-2 is not at {} (set BERTFT_SST2_DIR)", dir.display());
+    assert!(
+        dir.join("dev.tsv").is_file(),
+        "SST-2 is not at {} (set BERTFT_SST2_DIR)",
+        dir.display()
+    );
     dir
 }

@@ -1,2 +1,394 @@
 //! The CPU backend: plain Rust, fp32, multi-threaded with rayon and the gemm crate.
-//! It is the reference every CUDA kernel is tested against.
+//!
+//! It is the reference every CUDA kernel is tested against and the fallback without a GPU. Each
+//! op family lives in its own file, named as its kernel in `kernels/`, with the math and the
+//! memory layout in the file's header comment; this file only binds them to [`Backend`].
+
+pub mod activation;
+pub mod attention;
+pub mod dropout;
+pub mod embedding;
+pub mod gather;
+pub mod layernorm;
+pub mod loss;
+pub mod matmul;
+pub mod optim;
+mod tensor;
+
+use std::sync::Arc;
+
+use anyhow::Result;
+
+use tensor::check_disjoint;
+pub use tensor::CpuTensor;
+
+use super::{Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout};
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Ids = Arc<Vec<u32>>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn zeros(&self, len: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor::zeros(len))
+    }
+    fn upload(&self, data: &[f32]) -> Result<CpuTensor> {
+        Ok(CpuTensor::from_vec(data.to_vec()))
+    }
+    fn upload_ids(&self, data: &[u32]) -> Result<Self::Ids> {
+        Ok(Arc::new(data.to_vec()))
+    }
+    fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(t.data().to_vec())
+    }
+    fn view(&self, t: &CpuTensor, offset: usize, len: usize) -> CpuTensor {
+        t.view(offset, len)
+    }
+    fn len(&self, t: &CpuTensor) -> usize {
+        t.len()
+    }
+    fn fill_zero(&self, t: &CpuTensor) -> Result<()> {
+        t.data_mut().fill(0.0);
+        Ok(())
+    }
+    fn copy(&self, dst: &CpuTensor, src: &CpuTensor) -> Result<()> {
+        check_disjoint(&[dst], &[src]);
+        dst.data_mut().copy_from_slice(src.data());
+        Ok(())
+    }
+
+    fn linear_forward(
+        &self,
+        out: &CpuTensor,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        bias: &CpuTensor,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        check_disjoint(&[out], &[x, w, bias]);
+        matmul::linear_forward(out.data_mut(), x.data(), w.data(), bias.data(), rows, k, n);
+        Ok(())
+    }
+
+    fn linear_backward(
+        &self,
+        dx: Option<&CpuTensor>,
+        dx_accumulate: bool,
+        dw: &CpuTensor,
+        dbias: &CpuTensor,
+        dout: &CpuTensor,
+        x: &CpuTensor,
+        w: &CpuTensor,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let outs: Vec<&CpuTensor> = dx.into_iter().chain([dw, dbias]).collect();
+        check_disjoint(&outs, &[dout, x, w]);
+        let dx = dx.map(|t| t.data_mut());
+        matmul::linear_backward(
+            dx,
+            dx_accumulate,
+            dw.data_mut(),
+            dbias.data_mut(),
+            dout.data(),
+            x.data(),
+            w.data(),
+            rows,
+            k,
+            n,
+        );
+        Ok(())
+    }
+
+    fn embeddings_forward(
+        &self,
+        out: &CpuTensor,
+        word: &CpuTensor,
+        position: &CpuTensor,
+        token_type: &CpuTensor,
+        ids: &Self::Ids,
+        positions: &Self::Ids,
+        type_ids: &Self::Ids,
+        hidden: usize,
+    ) -> Result<()> {
+        check_disjoint(&[out], &[word, position, token_type]);
+        embedding::embeddings_forward(
+            out.data_mut(),
+            word.data(),
+            position.data(),
+            token_type.data(),
+            ids,
+            positions,
+            type_ids,
+            hidden,
+        );
+        Ok(())
+    }
+
+    fn embeddings_backward(
+        &self,
+        dword: &CpuTensor,
+        dposition: &CpuTensor,
+        dtoken_type: &CpuTensor,
+        dout: &CpuTensor,
+        ids: &Self::Ids,
+        positions: &Self::Ids,
+        type_ids: &Self::Ids,
+        hidden: usize,
+        padding_idx: Option<u32>,
+    ) -> Result<()> {
+        check_disjoint(&[dword, dposition, dtoken_type], &[dout]);
+        embedding::embeddings_backward(
+            dword.data_mut(),
+            dposition.data_mut(),
+            dtoken_type.data_mut(),
+            dout.data(),
+            ids,
+            positions,
+            type_ids,
+            hidden,
+            padding_idx,
+        );
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &CpuTensor,
+        mean: &CpuTensor,
+        rstd: &CpuTensor,
+        x: &CpuTensor,
+        residual: Option<(&CpuTensor, &CpuTensor)>,
+        gamma: &CpuTensor,
+        beta: &CpuTensor,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let normalized = match residual {
+            Some((b, sum)) => {
+                check_disjoint(&[sum, out, mean, rstd], &[x, b, gamma, beta]);
+                layernorm::residual_add(sum.data_mut(), x.data(), b.data());
+                sum
+            }
+            None => {
+                check_disjoint(&[out, mean, rstd], &[x, gamma, beta]);
+                x
+            }
+        };
+        layernorm::layernorm_forward(
+            out.data_mut(),
+            mean.data_mut(),
+            rstd.data_mut(),
+            normalized.data(),
+            gamma.data(),
+            beta.data(),
+            rows,
+            cols,
+            eps,
+        );
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dx: &CpuTensor,
+        dgamma: &CpuTensor,
+        dbeta: &CpuTensor,
+        dout: &CpuTensor,
+        x: &CpuTensor,
+        mean: &CpuTensor,
+        rstd: &CpuTensor,
+        gamma: &CpuTensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        check_disjoint(&[dx, dgamma, dbeta], &[dout, x, mean, rstd, gamma]);
+        layernorm::layernorm_backward(
+            dx.data_mut(),
+            dgamma.data_mut(),
+            dbeta.data_mut(),
+            dout.data(),
+            x.data(),
+            mean.data(),
+            rstd.data(),
+            gamma.data(),
+            rows,
+            cols,
+        );
+        Ok(())
+    }
+
+    fn activation_forward(&self, out: &CpuTensor, x: &CpuTensor, act: Activation) -> Result<()> {
+        check_disjoint(&[out], &[x]);
+        activation::activation_forward(out.data_mut(), x.data(), act);
+        Ok(())
+    }
+    fn activation_backward(
+        &self,
+        dx: &CpuTensor,
+        dout: &CpuTensor,
+        x: &CpuTensor,
+        act: Activation,
+    ) -> Result<()> {
+        check_disjoint(&[dx], &[dout, x]);
+        activation::activation_backward(dx.data_mut(), dout.data(), x.data(), act);
+        Ok(())
+    }
+    fn tanh_forward(&self, out: &CpuTensor, x: &CpuTensor) -> Result<()> {
+        check_disjoint(&[out], &[x]);
+        activation::tanh_forward(out.data_mut(), x.data());
+        Ok(())
+    }
+    fn tanh_backward(&self, dx: &CpuTensor, dout: &CpuTensor, y: &CpuTensor) -> Result<()> {
+        check_disjoint(&[dx], &[dout, y]);
+        activation::tanh_backward(dx.data_mut(), dout.data(), y.data());
+        Ok(())
+    }
+
+    fn dropout_forward(&self, out: &CpuTensor, x: &CpuTensor, d: Dropout) -> Result<()> {
+        check_disjoint(&[out], &[x]);
+        dropout::dropout_forward(out.data_mut(), x.data(), d);
+        Ok(())
+    }
+    fn dropout_backward(&self, dx: &CpuTensor, dout: &CpuTensor, d: Dropout) -> Result<()> {
+        check_disjoint(&[dx], &[dout]);
+        dropout::dropout_backward(dx.data_mut(), dout.data(), d);
+        Ok(())
+    }
+
+    fn gather_first_tokens(
+        &self,
+        out: &CpuTensor,
+        x: &CpuTensor,
+        layout: &SeqLayout,
+        hidden: usize,
+    ) -> Result<()> {
+        check_disjoint(&[out], &[x]);
+        gather::gather_first_tokens(out.data_mut(), x.data(), layout, hidden);
+        Ok(())
+    }
+    fn scatter_first_tokens_backward(
+        &self,
+        dx: &CpuTensor,
+        dout: &CpuTensor,
+        layout: &SeqLayout,
+        hidden: usize,
+    ) -> Result<()> {
+        check_disjoint(&[dx], &[dout]);
+        gather::scatter_first_tokens_backward(dx.data_mut(), dout.data(), layout, hidden);
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: &CpuTensor,
+        lse: &CpuTensor,
+        qkv: &CpuTensor,
+        layout: &SeqLayout,
+        dims: AttentionDims,
+        dropout: Dropout,
+    ) -> Result<()> {
+        check_disjoint(&[out, lse], &[qkv]);
+        attention::attention_forward(
+            out.data_mut(),
+            lse.data_mut(),
+            qkv.data(),
+            layout,
+            dims,
+            dropout,
+        );
+        Ok(())
+    }
+    fn attention_backward(
+        &self,
+        dqkv: &CpuTensor,
+        dout: &CpuTensor,
+        qkv: &CpuTensor,
+        out: &CpuTensor,
+        lse: &CpuTensor,
+        layout: &SeqLayout,
+        dims: AttentionDims,
+        dropout: Dropout,
+    ) -> Result<()> {
+        check_disjoint(&[dqkv], &[dout, qkv, out, lse]);
+        attention::attention_backward(
+            dqkv.data_mut(),
+            dout.data(),
+            qkv.data(),
+            out.data(),
+            lse.data(),
+            layout,
+            dims,
+            dropout,
+        );
+        Ok(())
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: &CpuTensor,
+        logits: &CpuTensor,
+        labels: &Self::Ids,
+        classes: usize,
+        smoothing: f32,
+    ) -> Result<()> {
+        check_disjoint(&[losses], &[logits]);
+        loss::cross_entropy_forward(losses.data_mut(), logits.data(), labels, classes, smoothing);
+        Ok(())
+    }
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &CpuTensor,
+        logits: &CpuTensor,
+        labels: &Self::Ids,
+        classes: usize,
+        smoothing: f32,
+        scale: f32,
+    ) -> Result<()> {
+        check_disjoint(&[dlogits], &[logits]);
+        loss::cross_entropy_backward(
+            dlogits.data_mut(),
+            logits.data(),
+            labels,
+            classes,
+            smoothing,
+            scale,
+        );
+        Ok(())
+    }
+
+    fn sum_squares(&self, out: &CpuTensor, x: &CpuTensor) -> Result<()> {
+        check_disjoint(&[out], &[x]);
+        out.data_mut()[0] = optim::sum_squares(x.data()) as f32;
+        Ok(())
+    }
+    fn clip_by_global_norm(&self, x: &CpuTensor, sumsq: &CpuTensor, max_norm: f32) -> Result<()> {
+        check_disjoint(&[x], &[sumsq]);
+        optim::clip_by_global_norm(x.data_mut(), sumsq.data()[0] as f64, max_norm);
+        Ok(())
+    }
+    fn adamw_update(&self, tensors: &[AdamWTensor<'_, CpuTensor>], step: &AdamWStep) -> Result<()> {
+        for t in tensors {
+            check_disjoint(&[t.param, t.exp_avg, t.exp_avg_sq], &[t.grad]);
+            optim::adamw_update(
+                t.param.data_mut(),
+                t.grad.data(),
+                t.exp_avg.data_mut(),
+                t.exp_avg_sq.data_mut(),
+                t.weight_decay,
+                step,
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,175 @@
+//! Dense layers: `nn.Linear` forward and backward over row-major matrices.
+//!
+//! Forward:  `out[r, j] = bias[j] + Σ_k x[r, k]·w[j, k]`   (x: [rows, k], w: [n, k], out: [rows, n])
+//! Backward: `dx[r, k] = Σ_j dout[r, j]·w[j, k]`,
+//!           `dw[j, k] += Σ_r dout[r, j]·x[r, k]`,  `dbias[j] += Σ_r dout[r, j]`.
+//! The GEMMs go through the gemm crate, whose strides make the transposes free.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+/// `c[m, n] (= | +=) a[m, k]·b[k, n]`, element (i, j) of a matrix at `i·rs + j·cs`.
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    assert!(c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c[..m * n].fill(0.0);
+        }
+        return;
+    }
+    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
+    assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    let threads = if m * n * k < 32 * 1024 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    };
+    // SAFETY: the asserts above keep every strided access inside the slices; c does not alias
+    // a or b (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            threads,
+        );
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn linear_forward(
+    out: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(
+        (out.len(), x.len(), w.len(), bias.len()),
+        (rows * n, rows * k, n * k, n)
+    );
+    out.par_chunks_mut(n)
+        .for_each(|row| row.copy_from_slice(bias));
+    // x·wᵀ: wᵀ[kk, j] = w[j, kk], so rows of wᵀ step by 1 and columns by k.
+    sgemm(rows, n, k, x, (k, 1), w, (1, k), out, true);
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn linear_backward(
+    dx: Option<&mut [f32]>,
+    dx_accumulate: bool,
+    dw: &mut [f32],
+    dbias: &mut [f32],
+    dout: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+) {
+    assert_eq!(
+        (dw.len(), dbias.len(), dout.len(), x.len(), w.len()),
+        (n * k, n, rows * n, rows * k, n * k)
+    );
+    if let Some(dx) = dx {
+        assert_eq!(dx.len(), rows * k);
+        sgemm(rows, k, n, dout, (n, 1), w, (k, 1), dx, dx_accumulate);
+    }
+    // doutᵀ·x: doutᵀ[j, r] = dout[r, j].
+    sgemm(n, k, rows, dout, (1, n), x, (k, 1), dw, true);
+    column_sums_add(dbias, dout, rows, n);
+}
+
+/// `sums[j] += Σ_r m[r, j]`, over row blocks in parallel.
+pub fn column_sums_add(sums: &mut [f32], m: &[f32], rows: usize, cols: usize) {
+    const BLOCK: usize = 64;
+    let partial = m[..rows * cols]
+        .par_chunks(BLOCK * cols)
+        .map(|block| {
+            let mut acc = vec![0.0f32; cols];
+            for row in block.chunks(cols) {
+                acc.iter_mut().zip(row).for_each(|(a, v)| *a += v);
+            }
+            acc
+        })
+        .collect::<Vec<_>>();
+    for acc in partial {
+        sums.iter_mut().zip(&acc).for_each(|(s, a)| *s += a);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
+        let mut c = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|kk| a(i, kk) * b(kk, j)).sum();
+            }
+        }
+        c
+    }
+
+    #[test]
+    fn sgemm_matches_naive_with_transposes() {
+        let (m, n, k) = (37, 29, 51);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let b: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let want = naive(m, n, k, |i, kk| a[i * k + kk], |kk, j| b[kk * n + j]);
+        let mut c = vec![1.0; m * n];
+        sgemm(m, n, k, &a, (k, 1), &b, (n, 1), &mut c, false);
+        c.iter()
+            .zip(&want)
+            .for_each(|(x, y)| assert!((x - y).abs() < 1e-4));
+        // b read as its transpose: (bᵀ)ᵀ with b stored [n, k].
+        let want_t = naive(m, k, k.min(n), |i, kk| a[i * k + kk], |kk, j| b[j * n + kk]);
+        let mut ct = vec![0.0; m * k];
+        sgemm(m, k, k.min(n), &a, (k, 1), &b, (1, n), &mut ct, false);
+        ct.iter()
+            .zip(&want_t)
+            .for_each(|(x, y)| assert!((x - y).abs() < 1e-4));
+    }
+}

@@ -1,0 +1,65 @@
+//! Gradient norm, clipping, and the AdamW update.
+//!
+//! Global norm: `‖g‖ = √Σ g²` over all parameters (the flat gradient buffer); clipping as
+//! `clip_grad_norm_`: `g *= min(1, max_norm/(‖g‖ + 1e-6))`.
+//! AdamW as `torch.optim.AdamW` (single-tensor path), step `t` (1-based):
+//!   `θ *= 1 − lr·λ`; `m = m + (1−β₁)·(g − m)`; `v = β₂·v + (1−β₂)·g²`;
+//!   `θ −= (lr/(1−β₁ᵗ))·m/(√v/√(1−β₂ᵗ) + ε)`.
+//! The scalars are computed in f64 (as Python floats) and applied in f32 (as torch does).
+
+use rayon::prelude::*;
+
+use crate::backend::AdamWStep;
+
+pub fn sum_squares(x: &[f32]) -> f64 {
+    x.par_chunks(1 << 14)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum::<f64>())
+        .sum()
+}
+
+/// The factor `clip_grad_norm_` multiplies the gradients by.
+pub fn clip_coefficient(sumsq: f64, max_norm: f32) -> f32 {
+    let coef = max_norm as f64 / (sumsq.sqrt() + 1e-6);
+    coef.min(1.0) as f32
+}
+
+pub fn clip_by_global_norm(x: &mut [f32], sumsq: f64, max_norm: f32) {
+    let coef = clip_coefficient(sumsq, max_norm);
+    if coef < 1.0 {
+        x.par_iter_mut().for_each(|v| *v *= coef);
+    }
+}
+
+pub fn adamw_update(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    weight_decay: f64,
+    s: &AdamWStep,
+) {
+    assert!(grad.len() == param.len() && m.len() == param.len() && v.len() == param.len());
+    let t = s.step as i32;
+    let decay = (1.0 - s.lr * weight_decay) as f32;
+    let step_size = (s.lr / (1.0 - s.beta1.powi(t))) as f32;
+    let bc2_sqrt = ((1.0 - s.beta2.powi(t)).sqrt()) as f32;
+    let (b1c, b2, b2c, eps) = (
+        (1.0 - s.beta1) as f32,
+        s.beta2 as f32,
+        (1.0 - s.beta2) as f32,
+        s.eps as f32,
+    );
+    param
+        .par_iter_mut()
+        .zip(grad)
+        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
+        .for_each(|((p, &g), (m, v))| {
+            if weight_decay != 0.0 {
+                *p *= decay;
+            }
+            *m += b1c * (g - *m);
+            *v = *v * b2 + b2c * g * g;
+            let denom = v.sqrt() / bc2_sqrt + eps;
+            *p -= step_size * (*m / denom);
+        });
+}
