@@ -1,6 +1,7 @@
 //! Shared by the integration tests: where the test assets are.
 #![allow(dead_code)]
 
+pub mod fixture;
 pub mod tiny;
 
 use std::path::PathBuf;
