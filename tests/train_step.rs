@@ -1,0 +1,83 @@
+//! Gradient accumulation: micro-batches of different sizes give the update of one batch of all
+//! their rows (the loss is normalized by the rows of the whole accumulated batch).
+//! Tolerance 1e-6 absolute on the weights: the two paths differ only in summation order (the
+//! key biases excepted: see `has_zero_exact_gradient`).
+
+mod common;
+
+use bertft_cuda::backend::cpu::CpuBackend;
+use bertft_cuda::backend::Backend;
+use bertft_cuda::model::bert::Batch;
+use bertft_cuda::model::params::ParamLayout;
+use bertft_cuda::model::Classifier;
+use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
+use bertft_cuda::train::step::{train_step, StepScratch, StepSettings};
+use common::fixture::{has_zero_exact_gradient, max_abs_diff};
+use common::tiny::*;
+
+fn batch(be: &CpuBackend, rows: std::ops::Range<usize>) -> Batch<CpuBackend> {
+    let (ids, types, labels) = tiny_batch();
+    let ids: Vec<&[u32]> = ids[rows.clone()].iter().map(|v| v.as_slice()).collect();
+    let types: Vec<&[u32]> = types[rows.clone()].iter().map(|v| v.as_slice()).collect();
+    Batch::padded(be, &ids, &types, Some(&labels[rows]), 0).unwrap()
+}
+
+fn weights_after(micro_batches: &[Batch<CpuBackend>], steps: u64) -> (Vec<f32>, Vec<f64>) {
+    let be = CpuBackend;
+    let cfg = tiny_config("gelu");
+    let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 3)).unwrap();
+    let config = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(&be, &model.layout, &model.params, &model.grads, config).unwrap();
+    let mut scratch = StepScratch::new(&be).unwrap();
+    let settings = StepSettings {
+        max_grad_norm: 0.5,
+        label_smoothing: 0.1,
+        dropout_seed: None,
+    };
+    let losses = (0..steps)
+        .map(|s| {
+            train_step(
+                &be,
+                &model,
+                &mut opt,
+                &mut scratch,
+                micro_batches,
+                s,
+                1e-3,
+                &settings,
+            )
+            .unwrap()
+            .loss
+        })
+        .collect();
+    (be.download(&model.params).unwrap(), losses)
+}
+
+#[test]
+fn accumulated_micro_batches_equal_one_combined_batch() {
+    let be = CpuBackend;
+    let (combined, combined_losses) = weights_after(&[batch(&be, 0..4)], 3);
+    // 3 + 1 rows: unequal micro-batches, so a plain mean of per-batch means would be wrong.
+    let (accumulated, accumulated_losses) = weights_after(&[batch(&be, 0..3), batch(&be, 3..4)], 3);
+    let (start, _) = weights_after(&[batch(&be, 0..4)], 0);
+    assert!(
+        max_abs_diff(&combined, &start) > 1e-4,
+        "the steps must move the weights"
+    );
+    let layout = ParamLayout::new(&tiny_config("gelu"));
+    for s in layout
+        .specs
+        .iter()
+        .filter(|s| !has_zero_exact_gradient(&s.name))
+    {
+        let r = s.offset..s.offset + s.len();
+        let d = max_abs_diff(&accumulated[r.clone()], &combined[r]);
+        assert!(d <= 1e-6, "{}: diff {d:.3e}", s.name);
+    }
+    for (a, c) in accumulated_losses.iter().zip(&combined_losses) {
+        assert!((a - c).abs() < 1e-6, "loss {a} vs {c}");
+    }
+}
