@@ -222,6 +222,18 @@ fn saved_file_has_full_names_f32_and_pt_metadata() {
         !out.path().join("vocab.txt").exists(),
         "no tokenizer given, none copied"
     );
+    #[cfg(unix)]
+    {
+        // The weights are as readable as any other file the user creates, not owner-only.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |f: &str| {
+            fs::metadata(out.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode()
+        };
+        assert_eq!(mode("model.safetensors"), mode("config.json"));
+    }
 }
 
 #[test]

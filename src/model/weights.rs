@@ -6,16 +6,16 @@
 //! classifier head) is initialized as transformers initializes it. Saving writes a folder that
 //! `BertForSequenceClassification.from_pretrained` loads.
 
-use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File};
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, TensorView, View};
+use safetensors::tensor::{Dtype, Metadata, TensorInfo, TensorView};
 use safetensors::SafeTensors;
 
 use crate::backend::philox;
@@ -453,44 +453,47 @@ fn write_atomic(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<
     result.map_err(|e| anyhow!("cannot write {}: {e:#}", dest.display()))
 }
 
-/// One parameter of the flat buffer as a safetensors F32 tensor.
-struct F32Tensor<'a> {
-    shape: &'a [usize],
-    data: &'a [f32],
-}
-
-impl View for F32Tensor<'_> {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
-    fn data_len(&self) -> usize {
-        self.data.len() * 4
-    }
-}
-
+/// Writes the flat buffer as one safetensors file, F32, tensors in layout order.
+///
+/// The header comes from the safetensors crate; the data is streamed here rather than through
+/// `serialize_to_file`, which would copy every tensor and write through its own owner-only
+/// (0600) temporary file, leaving a saved model other users cannot read.
 fn write_safetensors(path: &Path, layout: &ParamLayout, flat: &[f32]) -> Result<()> {
-    let tensors: BTreeMap<&str, F32Tensor> = layout
+    let mut offset = 0;
+    let infos = layout
         .specs
         .iter()
         .map(|s| {
-            (
-                s.name.as_str(),
-                F32Tensor {
-                    shape: &s.shape,
-                    data: &flat[s.offset..s.offset + s.len()],
-                },
-            )
+            let end = offset + s.len() * 4;
+            let info = TensorInfo {
+                dtype: Dtype::F32,
+                shape: s.shape.clone(),
+                data_offsets: (offset, end),
+            };
+            offset = end;
+            (s.name.clone(), info)
         })
         .collect();
     // transformers refuses safetensors files whose metadata does not say which framework wrote them.
-    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(tensors, Some(metadata), path).map_err(|e| anyhow!("{e}"))
+    let format = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let metadata = Metadata::new(Some(format), infos).map_err(|e| anyhow!("{e}"))?;
+    let mut header = serde_json::to_vec(&metadata)?;
+    // The format wants the data to start 8-byte aligned; the header is padded with spaces.
+    header.resize(header.len().next_multiple_of(8), b' ');
+
+    let mut out = BufWriter::with_capacity(1 << 20, File::create(path)?);
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(&header)?;
+    let mut bytes = Vec::with_capacity(1 << 16);
+    for spec in &layout.specs {
+        for chunk in flat[spec.offset..spec.offset + spec.len()].chunks(1 << 14) {
+            bytes.clear();
+            bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+            out.write_all(&bytes)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 #[cfg(test)]
