@@ -16,6 +16,7 @@ use bertft_cuda::backend::Backend;
 use bertft_cuda::config::BertConfig;
 use bertft_cuda::model::bert::{Activations, Batch, LossSpec, Mode};
 use bertft_cuda::model::params::ParamLayout;
+use bertft_cuda::model::weights::load_weights;
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
 use bertft_cuda::train::schedule::{Schedule, ScheduleKind};
@@ -44,6 +45,7 @@ fn batch_of(be: &CpuBackend, f: &Fixture, prefix: &str) -> Batch<CpuBackend> {
 
 fn assert_close(what: &str, ours: &[f32], torch: &[f32], tol: f32) {
     let d = max_abs_diff(ours, torch);
+    eprintln!("{what}: max |ours − torch| = {d:.3e}");
     assert!(d <= tol, "{what}: max |ours − torch| = {d:.3e} > {tol:.0e}");
 }
 
@@ -285,5 +287,38 @@ fn key_biases_do_not_change_the_output() {
         &logits(&shifted),
         &logits(&model),
         1e-5,
+    );
+}
+
+/// The real checkpoint all-MiniLM-L6-v2 (a `BertModel`: no `bert.` prefix, no classifier):
+/// last hidden state and pooled output of single sentences and pairs, padded, ≤ 1e-4 absolute.
+#[test]
+fn minilm_hidden_states_match_transformers() {
+    let be = CpuBackend;
+    let dir = common::minilm_dir();
+    let cfg = BertConfig::from_file(&dir.join("config.json")).unwrap();
+    let layout = ParamLayout::new(&cfg);
+    let loaded = load_weights(&dir, &cfg, &layout, 0).unwrap();
+    let model = Classifier::new(&be, cfg, &loaded.flat).unwrap();
+    let case = Fixture::open(&fixtures_dir().join("minilm_case.safetensors"));
+    let batch = batch_of(&be, &case, "");
+    assert_eq!(
+        batch.rows(),
+        case.shape("input_ids").iter().product::<usize>()
+    );
+    let acts = Activations::new(&be, &model.cfg, batch.rows(), batch.size()).unwrap();
+    model.bert(&be).forward(&batch, &acts, Mode::Eval).unwrap();
+    let hidden = be.download(acts.last_hidden_state()).unwrap();
+    assert_close(
+        "last_hidden_state",
+        &hidden,
+        &case.f32("last_hidden_state"),
+        1e-4,
+    );
+    assert_close(
+        "pooler_output",
+        &be.download(&acts.pooled).unwrap(),
+        &case.f32("pooler_output"),
+        1e-4,
     );
 }
