@@ -14,9 +14,13 @@
 //!   `dq_i = scale·Σ_j ds_ij·k_j`, `dk_j = scale·Σ_i ds_ij·q_i`; padding keys get zero gradient.
 //! Dropout element of (b, h, i, j): Philox index `((b·heads + h)·2¹⁶ + i)·2¹⁶ + j`, so masks do
 //! not depend on how the batch is laid out in rows.
+//!
+//! The CPU reference computes each (sequence, head) with small GEMMs over strided views of
+//! `qkv` (the score matrix is a per-head temporary, never a tensor of the op), heads in parallel.
 
 use rayon::prelude::*;
 
+use super::matmul::sgemm_serial;
 use crate::backend::philox::uniform4;
 use crate::backend::{AttentionDims, Dropout, SeqLayout};
 
@@ -36,39 +40,55 @@ fn dropout_factors(factors: &mut [f32], d: Dropout, b: usize, h: usize, heads: u
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
-
-fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    y.iter_mut().zip(x).for_each(|(y, x)| *y += a * x);
-}
-
-struct Head<'a> {
-    qkv: &'a [f32],
+/// One (sequence, head): its rows, and the offsets of its Q, K, V within `qkv`.
+struct Head {
+    b: usize,
+    h: usize,
     start: usize,
-    stride: usize,
-    h_off: usize,
-    hidden: usize,
-    d: usize,
+    rows: usize,
+    valid: usize,
+    q: usize,
+    k: usize,
+    v: usize,
 }
 
-impl Head<'_> {
-    fn q(&self, i: usize) -> &[f32] {
-        &self.qkv[(self.start + i) * self.stride + self.h_off..][..self.d]
+fn heads_of(layout: &SeqLayout, dims: AttentionDims) -> Vec<Head> {
+    let hidden = dims.heads * dims.head_dim;
+    let mut v = Vec::new();
+    for b in 0..layout.batch() {
+        let start = layout.starts[b] as usize;
+        for h in 0..dims.heads {
+            let q = start * 3 * hidden + h * dims.head_dim;
+            v.push(Head {
+                b,
+                h,
+                start,
+                rows: layout.rows[b] as usize,
+                valid: layout.valid[b] as usize,
+                q,
+                k: q + hidden,
+                v: q + 2 * hidden,
+            });
+        }
     }
-    fn k(&self, j: usize) -> &[f32] {
-        &self.qkv[(self.start + j) * self.stride + self.hidden + self.h_off..][..self.d]
-    }
-    fn v(&self, j: usize) -> &[f32] {
-        &self.qkv[(self.start + j) * self.stride + 2 * self.hidden + self.h_off..][..self.d]
-    }
+    v
 }
 
-fn heads_of(layout: &SeqLayout, heads: usize) -> Vec<(usize, usize)> {
-    (0..layout.batch())
-        .flat_map(|b| (0..heads).map(move |h| (b, h)))
-        .collect()
+/// `s = scale·Q·Kᵀ` (`[rows, valid]`) of one head.
+fn scores(s: &mut [f32], qkv: &[f32], head: &Head, d: usize, hidden: usize, scale: f32) {
+    let qkv_rs = 3 * hidden;
+    sgemm_serial(
+        head.rows,
+        head.valid,
+        d,
+        &qkv[head.q..],
+        (qkv_rs, 1),
+        &qkv[head.k..],
+        (1, qkv_rs),
+        s,
+        false,
+    );
+    s.iter_mut().for_each(|x| *x *= scale);
 }
 
 pub fn attention_forward(
@@ -91,50 +111,44 @@ pub fn attention_forward(
         "sequences are limited to 65535 rows"
     );
     let scale = 1.0 / (d as f32).sqrt();
-    let results: Vec<_> = heads_of(layout, heads)
+    let results: Vec<_> = heads_of(layout, dims)
         .into_par_iter()
-        .map(|(b, h)| {
-            let (start, n_rows, valid) = (
-                layout.starts[b] as usize,
-                layout.rows[b] as usize,
-                layout.valid[b] as usize,
-            );
-            let head = Head {
-                qkv,
-                start,
-                stride: 3 * hidden,
-                h_off: h * d,
-                hidden,
-                d,
-            };
-            let (mut o, mut l) = (vec![0.0f32; n_rows * d], vec![0.0f32; n_rows]);
-            let (mut p, mut m) = (vec![0.0f32; valid], vec![0.0f32; valid]);
-            for i in 0..n_rows {
-                let q = head.q(i);
-                for j in 0..valid {
-                    p[j] = scale * dot(q, head.k(j));
-                }
-                let max = p.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        .map(|head| {
+            let (n, valid) = (head.rows, head.valid);
+            let mut p = vec![0.0f32; n * valid];
+            scores(&mut p, qkv, &head, d, hidden, scale);
+            let mut l = vec![0.0f32; n];
+            let mut m = vec![0.0f32; valid];
+            for (i, row) in p.chunks_mut(valid).enumerate() {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 let mut sum = 0.0f32;
-                p.iter_mut().for_each(|s| {
+                row.iter_mut().for_each(|s| {
                     *s = (*s - max).exp();
                     sum += *s;
                 });
                 l[i] = max + sum.ln();
-                dropout_factors(&mut m, dropout, b, h, heads, i);
-                let oi = &mut o[i * d..(i + 1) * d];
-                for j in 0..valid {
-                    axpy(oi, p[j] / sum * m[j], head.v(j));
-                }
+                dropout_factors(&mut m, dropout, head.b, head.h, heads, i);
+                row.iter_mut().zip(&m).for_each(|(x, f)| *x = *x / sum * f);
             }
-            (b, h, o, l)
+            let mut o = vec![0.0f32; n * d];
+            sgemm_serial(
+                n,
+                d,
+                valid,
+                &p,
+                (valid, 1),
+                &qkv[head.v..],
+                (3 * hidden, 1),
+                &mut o,
+                false,
+            );
+            (head, o, l)
         })
         .collect();
-    for (b, h, o, l) in results {
-        let start = layout.starts[b] as usize;
+    for (head, o, l) in results {
         for (i, oi) in o.chunks(d).enumerate() {
-            out[(start + i) * hidden + h * d..][..d].copy_from_slice(oi);
-            lse[(start + i) * heads + h] = l[i];
+            out[(head.start + i) * hidden + head.h * d..][..d].copy_from_slice(oi);
+            lse[(head.start + i) * heads + head.h] = l[i];
         }
     }
 }
@@ -158,56 +172,104 @@ pub fn attention_backward(
         (rows * 3 * hidden, rows * hidden, rows * hidden)
     );
     let scale = 1.0 / (d as f32).sqrt();
-    let results: Vec<_> = heads_of(layout, heads)
+    let qkv_rs = 3 * hidden;
+    let results: Vec<_> = heads_of(layout, dims)
         .into_par_iter()
-        .map(|(b, h)| {
-            let (start, n_rows, valid) = (
-                layout.starts[b] as usize,
-                layout.rows[b] as usize,
-                layout.valid[b] as usize,
-            );
-            let head = Head {
-                qkv,
-                start,
-                stride: 3 * hidden,
-                h_off: h * d,
-                hidden,
+        .map(|head| {
+            let (n, valid) = (head.rows, head.valid);
+            let o_at = head.start * hidden + head.h * d;
+            // p: probabilities recomputed from the kept log-sum-exp.
+            let mut p = vec![0.0f32; n * valid];
+            scores(&mut p, qkv, &head, d, hidden, scale);
+            for (i, row) in p.chunks_mut(valid).enumerate() {
+                let l = lse[(head.start + i) * heads + head.h];
+                row.iter_mut().for_each(|s| *s = (*s - l).exp());
+            }
+            // dp[i, j] = dO_i·v_j
+            let mut dp = vec![0.0f32; n * valid];
+            sgemm_serial(
+                n,
+                valid,
                 d,
-            };
-            let (mut dq, mut dk, mut dv) = (
-                vec![0.0f32; n_rows * d],
-                vec![0.0f32; valid * d],
-                vec![0.0f32; valid * d],
+                &dout[o_at..],
+                (hidden, 1),
+                &qkv[head.v..],
+                (1, qkv_rs),
+                &mut dp,
+                false,
             );
+            // pm = p·m (the dropped probabilities forward used); ds = p·(m·dp − D)·scale.
+            let mut pm = vec![0.0f32; n * valid];
             let mut m = vec![0.0f32; valid];
-            for i in 0..n_rows {
-                let (q, row) = (head.q(i), (start + i) * hidden + h * d);
-                let (d_o, o) = (&dout[row..row + d], &out[row..row + d]);
-                let big_d = dot(d_o, o);
-                let l = lse[(start + i) * heads + h];
-                dropout_factors(&mut m, dropout, b, h, heads, i);
-                for j in 0..valid {
-                    let p = (scale * dot(q, head.k(j)) - l).exp();
-                    let dp = dot(d_o, head.v(j));
-                    axpy(&mut dv[j * d..(j + 1) * d], p * m[j], d_o);
-                    let ds = p * (m[j] * dp - big_d) * scale;
-                    axpy(&mut dq[i * d..(i + 1) * d], ds, head.k(j));
-                    axpy(&mut dk[j * d..(j + 1) * d], ds, q);
+            for i in 0..n {
+                let at = (head.start + i) * hidden + head.h * d;
+                let big_d: f32 = dout[at..at + d]
+                    .iter()
+                    .zip(&out[at..at + d])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                dropout_factors(&mut m, dropout, head.b, head.h, heads, i);
+                let r = i * valid..(i + 1) * valid;
+                for ((pm, ds), (p, f)) in pm[r.clone()]
+                    .iter_mut()
+                    .zip(&mut dp[r.clone()])
+                    .zip(p[r].iter().zip(&m))
+                {
+                    *pm = p * f;
+                    *ds = p * (f * *ds - big_d) * scale;
                 }
             }
-            (b, h, dq, dk, dv)
+            let ds = dp;
+            let (mut dq, mut dk, mut dv) = (
+                vec![0.0f32; n * d],
+                vec![0.0f32; valid * d],
+                vec![0.0f32; valid * d],
+            );
+            // dv = pmᵀ·dO, dq = ds·K, dk = dsᵀ·Q
+            sgemm_serial(
+                valid,
+                d,
+                n,
+                &pm,
+                (1, valid),
+                &dout[o_at..],
+                (hidden, 1),
+                &mut dv,
+                false,
+            );
+            sgemm_serial(
+                n,
+                d,
+                valid,
+                &ds,
+                (valid, 1),
+                &qkv[head.k..],
+                (qkv_rs, 1),
+                &mut dq,
+                false,
+            );
+            sgemm_serial(
+                valid,
+                d,
+                n,
+                &ds,
+                (1, valid),
+                &qkv[head.q..],
+                (qkv_rs, 1),
+                &mut dk,
+                false,
+            );
+            (head, dq, dk, dv)
         })
         .collect();
     dqkv.fill(0.0);
-    for (b, h, dq, dk, dv) in results {
-        let start = layout.starts[b] as usize;
-        let at = |r: usize, part: usize| (start + r) * 3 * hidden + part * hidden + h * d;
+    for (head, dq, dk, dv) in results {
         for (i, g) in dq.chunks(d).enumerate() {
-            dqkv[at(i, 0)..][..d].copy_from_slice(g);
+            dqkv[head.q + i * qkv_rs..][..d].copy_from_slice(g);
         }
         for (j, (gk, gv)) in dk.chunks(d).zip(dv.chunks(d)).enumerate() {
-            dqkv[at(j, 1)..][..d].copy_from_slice(gk);
-            dqkv[at(j, 2)..][..d].copy_from_slice(gv);
+            dqkv[head.k + j * qkv_rs..][..d].copy_from_slice(gk);
+            dqkv[head.v + j * qkv_rs..][..d].copy_from_slice(gv);
         }
     }
 }

@@ -21,6 +21,65 @@ pub fn sgemm(
     c: &mut [f32],
     accumulate: bool,
 ) {
+    let threads = if m * n * k < 32 * 1024 {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    };
+    sgemm_on(
+        m,
+        n,
+        k,
+        a,
+        (a_rs, a_cs),
+        b,
+        (b_rs, b_cs),
+        c,
+        accumulate,
+        threads,
+    )
+}
+
+/// [`sgemm`] on the calling thread only (for callers that are already parallel).
+#[allow(clippy::too_many_arguments)]
+pub fn sgemm_serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+) {
+    sgemm_on(
+        m,
+        n,
+        k,
+        a,
+        a_strides,
+        b,
+        b_strides,
+        c,
+        accumulate,
+        Parallelism::None,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn sgemm_on(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    (a_rs, a_cs): (usize, usize),
+    b: &[f32],
+    (b_rs, b_cs): (usize, usize),
+    c: &mut [f32],
+    accumulate: bool,
+    threads: Parallelism,
+) {
     assert!(c.len() >= m * n);
     if m == 0 || n == 0 {
         return;
