@@ -16,6 +16,7 @@
 //!   are the same thing with different row counts.
 
 pub mod cpu;
+pub mod kernel_sources;
 pub mod philox;
 
 use anyhow::Result;

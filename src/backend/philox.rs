@@ -83,6 +83,16 @@ mod tests {
         );
     }
 
+    /// The same uniforms as kernels/common.cuh's `philox_uniform4(7, 3, 5, u)`, compiled as host
+    /// C++ (g++ -I kernels) when this test was written: the CPU and GPU masks agree.
+    #[test]
+    fn uniforms_match_the_cuda_header() {
+        assert_eq!(
+            uniform4(7, 3, 5),
+            [0.817174017, 0.434971631, 0.815620422, 0.453849733]
+        );
+    }
+
     #[test]
     fn uniforms_are_in_range_and_roughly_uniform() {
         let n = 40_000u64;

@@ -92,11 +92,6 @@ fn sgemm_on(
     }
     assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs);
     assert!(b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
-    let threads = if m * n * k < 32 * 1024 {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(0)
-    };
     // SAFETY: the asserts above keep every strided access inside the slices; c does not alias
     // a or b (distinct borrows).
     unsafe {

@@ -1,0 +1,84 @@
+//! `bertft-cuda inspect`: what a model folder holds, and what it predicts for a text.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+
+use bertft_cuda::backend::cpu::CpuBackend;
+use bertft_cuda::backend::Backend;
+use bertft_cuda::config::BertConfig;
+use bertft_cuda::data::tokenize::TextTokenizer;
+use bertft_cuda::model::bert::{Activations, Batch, Mode};
+use bertft_cuda::model::params::ParamLayout;
+use bertft_cuda::model::weights::load_weights;
+use bertft_cuda::model::Classifier;
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer files).
+    #[arg(long)]
+    model: PathBuf,
+    /// A text to classify.
+    #[arg(long)]
+    text: Option<String>,
+    /// The second text of a pair.
+    #[arg(long, requires = "text")]
+    text_pair: Option<String>,
+    #[arg(long, default_value_t = 128)]
+    max_seq_length: usize,
+    /// Seed of the initialization of a missing pooler or classifier.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+pub fn run(args: &InspectArgs) -> Result<()> {
+    let cfg = BertConfig::from_file(&args.model.join("config.json"))?;
+    let layout = ParamLayout::new(&cfg);
+    let loaded = load_weights(&args.model, &cfg, &layout, args.seed)?;
+    for notice in &loaded.notices {
+        eprintln!("notice: {notice}");
+    }
+    println!(
+        "{}: {} layers, hidden {}, {} heads of {}, intermediate {}, {}, {} labels ({}), {} parameters",
+        args.model.display(),
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.head_dim(),
+        cfg.intermediate_size,
+        cfg.hidden_act_name,
+        cfg.num_labels(),
+        cfg.id2label.join(", "),
+        layout.total
+    );
+    let Some(text) = &args.text else {
+        return Ok(());
+    };
+    let tokenizer = TextTokenizer::from_dir(&args.model)?;
+    let max_len = args.max_seq_length.min(cfg.max_position_embeddings);
+    let enc = tokenizer
+        .encode(text, args.text_pair.as_deref(), max_len)
+        .context("tokenizing --text")?;
+    let be = CpuBackend;
+    let model = Classifier::new(&be, cfg, &loaded.flat)?;
+    let batch = Batch::padded(&be, &[&enc.ids], &[&enc.type_ids], None, tokenizer.pad_id())?;
+    let acts = Activations::new(&be, &model.cfg, batch.rows(), batch.size())?;
+    model.bert(&be).forward(&batch, &acts, Mode::Eval)?;
+    let logits = be.download(&acts.logits)?;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|z| (z - max).exp()).collect();
+    let probs: Vec<f32> = exps.iter().map(|e| e / exps.iter().sum::<f32>()).collect();
+    let best = (0..probs.len())
+        .max_by(|&a, &b| probs[a].total_cmp(&probs[b]))
+        .unwrap_or(0);
+    println!(
+        "{} tokens; label {} ({:.4}); logits {:?}; probs {:?}",
+        enc.ids.len(),
+        model.cfg.id2label[best],
+        probs[best],
+        logits,
+        probs
+    );
+    Ok(())
+}
