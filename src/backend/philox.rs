@@ -86,6 +86,7 @@ mod tests {
     /// The same uniforms as kernels/common.cuh's `philox_uniform4(7, 3, 5, u)`, compiled as host
     /// C++ (g++ -I kernels) when this test was written: the CPU and GPU masks agree.
     #[test]
+    #[allow(clippy::excessive_precision)] // the digits as the C++ check printed them
     fn uniforms_match_the_cuda_header() {
         assert_eq!(
             uniform4(7, 3, 5),

@@ -34,11 +34,12 @@ impl<B: Backend> ActivationCache<B> {
         batch: &Batch<B>,
     ) -> Result<&Activations<B::Tensor>> {
         let key = (batch.rows(), batch.size());
-        if !self.by_shape.contains_key(&key) {
-            self.by_shape
-                .insert(key, Activations::new(backend, &model.cfg, key.0, key.1)?);
+        match self.by_shape.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(Activations::new(backend, &model.cfg, key.0, key.1)?))
+            }
         }
-        Ok(&self.by_shape[&key])
     }
 }
 

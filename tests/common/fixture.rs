@@ -6,6 +6,9 @@ use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
 
+/// A batch's rows: token ids, token type ids, and labels when the fixture has them.
+pub type Rows = (Vec<Vec<u32>>, Vec<Vec<u32>>, Option<Vec<u32>>);
+
 pub struct Fixture {
     bytes: Vec<u8>,
 }
@@ -64,7 +67,7 @@ impl Fixture {
 
     /// The rows of a padded `[batch, seq]` batch (`{prefix}input_ids`, …), cut to their
     /// attention-mask lengths: (ids, token type ids, labels if present).
-    pub fn batch(&self, prefix: &str) -> (Vec<Vec<u32>>, Vec<Vec<u32>>, Option<Vec<u32>>) {
+    pub fn batch(&self, prefix: &str) -> Rows {
         let shape = self.shape(&format!("{prefix}input_ids"));
         let (ids, types, mask) = (
             self.i64(&format!("{prefix}input_ids")),
