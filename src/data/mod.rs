@@ -1,3 +1,5 @@
-//! Text to model inputs: tokenization (and, with the trainer, readers and batching).
+//! Text to model inputs: dataset files, label ids, tokenization, batch order.
 
+pub mod dataset;
+pub mod sampler;
 pub mod tokenize;

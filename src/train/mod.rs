@@ -1,6 +1,11 @@
-//! Training: the optimizer, its learning-rate schedules, gradient clipping and the step that
-//! combines them.
+//! Training: the optimizer, its learning-rate schedules, gradient clipping, the step that
+//! combines them, and what a run leaves behind (checkpoints, state, metrics, logs).
 
+pub mod checkpoint;
+pub mod metrics;
 pub mod optimizer;
+pub mod progress;
 pub mod schedule;
+pub mod state;
 pub mod step;
+pub mod tensorboard;

@@ -1,0 +1,1 @@
+//! Dataset files (CSV, TSV, JSONL) read into texts and labels.

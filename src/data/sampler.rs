@@ -1,0 +1,1 @@
+//! The order of examples and their grouping into batches, epoch by epoch.

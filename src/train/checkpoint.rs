@@ -1,0 +1,1 @@
+//! Checkpoint folders: everything needed to resume a run exactly.

@@ -1,0 +1,1 @@
+//! Classification metrics as the Hugging Face examples compute them.

@@ -1,0 +1,1 @@
+//! The progress bar, or plain log lines when the output is not a terminal.

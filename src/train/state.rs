@@ -1,0 +1,1 @@
+//! `trainer_state.json` as transformers writes it.

@@ -1,0 +1,1 @@
+//! TensorBoard event files, written by a small writer of our own.
