@@ -6,3 +6,4 @@ pub mod config;
 pub mod data;
 pub mod model;
 pub mod train;
+pub mod cli;

@@ -2,15 +2,16 @@
 
 use std::process::ExitCode;
 
+use bertft_cuda::cli;
+use bertft_cuda::train::args::{expand_args_file, EvaluateArgs, PredictArgs, TrainArgs};
 use clap::{Parser, Subcommand};
-
-mod cli;
 
 #[derive(Parser)]
 #[command(
     name = "bertft-cuda",
     version,
-    about = "Fine-tune BERT-family models for text classification"
+    about = "Fine-tune BERT-family models for text classification",
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -19,13 +20,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune a model on a labelled file (the Trainer's train(), then evaluate()).
+    Train(Box<TrainArgs>),
+    /// Evaluate a model on a labelled file (the Trainer's evaluate()).
+    Evaluate(EvaluateArgs),
+    /// Classify the rows of a file, writing JSONL (the Trainer's predict()).
+    Predict(PredictArgs),
     /// Load a model folder, report its shape and, given a text, its prediction (CPU).
     Inspect(cli::inspect::InspectArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match expand_args_file(std::env::args_os().collect()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = match cli.command {
+        Command::Train(args) => cli::train::run(&args),
+        Command::Evaluate(args) => cli::evaluate::run(&args),
+        Command::Predict(args) => cli::predict::run(&args),
         Command::Inspect(args) => cli::inspect::run(&args),
     };
     match result {

@@ -5,14 +5,14 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 
-use bertft_cuda::backend::cpu::CpuBackend;
-use bertft_cuda::backend::Backend;
-use bertft_cuda::config::BertConfig;
-use bertft_cuda::data::tokenize::TextTokenizer;
-use bertft_cuda::model::bert::{Activations, Batch, Mode};
-use bertft_cuda::model::params::ParamLayout;
-use bertft_cuda::model::weights::load_weights;
-use bertft_cuda::model::Classifier;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::config::BertConfig;
+use crate::data::tokenize::TextTokenizer;
+use crate::model::bert::{Activations, Batch, Mode};
+use crate::model::params::ParamLayout;
+use crate::model::weights::load_weights;
+use crate::model::Classifier;
 
 #[derive(Args)]
 pub struct InspectArgs {

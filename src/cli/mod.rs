@@ -1,3 +1,7 @@
-//! The subcommands.
+//! The subcommands: each turns its arguments into work for the library and prints the result.
 
+pub mod evaluate;
 pub mod inspect;
+pub mod predict;
+pub mod train;
+pub mod load;

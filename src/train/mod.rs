@@ -1,7 +1,9 @@
 //! Training: the optimizer, its learning-rate schedules, gradient clipping, the step that
 //! combines them, and what a run leaves behind (checkpoints, state, metrics, logs).
 
+pub mod args;
 pub mod checkpoint;
+pub mod evaluate;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;

@@ -1,6 +1,7 @@
 //! Shared by the integration tests: where the test assets are.
 #![allow(dead_code)]
 
+pub mod cli;
 pub mod fixture;
 pub mod tiny;
 

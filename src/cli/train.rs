@@ -1,0 +1,140 @@
+//! `bertft-cuda train`: `Trainer(...).train()` followed by `evaluate()` (and `predict()` with a
+//! test file), writing what the Trainer and run_glue write.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+
+use crate::cli::evaluate::{print_and_save_metrics, read_labelled};
+use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
+use crate::cli::predict::write_predictions;
+use crate::data::dataset::{read_dataset, Columns, LabelMap};
+use crate::data::encoded::EncodedSet;
+use crate::model::weights::save_pretrained;
+use crate::model::Classifier;
+use crate::train::args::TrainArgs;
+use crate::train::checkpoint::{latest_checkpoint, load_checkpoint};
+use crate::train::evaluate::{eval_metrics, predict};
+use crate::train::step::ActivationCache;
+use crate::train::trainer::{Trainer, INTERRUPTED};
+
+pub fn columns(data: &crate::train::args::DataArgs) -> Columns {
+    Columns { text: data.text_column.clone(), text_pair: data.text_pair_column.clone(), label: data.label_column.clone() }
+}
+
+/// Refuses to write into a non-empty output_dir unless overwriting or resuming.
+fn check_output_dir(args: &TrainArgs) -> Result<()> {
+    let dir = &args.output_dir;
+    let non_empty = dir.is_dir() && std::fs::read_dir(dir)?.next().is_some();
+    if non_empty && !args.overwrite_output_dir && args.resume_from_checkpoint.is_none() {
+        bail!(
+            "{}: output directory exists and is not empty (use --overwrite-output-dir, or --resume-from-checkpoint to continue)",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n")
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+pub fn run(args: &TrainArgs) -> Result<()> {
+    check_output_dir(args)?;
+    let backend = choose_backend(args.data.device, args.fp16, args.bf16)?;
+    let model_dir = resolve_model_dir(&args.data.model)?;
+    let cols = columns(&args.data);
+    let train_raw = read_dataset(&args.train_file, &cols, true)?;
+    let base_cfg = crate::config::BertConfig::from_file(&model_dir.join("config.json"))?;
+    let label_map = LabelMap::from_training(train_raw.labels.as_deref().unwrap_or_default(), &base_cfg.id2label)?;
+    let loaded = load_model(&model_dir, Some(label_map.id2label.clone()), args.seed)?;
+    let max_len = args.data.max_seq_length.min(loaded.cfg.max_position_embeddings);
+    let train = EncodedSet::encode(
+        &loaded.tokenizer,
+        &train_raw.texts,
+        train_raw.pairs.as_deref(),
+        Some(label_map.encode(&train_raw)?),
+        max_len,
+    )?;
+    let eval = match &args.validation_file {
+        Some(path) => Some(read_labelled(path, &cols, &label_map, &loaded.tokenizer, max_len)?),
+        None => None,
+    };
+    let resume = match args.resume_from_checkpoint.as_deref() {
+        None => None,
+        Some("true" | "True") => {
+            let dir = latest_checkpoint(&args.output_dir)?
+                .with_context(|| format!("{}: no checkpoint to resume from", args.output_dir.display()))?;
+            Some(dir)
+        }
+        Some(dir) => Some(Path::new(dir).to_path_buf()),
+    };
+    let resume = resume
+        .map(|dir| {
+            eprintln!("resuming from {}", dir.display());
+            load_checkpoint(&dir, &loaded.cfg, &loaded.layout)
+        })
+        .transpose()?;
+    let model = Classifier::new(&backend, loaded.cfg.clone(), &loaded.flat)?;
+    ctrlc::set_handler(|| {
+        eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)");
+        if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    })
+    .context("installing the Ctrl-C handler")?;
+    let trainer = Trainer {
+        backend: &backend,
+        args,
+        model: &model,
+        train: &train,
+        eval: eval.as_ref(),
+        pad_id: loaded.tokenizer.pad_id(),
+        tokenizer_dir: &model_dir,
+        args_json: serde_json::to_value(args)?,
+    };
+    let outcome = trainer.run(resume)?;
+    if outcome.interrupted {
+        bail!("interrupted at step {}: checkpoint saved in {}", outcome.state.global_step, args.output_dir.display());
+    }
+
+    // What trainer.save_model(), trainer.save_state() and run_glue's metric files leave.
+    let flat = backend_params(&backend, &model)?;
+    save_pretrained(&args.output_dir, &model.cfg, &model.layout, &flat, Some(&model_dir))?;
+    outcome.state.save(&args.output_dir.join("trainer_state.json"))?;
+    let mut train_results: serde_json::Map<String, serde_json::Value> =
+        outcome.train_metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+    train_results.insert("train_samples".into(), serde_json::json!(train.len()));
+    write_json(&args.output_dir.join("train_results.json"), &serde_json::Value::Object(train_results))?;
+
+    let mut acts = ActivationCache::default();
+    if let Some(eval) = &eval {
+        let p = predict(
+            &backend,
+            &model,
+            &mut acts,
+            eval,
+            args.data.per_device_eval_batch_size,
+            args.label_smoothing_factor,
+            loaded.tokenizer.pad_id(),
+        )?;
+        let mut metrics = eval_metrics(&p, eval.labels.as_deref().unwrap_or_default(), model.cfg.num_labels());
+        metrics.push(("epoch".into(), outcome.state.epoch));
+        metrics.push(("eval_samples".into(), eval.len() as f64));
+        print_and_save_metrics(&metrics, Some(&args.output_dir))?;
+    }
+    if let Some(test) = &args.test_file {
+        let raw = read_dataset(test, &cols, false)?;
+        let set = EncodedSet::encode(&loaded.tokenizer, &raw.texts, raw.pairs.as_deref(), None, max_len)?;
+        let p = predict(&backend, &model, &mut acts, &set, args.data.per_device_eval_batch_size, 0.0, loaded.tokenizer.pad_id())?;
+        write_predictions(&p, &model.cfg.id2label, Some(&args.output_dir.join("predict_results.jsonl")))?;
+    }
+    Ok(())
+}
+
+fn backend_params<B: crate::backend::Backend>(backend: &B, model: &Classifier<B>) -> Result<Vec<f32>> {
+    backend.download(&model.params)
+}

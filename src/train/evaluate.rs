@@ -1,0 +1,95 @@
+//! One pass of the model over a dataset without dropout: logits, loss and metrics, as
+//! `trainer.evaluate()` and `trainer.predict()` compute them.
+
+use std::time::Instant;
+
+use anyhow::Result;
+
+use crate::backend::Backend;
+use crate::data::encoded::EncodedSet;
+use crate::model::bert::{Batch, Mode};
+use crate::model::Classifier;
+use crate::train::metrics::{classification_metrics, Metrics};
+use crate::train::step::ActivationCache;
+
+pub struct Predictions {
+    /// `[rows][num_labels]`, in input order.
+    pub logits: Vec<Vec<f32>>,
+    /// Mean loss over rows (when the set has labels).
+    pub loss: Option<f64>,
+    pub runtime_s: f64,
+    pub batches: usize,
+}
+
+/// Logits of every row, in order, batches of `batch_size` padded to their longest row.
+pub fn predict<B: Backend>(
+    backend: &B,
+    model: &Classifier<B>,
+    acts: &mut ActivationCache<B>,
+    set: &EncodedSet,
+    batch_size: usize,
+    label_smoothing: f32,
+    pad_id: u32,
+) -> Result<Predictions> {
+    let start = Instant::now();
+    let bert = model.bert(backend);
+    let classes = model.cfg.num_labels();
+    let mut logits = Vec::with_capacity(set.len());
+    let mut loss_sum = 0.0f64;
+    let order: Vec<usize> = (0..set.len()).collect();
+    let chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
+    for rows in &chunks {
+        let (ids, types, labels) = set.rows(rows);
+        let batch = Batch::padded(backend, &ids, &types, labels.as_deref(), pad_id)?;
+        let a = acts.get(backend, model, &batch)?;
+        bert.forward(&batch, a, Mode::Eval)?;
+        if labels.is_some() {
+            loss_sum += bert.losses(&batch, a, label_smoothing)?.iter().map(|&l| l as f64).sum::<f64>();
+        }
+        logits.extend(backend.download(&a.logits)?.chunks(classes).map(|c| c.to_vec()));
+    }
+    Ok(Predictions {
+        logits,
+        loss: set.labels.as_ref().map(|_| loss_sum / set.len().max(1) as f64),
+        runtime_s: start.elapsed().as_secs_f64(),
+        batches: chunks.len(),
+    })
+}
+
+/// Index of the largest logit (the first on ties, as `argmax`).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Softmax of one row of logits.
+pub fn softmax(row: &[f32]) -> Vec<f32> {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = row.iter().map(|&z| ((z - max) as f64).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| (e / sum) as f32).collect()
+}
+
+/// The Trainer's evaluation metrics, named as it names them (`eval_` prefix), in its order.
+pub fn eval_metrics(p: &Predictions, labels: &[u32], num_labels: usize) -> Vec<(String, f64)> {
+    let predicted: Vec<u32> = p.logits.iter().map(|l| argmax(l) as u32).collect();
+    let Metrics { accuracy, f1, precision, recall, matthews_correlation } =
+        classification_metrics(&predicted, labels, num_labels);
+    let runtime = p.runtime_s.max(1e-9);
+    vec![
+        ("eval_loss".into(), p.loss.unwrap_or(f64::NAN)),
+        ("eval_accuracy".into(), accuracy),
+        ("eval_f1".into(), f1),
+        ("eval_precision".into(), precision),
+        ("eval_recall".into(), recall),
+        ("eval_matthews_correlation".into(), matthews_correlation),
+        ("eval_runtime".into(), (runtime * 1e4).round() / 1e4),
+        ("eval_samples_per_second".into(), ((labels.len() as f64 / runtime) * 1e3).round() / 1e3),
+        ("eval_steps_per_second".into(), ((p.batches as f64 / runtime) * 1e3).round() / 1e3),
+    ]
+}

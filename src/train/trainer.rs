@@ -1,0 +1,479 @@
+//! The training loop with the Hugging Face Trainer's semantics: steps per epoch, logging,
+//! evaluation and saving on their strategies, best-model tracking, early stopping, resume.
+//!
+//! Everything random is a pure function of the seeds and the position in the run (the data
+//! order of epoch `e`, the dropout streams of micro-step `k`), so a run resumed from a
+//! checkpoint continues exactly as the uninterrupted run would have.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+
+use crate::backend::Backend;
+use crate::data::encoded::EncodedSet;
+use crate::data::sampler::{batches, epoch_order, Sampling};
+use crate::model::bert::Batch;
+use crate::model::Classifier;
+use crate::train::args::{IntervalStrategy, SamplingStrategy, SaveStrategy, SchedulerChoice, TrainArgs};
+use crate::train::checkpoint::{rotate_checkpoints, save_checkpoint, CheckpointContents, LoadedCheckpoint, RunPosition};
+use crate::train::evaluate::{eval_metrics, predict};
+use crate::train::metrics::format_metrics_line;
+use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::progress::Progress;
+use crate::train::schedule::{Schedule, ScheduleKind};
+use crate::train::state::TrainerState;
+use crate::train::step::{train_step, StepScratch, StepSettings};
+use crate::train::tensorboard::EventWriter;
+
+/// Set by the Ctrl-C handler: the loop saves a checkpoint and stops at the next step boundary.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// How many optimizer steps the run has and when it logs, evaluates and saves, computed as
+/// the Trainer computes them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub micro_batches_per_epoch: u64,
+    pub steps_per_epoch: u64,
+    pub max_steps: u64,
+    pub epochs: u64,
+    pub warmup_steps: u64,
+    pub logging_steps: u64,
+    pub eval_steps: u64,
+    pub save_steps: u64,
+}
+
+/// A step interval given as a count, or below 1 as a ratio of the total steps.
+fn interval(value: f64, max_steps: u64) -> u64 {
+    if value < 1.0 {
+        ((max_steps as f64 * value).ceil() as u64).max(1)
+    } else {
+        value as u64
+    }
+}
+
+impl Plan {
+    pub fn new(args: &TrainArgs, rows: usize) -> Result<Plan> {
+        let bs = args.per_device_train_batch_size.max(1) as u64;
+        let accum = args.gradient_accumulation_steps.max(1) as u64;
+        let rows = rows as u64;
+        let micro = if args.dataloader_drop_last { rows / bs } else { rows.div_ceil(bs) };
+        if micro == 0 {
+            bail!("{} training rows make no batch of {bs} (with --dataloader-drop-last)", rows);
+        }
+        let steps_per_epoch = micro.div_ceil(accum).max(1);
+        let (max_steps, epochs) = if args.max_steps > 0 {
+            let m = args.max_steps as u64;
+            (m, m.div_ceil(steps_per_epoch))
+        } else {
+            if args.num_train_epochs <= 0.0 {
+                bail!("--num-train-epochs must be positive (or give --max-steps)");
+            }
+            ((args.num_train_epochs * steps_per_epoch as f64).ceil() as u64, args.num_train_epochs.ceil() as u64)
+        };
+        let warmup_steps = match args.warmup_ratio {
+            Some(r) if args.warmup_steps == 0.0 => (max_steps as f64 * r).ceil() as u64,
+            _ if args.warmup_steps < 1.0 => (max_steps as f64 * args.warmup_steps).ceil() as u64,
+            _ => args.warmup_steps as u64,
+        };
+        let logging_steps = interval(args.logging_steps, max_steps);
+        Ok(Plan {
+            micro_batches_per_epoch: micro,
+            steps_per_epoch,
+            max_steps,
+            epochs,
+            warmup_steps,
+            logging_steps,
+            eval_steps: args.eval_steps.map(|e| interval(e, max_steps)).unwrap_or(logging_steps),
+            save_steps: interval(args.save_steps, max_steps),
+        })
+    }
+}
+
+/// Which metric picks the best checkpoint, and in which direction.
+#[derive(Clone, Debug)]
+pub struct BestMetric {
+    pub name: String,
+    pub greater_is_better: bool,
+}
+
+impl BestMetric {
+    pub fn from_args(args: &TrainArgs) -> Option<BestMetric> {
+        let tracked = args.metric_for_best_model.is_some()
+            || args.load_best_model_at_end
+            || args.save_strategy == SaveStrategy::Best
+            || args.early_stopping_patience.is_some();
+        if !tracked {
+            return None;
+        }
+        let raw = args.metric_for_best_model.clone().unwrap_or_else(|| "loss".into());
+        let name = if raw.starts_with("eval_") { raw } else { format!("eval_{raw}") };
+        let greater_is_better = args.greater_is_better.unwrap_or(!name.ends_with("loss"));
+        Some(BestMetric { name, greater_is_better })
+    }
+
+    fn better(&self, value: f64, than: f64, threshold: f64) -> bool {
+        if self.greater_is_better {
+            value > than + threshold
+        } else {
+            value < than - threshold
+        }
+    }
+}
+
+/// What the run writes besides checkpoints: TensorBoard events and a JSONL log.
+struct RunLogs {
+    events: Option<EventWriter>,
+    jsonl: Option<std::fs::File>,
+}
+
+impl RunLogs {
+    fn write(&mut self, entry: &Map<String, Value>) -> Result<()> {
+        use std::io::Write;
+        if let Some(f) = &mut self.jsonl {
+            writeln!(f, "{}", Value::Object(entry.clone()))?;
+        }
+        if let Some(ev) = &mut self.events {
+            let step = entry.get("step").and_then(Value::as_i64).unwrap_or(0);
+            for (k, v) in entry {
+                let Some(x) = v.as_f64() else { continue };
+                if k == "step" {
+                    continue;
+                }
+                // TensorBoardCallback's naming: eval_loss → eval/loss, loss → train/loss.
+                let tag = match k.strip_prefix("eval_") {
+                    Some(rest) => format!("eval/{rest}"),
+                    None => format!("train/{}", k.strip_prefix("train_").unwrap_or(k)),
+                };
+                ev.add_scalar(&tag, x as f32, step)?;
+            }
+            ev.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything one run needs, borrowed from the caller.
+pub struct Trainer<'a, B: Backend> {
+    pub backend: &'a B,
+    pub args: &'a TrainArgs,
+    pub model: &'a Classifier<B>,
+    pub train: &'a EncodedSet,
+    pub eval: Option<&'a EncodedSet>,
+    pub pad_id: u32,
+    pub tokenizer_dir: &'a Path,
+    pub args_json: Value,
+}
+
+pub struct TrainOutcome {
+    pub state: TrainerState,
+    pub train_metrics: Vec<(String, f64)>,
+    pub interrupted: bool,
+}
+
+fn schedule_kind(c: SchedulerChoice) -> ScheduleKind {
+    match c {
+        SchedulerChoice::Linear => ScheduleKind::Linear,
+        SchedulerChoice::Cosine => ScheduleKind::Cosine,
+        SchedulerChoice::Constant => ScheduleKind::Constant,
+        SchedulerChoice::ConstantWithWarmup => ScheduleKind::ConstantWithWarmup,
+    }
+}
+
+fn sampling(args: &TrainArgs) -> Sampling {
+    match (args.group_by_length, args.train_sampling_strategy) {
+        (true, _) | (_, SamplingStrategy::GroupByLength) => Sampling::GroupByLength,
+        (_, SamplingStrategy::Sequential) => Sampling::Sequential,
+        (_, SamplingStrategy::Random) => Sampling::Random,
+    }
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 1e4).round() / 1e4
+}
+
+impl<B: Backend> Trainer<'_, B> {
+    fn fresh_state(&self, plan: &Plan) -> TrainerState {
+        let mut state = TrainerState::default();
+        state.eval_steps = plan.eval_steps;
+        state.logging_steps = plan.logging_steps;
+        state.save_steps = plan.save_steps;
+        state.max_steps = plan.max_steps;
+        state.num_train_epochs = plan.epochs;
+        state.train_batch_size = self.args.per_device_train_batch_size;
+        state
+    }
+
+    /// Trains from the start, or from `resume` (a loaded checkpoint), to the end of the plan.
+    pub fn run(&self, resume: Option<LoadedCheckpoint>) -> Result<TrainOutcome> {
+        let (be, args, model) = (self.backend, self.args, self.model);
+        let plan = Plan::new(args, self.train.len())?;
+        let schedule = Schedule {
+            kind: schedule_kind(args.lr_scheduler_type),
+            base_lr: args.learning_rate,
+            warmup_steps: plan.warmup_steps,
+            total_steps: plan.max_steps,
+        };
+        let adam = AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        };
+        let mut opt = AdamW::new(be, &model.layout, &model.params, &model.grads, adam)?;
+        let data_seed = args.data_seed.unwrap_or(args.seed);
+        let mut position = RunPosition { seed: args.seed, data_seed, epoch: 0, step_in_epoch: 0, micro_step: 0 };
+        let mut state = self.fresh_state(&plan);
+        if let Some(ck) = resume {
+            be.copy(&model.params, &be.upload(&ck.params)?)?;
+            be.copy(&opt.exp_avg, &be.upload(&ck.exp_avg)?)?;
+            be.copy(&opt.exp_avg_sq, &be.upload(&ck.exp_avg_sq)?)?;
+            opt.step = ck.adam_step;
+            position = ck.position;
+            state = ck.state;
+        }
+        let best = BestMetric::from_args(args);
+        let settings = StepSettings {
+            max_grad_norm: args.max_grad_norm,
+            label_smoothing: args.label_smoothing_factor,
+            dropout_seed: Some(args.seed),
+        };
+        let mut logs = self.open_logs()?;
+        let mut scratch = StepScratch::new(be)?;
+        let lengths = self.train.lengths();
+        let to_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let mut progress = Progress::new(plan.max_steps, to_terminal);
+        let started = Instant::now();
+        let start_step = state.global_step;
+        let (mut loss_since_log, mut steps_since_log) = (0.0f64, 0u64);
+        let mut train_loss_sum = 0.0f64;
+        let mut early_stop_count = 0u32;
+        let mut stop = state.global_step >= plan.max_steps;
+        let mut interrupted = false;
+
+        while !stop && position.epoch < plan.epochs {
+            let order = epoch_order(
+                self.train.len(),
+                sampling(args),
+                data_seed,
+                position.epoch,
+                &lengths,
+                args.per_device_train_batch_size,
+            );
+            let micro = batches(&order, args.per_device_train_batch_size, args.dataloader_drop_last);
+            let groups: Vec<&[Vec<usize>]> = micro.chunks(args.gradient_accumulation_steps.max(1)).collect();
+            for group in groups.iter().skip(position.step_in_epoch as usize) {
+                let batches = group
+                    .iter()
+                    .map(|rows| {
+                        let (ids, types, labels) = self.train.rows(rows);
+                        Batch::padded(be, &ids, &types, labels.as_deref(), self.pad_id)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let lr = schedule.lr(state.global_step);
+                let report =
+                    train_step(be, model, &mut opt, &mut scratch, &batches, position.micro_step, lr, &settings)?;
+                state.global_step += 1;
+                position.step_in_epoch += 1;
+                position.micro_step += group.len() as u64;
+                let micro_done = (position.step_in_epoch * args.gradient_accumulation_steps.max(1) as u64)
+                    .min(plan.micro_batches_per_epoch);
+                state.epoch = position.epoch as f64 + micro_done as f64 / plan.micro_batches_per_epoch as f64;
+                loss_since_log += report.loss;
+                steps_since_log += 1;
+                train_loss_sum += report.loss;
+                let samples = (state.global_step - start_step) * (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
+                progress.step(state.global_step, samples);
+                progress.update_stats(report.loss, report.lr, report.grad_norm, state.epoch);
+
+                let epoch_end = position.step_in_epoch as usize == groups.len();
+                let last = state.global_step >= plan.max_steps;
+                let g = state.global_step;
+                let log_now = match args.logging_strategy {
+                    IntervalStrategy::Steps => g % plan.logging_steps == 0 || (g == 1 && args.logging_first_step),
+                    IntervalStrategy::Epoch => epoch_end,
+                    IntervalStrategy::No => false,
+                };
+                if log_now {
+                    let mut entry = Map::new();
+                    entry.insert("loss".into(), json!(round4(loss_since_log / steps_since_log as f64)));
+                    entry.insert("grad_norm".into(), json!(report.grad_norm));
+                    entry.insert("learning_rate".into(), json!(report.lr));
+                    entry.insert("epoch".into(), json!(state.epoch));
+                    entry.insert("step".into(), json!(g));
+                    progress.log(&format_metrics_line(
+                        &entry.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect::<Vec<_>>(),
+                    ));
+                    logs.write(&entry)?;
+                    state.log_history.push(entry);
+                    (loss_since_log, steps_since_log) = (0.0, 0);
+                }
+                let eval_now = self.eval.is_some()
+                    && match args.eval_strategy {
+                        IntervalStrategy::Steps => g % plan.eval_steps == 0,
+                        IntervalStrategy::Epoch => epoch_end,
+                        IntervalStrategy::No => false,
+                    };
+                let mut new_best = false;
+                if eval_now {
+                    let metrics = self.evaluate(&mut scratch, state.epoch)?;
+                    let mut entry: Map<String, Value> = metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                    entry.insert("step".into(), json!(g));
+                    progress.log(&format_metrics_line(&metrics));
+                    logs.write(&entry)?;
+                    state.log_history.push(entry);
+                    if let Some(b) = &best {
+                        let value = metrics
+                            .iter()
+                            .find(|(k, _)| *k == b.name)
+                            .map(|(_, v)| *v)
+                            .with_context(|| format!("--metric-for-best-model {}: no such metric", b.name))?;
+                        let improved = state.best_metric.is_none_or(|m| b.better(value, m, args.early_stopping_threshold));
+                        new_best = state.best_metric.is_none_or(|m| b.better(value, m, 0.0));
+                        if new_best {
+                            state.best_metric = Some(value);
+                            state.best_global_step = Some(g);
+                        }
+                        if let Some(patience) = args.early_stopping_patience {
+                            early_stop_count = if improved { 0 } else { early_stop_count + 1 };
+                            if early_stop_count >= patience {
+                                progress.log(&format!("early stopping: {} evaluations without improvement", patience));
+                                stop = true;
+                            }
+                        }
+                    }
+                }
+                if INTERRUPTED.load(Ordering::SeqCst) {
+                    interrupted = true;
+                    stop = true;
+                }
+                let save_now = interrupted
+                    || match args.save_strategy {
+                        SaveStrategy::Steps => g % plan.save_steps == 0 || last,
+                        SaveStrategy::Epoch => epoch_end,
+                        SaveStrategy::Best => new_best,
+                        SaveStrategy::No => false,
+                    };
+                if epoch_end {
+                    position.epoch += 1;
+                    position.step_in_epoch = 0;
+                }
+                if save_now {
+                    self.save(model, &opt, &schedule, &position, &mut state)?;
+                }
+                if last {
+                    stop = true;
+                }
+                if stop {
+                    break;
+                }
+            }
+            if !stop && position.step_in_epoch != 0 {
+                // Every group of the epoch ran: move on.
+                position.epoch += 1;
+                position.step_in_epoch = 0;
+            }
+        }
+        progress.finish();
+        if interrupted {
+            return Ok(TrainOutcome { state, train_metrics: vec![], interrupted });
+        }
+        let runtime = started.elapsed().as_secs_f64();
+        let steps_run = (state.global_step - start_step).max(1);
+        let samples = steps_run * (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
+        let train_metrics = vec![
+            ("train_runtime".to_string(), round4(runtime)),
+            ("train_samples_per_second".to_string(), ((samples as f64 / runtime) * 1e3).round() / 1e3),
+            ("train_steps_per_second".to_string(), ((steps_run as f64 / runtime) * 1e3).round() / 1e3),
+            ("total_flos".to_string(), 0.0),
+            ("train_loss".to_string(), train_loss_sum / steps_run as f64),
+            ("epoch".to_string(), state.epoch),
+        ];
+        let mut entry: Map<String, Value> = train_metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        entry.insert("step".into(), json!(state.global_step));
+        logs.write(&entry)?;
+        state.log_history.push(entry);
+        if args.load_best_model_at_end {
+            self.load_best(&state)?;
+        }
+        Ok(TrainOutcome { state, train_metrics, interrupted })
+    }
+
+    fn open_logs(&self) -> Result<RunLogs> {
+        let dir = self.logging_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let path = dir.join("log.jsonl");
+        let jsonl = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let events = match self.args.report_to {
+            crate::train::args::ReportTo::Tensorboard => Some(EventWriter::create(&dir)?),
+            crate::train::args::ReportTo::None => None,
+        };
+        Ok(RunLogs { events, jsonl: Some(jsonl) })
+    }
+
+    pub fn logging_dir(&self) -> PathBuf {
+        self.args.logging_dir.clone().unwrap_or_else(|| self.args.output_dir.join("runs"))
+    }
+
+    /// `trainer.evaluate()`: metrics on the evaluation set, with `epoch`, in the Trainer's order.
+    fn evaluate(&self, scratch: &mut StepScratch<B>, epoch: f64) -> Result<Vec<(String, f64)>> {
+        let set = self.eval.expect("evaluate is only called with an evaluation set");
+        let p = predict(
+            self.backend,
+            self.model,
+            &mut scratch.acts,
+            set,
+            self.args.data.per_device_eval_batch_size,
+            self.args.label_smoothing_factor,
+            self.pad_id,
+        )?;
+        let labels = set.labels.as_ref().expect("the evaluation set is labelled");
+        let mut m = eval_metrics(&p, labels, self.model.cfg.num_labels());
+        m.push(("epoch".into(), epoch));
+        Ok(m)
+    }
+
+    fn save(
+        &self,
+        model: &Classifier<B>,
+        opt: &AdamW<B>,
+        schedule: &Schedule,
+        position: &RunPosition,
+        state: &mut TrainerState,
+    ) -> Result<()> {
+        let out = &self.args.output_dir;
+        if let Some(best) = state.best_global_step {
+            let dir = out.join(format!("checkpoint-{best}"));
+            if best == state.global_step || dir.is_dir() {
+                state.best_model_checkpoint = Some(dir.display().to_string());
+            }
+        }
+        let contents = CheckpointContents {
+            model,
+            opt,
+            schedule,
+            position,
+            state,
+            args: &self.args_json,
+            tokenizer_dir: Some(self.tokenizer_dir),
+        };
+        save_checkpoint(self.backend, out, &contents)?;
+        let best = state.best_model_checkpoint.as_ref().map(PathBuf::from);
+        rotate_checkpoints(out, self.args.save_total_limit, best.as_deref())?;
+        Ok(())
+    }
+
+    fn load_best(&self, state: &TrainerState) -> Result<()> {
+        let Some(dir) = &state.best_model_checkpoint else { return Ok(()) };
+        let ck = crate::train::checkpoint::load_checkpoint(Path::new(dir), &self.model.cfg, &self.model.layout)?;
+        self.backend.copy(&self.model.params, &self.backend.upload(&ck.params)?)?;
+        eprintln!("loaded the best model from {dir} ({} = {:?})", "best_metric", state.best_metric);
+        Ok(())
+    }
+}

@@ -1,0 +1,105 @@
+//! Bad input: a one-line error naming the file (and line, column where they apply), a non-zero
+//! exit, no panic, nothing written.
+
+mod common;
+
+use std::path::Path;
+
+use common::cli::*;
+
+fn train_err(root: &Path, train: &Path, dev: Option<&Path>) -> String {
+    let model = tiny_model_dir(root);
+    let mut c = bin();
+    c.args(["train", "--device", "cpu", "--max-steps", "1", "--model"]).arg(&model).arg("--train-file").arg(train);
+    if let Some(d) = dev {
+        c.arg("--validation-file").arg(d);
+    }
+    c.arg("--output-dir").arg(root.join("out"));
+    run_err(&mut c)
+}
+
+#[test]
+fn missing_column_lists_the_columns_present() {
+    let root = scratch("err-column");
+    let f = root.join("train.tsv");
+    std::fs::write(&f, "phrase\tlabel\nw5 w6\ta\n").unwrap();
+    let e = train_err(&root, &f, None);
+    assert!(e.contains("train.tsv") && e.contains("phrase"), "{e}");
+}
+
+#[test]
+fn empty_file() {
+    let root = scratch("err-empty");
+    let f = root.join("train.tsv");
+    std::fs::write(&f, "").unwrap();
+    let e = train_err(&root, &f, None);
+    assert!(e.contains("train.tsv"), "{e}");
+}
+
+#[test]
+fn malformed_row_names_its_line() {
+    let root = scratch("err-row");
+    let f = root.join("train.tsv");
+    std::fs::write(&f, "sentence\tlabel\nw5 w6\ta\nw7\tb\textra\n").unwrap();
+    let e = train_err(&root, &f, None);
+    assert!(e.contains("train.tsv") && e.contains('3'), "{e}");
+}
+
+#[test]
+fn invalid_utf8_names_its_line() {
+    let root = scratch("err-utf8");
+    let f = root.join("train.tsv");
+    std::fs::write(&f, b"sentence\tlabel\nw5 \xff\xfe\ta\n").unwrap();
+    let e = train_err(&root, &f, None);
+    assert!(e.contains("train.tsv") && e.contains('2'), "{e}");
+}
+
+#[test]
+fn unknown_label_at_evaluation() {
+    let root = scratch("err-label");
+    let (train, dev) = (root.join("train.tsv"), root.join("dev.tsv"));
+    write_tsv(&train, &synthetic_rows(8, 1));
+    std::fs::write(&dev, "sentence\tlabel\nw5\ta\nw6\tzzz\n").unwrap();
+    let e = train_err(&root, &train, Some(&dev));
+    assert!(e.contains("dev.tsv") && e.contains("zzz"), "{e}");
+    assert!(!root.join("out").join("model.safetensors").exists());
+}
+
+#[test]
+fn bad_json_lines() {
+    let root = scratch("err-jsonl");
+    let f = root.join("train.jsonl");
+    std::fs::write(&f, "{\"sentence\": \"w5\", \"label\": \"a\"}\n{\"sentence\": \"w6\", \"label\": }\n").unwrap();
+    let e = train_err(&root, &f, None);
+    assert!(e.contains("train.jsonl") && e.contains('2'), "{e}");
+}
+
+#[test]
+fn non_empty_output_dir_is_refused() {
+    let root = scratch("err-outdir");
+    let train = root.join("train.tsv");
+    write_tsv(&train, &synthetic_rows(8, 1));
+    std::fs::create_dir_all(root.join("out")).unwrap();
+    std::fs::write(root.join("out").join("keep.txt"), "precious").unwrap();
+    let e = train_err(&root, &train, None);
+    assert!(e.contains("--overwrite-output-dir"), "{e}");
+    assert_eq!(std::fs::read_to_string(root.join("out").join("keep.txt")).unwrap(), "precious");
+}
+
+#[test]
+fn missing_model_folder() {
+    let root = scratch("err-model");
+    let e = run_err(bin().args(["predict", "--model"]).arg(root.join("nope")).arg("--test-file").arg(root.join("x.tsv")));
+    assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn texts_longer_than_the_maximum_are_truncated_not_refused() {
+    let root = scratch("long-text");
+    let model = tiny_model_dir(&root);
+    let f = root.join("test.tsv");
+    let long: Vec<String> = (0..500).map(|i| format!("w{}", 5 + i % 90)).collect();
+    std::fs::write(&f, format!("sentence\n{}\n", long.join(" "))).unwrap();
+    let out = run_ok(bin().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--test-file").arg(&f));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
