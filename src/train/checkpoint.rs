@@ -187,7 +187,10 @@ fn write_contents<B: Backend>(
         last_step: c.optimizer.step,
     };
     write_json(&dir.join(SCHEDULER_FILE), &serde_json::to_value(scheduler)?)?;
-    write_json(&dir.join(RNG_STATE_FILE), &serde_json::to_value(c.position)?)?;
+    write_json(
+        &dir.join(RNG_STATE_FILE),
+        &serde_json::to_value(c.position)?,
+    )?;
     c.state.save(&dir.join(TRAINER_STATE_FILE))?;
     write_json(&dir.join(TRAINING_ARGS_FILE), c.args)?;
     sync_dir(dir);
@@ -304,7 +307,11 @@ fn write_optimizer(
 
 /// Reads the checkpoint folder `dir` for a model of config `cfg` (whose layout is `layout`).
 /// Every error is one line naming the file at fault.
-pub fn load_checkpoint(dir: &Path, cfg: &BertConfig, layout: &ParamLayout) -> Result<LoadedCheckpoint> {
+pub fn load_checkpoint(
+    dir: &Path,
+    cfg: &BertConfig,
+    layout: &ParamLayout,
+) -> Result<LoadedCheckpoint> {
     ensure!(
         *layout == ParamLayout::new(cfg),
         "the parameter layout given to load_checkpoint was not built from this config"
@@ -328,7 +335,12 @@ pub fn load_checkpoint(dir: &Path, cfg: &BertConfig, layout: &ParamLayout) -> Re
         .get("step")
         .ok_or_else(|| anyhow!("{}: no \"step\" in the metadata", opt_path.display()))?
         .parse::<u64>()
-        .map_err(|e| anyhow!("{}: metadata \"step\" is not a step count ({e})", opt_path.display()))?;
+        .map_err(|e| {
+            anyhow!(
+                "{}: metadata \"step\" is not a step count ({e})",
+                opt_path.display()
+            )
+        })?;
 
     let sched_path = dir.join(SCHEDULER_FILE);
     let s: SchedulerFile = read_json(&sched_path)?;
@@ -398,8 +410,12 @@ fn read_f32_tensors(
             let view = file
                 .tensor(&name)
                 .map_err(|_| anyhow!("{}: tensor {name} is missing", path.display()))?;
-            copy_tensor(&view, &mut flat[spec.offset..spec.offset + spec.len()], &spec.shape)
-                .map_err(|e| anyhow!("{}: tensor {name} {e}", path.display()))?;
+            copy_tensor(
+                &view,
+                &mut flat[spec.offset..spec.offset + spec.len()],
+                &spec.shape,
+            )
+            .map_err(|e| anyhow!("{}: tensor {name} {e}", path.display()))?;
         }
     }
     Ok(metadata.metadata().clone().unwrap_or_default())
@@ -451,12 +467,19 @@ pub fn rotate_checkpoints(
     if checkpoints.len() <= limit {
         return Ok(Vec::new());
     }
-    let newest = checkpoints.last().expect("more than limit > 0 checkpoints").clone();
+    let newest = checkpoints
+        .last()
+        .expect("more than limit > 0 checkpoints")
+        .clone();
     let best = best_model_checkpoint;
     let protected = |c: &Path| same_path(c, &newest) || best.is_some_and(|b| same_path(c, b));
     // As transformers counts its protected set: a best checkpoint other than the newest raises
     // the floor to two even when it is not among the folders (then one more old one survives).
-    let keep = limit.max(if best.is_some_and(|b| !same_path(b, &newest)) { 2 } else { 1 });
+    let keep = limit.max(if best.is_some_and(|b| !same_path(b, &newest)) {
+        2
+    } else {
+        1
+    });
 
     let mut remaining = checkpoints.len();
     let mut deleted = Vec::new();
@@ -485,9 +508,12 @@ fn sorted_for_rotation(output_dir: &Path) -> Result<Vec<PathBuf>> {
     let by_step = list_checkpoints(output_dir)?;
     let mut by_time = Vec::with_capacity(by_step.len());
     for (step, path) in &by_step {
-        let modified = fs::metadata(path)
-            .and_then(|m| m.modified())
-            .map_err(|e| anyhow!("cannot read the modification time of {}: {e}", path.display()))?;
+        let modified = fs::metadata(path).and_then(|m| m.modified()).map_err(|e| {
+            anyhow!(
+                "cannot read the modification time of {}: {e}",
+                path.display()
+            )
+        })?;
         by_time.push((modified, *step, path.clone()));
     }
     by_time.sort();

@@ -105,8 +105,8 @@ impl TrainerState {
 pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text =
         fs::read_to_string(path).map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
-    let value = parse_python_json(&text)
-        .map_err(|e| anyhow!("{}: invalid JSON ({e})", path.display()))?;
+    let value =
+        parse_python_json(&text).map_err(|e| anyhow!("{}: invalid JSON ({e})", path.display()))?;
     serde_json::from_value(value).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
@@ -511,9 +511,7 @@ impl Reader<'_> {
             }
             // Beyond 64 bits Python keeps an exact int; the nearest float is the best left here.
         }
-        let f: f64 = token
-            .parse()
-            .map_err(|_| self.error("invalid number"))?;
+        let f: f64 = token.parse().map_err(|_| self.error("invalid number"))?;
         // An overflowing literal (1e999) is infinite in Python too; it becomes null like Infinity.
         Ok(Number::from_f64(f).map_or(Value::Null, Value::Number))
     }
@@ -593,12 +591,23 @@ mod tests {
         assert_eq!(v["b"][2].as_f64(), Some(-0.5));
         assert!(v["b"][3].is_u64() && v["b"][4].is_i64() && v["b"][5].is_f64());
         assert_eq!(v["s"], Value::String("\u{1F600}".into()));
-        for bad in ["{\"a\":1,}", "[01]", "[1.]", "\"abc", "{\"a\" 1}", "[1] x", "tru", ""] {
+        for bad in [
+            "{\"a\":1,}",
+            "[01]",
+            "[1.]",
+            "\"abc",
+            "{\"a\" 1}",
+            "[1] x",
+            "tru",
+            "",
+        ] {
             let err = parse_python_json(bad).unwrap_err();
             assert!(err.contains("line 1 column"), "{bad}: {err}");
         }
         let deep = "[".repeat(MAX_DEPTH + 2);
-        assert!(parse_python_json(&deep).unwrap_err().contains("nested too deeply"));
+        assert!(parse_python_json(&deep)
+            .unwrap_err()
+            .contains("nested too deeply"));
     }
 
     #[test]
