@@ -177,7 +177,7 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Maps a file instead of reading it: a checkpoint can be larger than the memory it deserves.
-fn map_file(path: &Path) -> Result<Mmap> {
+pub(crate) fn map_file(path: &Path) -> Result<Mmap> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     // SAFETY: the map is read-only and lives only while loading; a checkpoint rewritten under a
     // running load is outside what any loader (transformers' included) protects against.
@@ -307,7 +307,7 @@ fn plural(n: usize, noun: &str) -> String {
 }
 
 /// Checks the shape and converts the storage type of one tensor into its slot of the flat buffer.
-fn copy_tensor(view: &TensorView, dst: &mut [f32], expected: &[usize]) -> Result<()> {
+pub(crate) fn copy_tensor(view: &TensorView, dst: &mut [f32], expected: &[usize]) -> Result<()> {
     ensure!(
         view.shape() == expected,
         "has shape {:?}, the config expects {:?}",
@@ -434,7 +434,7 @@ fn present_tokenizer_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Runs `write` on a temporary path next to `dest`, flushes it to disk, then renames it to `dest`.
-fn write_atomic(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+pub(crate) fn write_atomic(dest: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let name = dest
         .file_name()
         .expect("destinations are files")
