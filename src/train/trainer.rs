@@ -202,7 +202,7 @@ impl<B: Backend> Trainer<'_, B> {
         state.save_steps = plan.save_steps;
         state.max_steps = plan.max_steps;
         state.num_train_epochs = plan.epochs;
-        state.train_batch_size = self.args.per_device_train_batch_size;
+        state.train_batch_size = Some(self.args.per_device_train_batch_size);
         state
     }
 
@@ -456,7 +456,7 @@ impl<B: Backend> Trainer<'_, B> {
         }
         let contents = CheckpointContents {
             model,
-            opt,
+            optimizer: opt,
             schedule,
             position,
             state,
