@@ -1,8 +1,12 @@
-//! What a run leaves in its logs: classification metrics and the Trainer's metrics line.
+//! What a run leaves in its logs: classification metrics, the Trainer's metrics line and
+//! TensorBoard event files.
+
+use std::path::{Path, PathBuf};
 
 use bertft_cuda::train::metrics::{
     classification_metrics, format_metrics_line, python_float_repr, Metrics,
 };
+use bertft_cuda::train::tensorboard::{crc32c, EventWriter};
 
 // ---------------------------------------------------------------------------------------------
 // Metrics
@@ -197,4 +201,257 @@ fn metrics_line_is_a_python_dict() {
         "{'epoch': 1.0, 'eval_loss': 0.5, 'eval_accuracy': 0.82, 'learning_rate': 5e-05}"
     );
     assert_eq!(format_metrics_line(&[]), "{}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// TensorBoard event files, read back by a reader written independently of the writer
+
+/// CRC-32C bit by bit, so that the reader does not trust the writer's table.
+fn crc32c_bitwise(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= b as u32;
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+// The mask spelled as TensorFlow documents it, not as the writer computes it.
+#[allow(clippy::manual_rotate)]
+fn unmask_ok(data: &[u8], masked: u32) -> bool {
+    let crc = crc32c_bitwise(data);
+    masked == ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+}
+
+/// Splits a TFRecord file into its records, checking both checksums of every frame.
+fn read_records(bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < bytes.len() {
+        let len_bytes = &bytes[at..at + 8];
+        let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+        let len_crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+        assert!(
+            unmask_ok(len_bytes, len_crc),
+            "length checksum at byte {at}"
+        );
+        let data = &bytes[at + 12..at + 12 + len];
+        let data_crc = u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+        assert!(unmask_ok(data, data_crc), "data checksum at byte {at}");
+        records.push(data.to_vec());
+        at += 16 + len;
+    }
+    records
+}
+
+/// A protobuf field value, as far as events need.
+#[derive(Debug)]
+enum Field {
+    Varint(u64),
+    Fixed64([u8; 8]),
+    Fixed32([u8; 4]),
+    Bytes(Vec<u8>),
+}
+
+fn read_varint(buf: &[u8], at: &mut usize) -> u64 {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = buf[*at];
+        *at += 1;
+        v |= ((b & 0x7f) as u64) << shift;
+        if b & 0x80 == 0 {
+            return v;
+        }
+    }
+    panic!("varint longer than 10 bytes");
+}
+
+fn read_fields(buf: &[u8]) -> Vec<(u64, Field)> {
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        let key = read_varint(buf, &mut at);
+        let field = match key & 7 {
+            0 => Field::Varint(read_varint(buf, &mut at)),
+            1 => {
+                at += 8;
+                Field::Fixed64(buf[at - 8..at].try_into().unwrap())
+            }
+            2 => {
+                let len = read_varint(buf, &mut at) as usize;
+                at += len;
+                Field::Bytes(buf[at - len..at].to_vec())
+            }
+            5 => {
+                at += 4;
+                Field::Fixed32(buf[at - 4..at].try_into().unwrap())
+            }
+            wire => panic!("unexpected wire type {wire}"),
+        };
+        fields.push((key >> 3, field));
+    }
+    fields
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct Event {
+    wall_time: f64,
+    step: i64,
+    file_version: Option<String>,
+    scalars: Vec<(String, f32)>,
+}
+
+fn decode_event(data: &[u8]) -> Event {
+    let mut event = Event::default();
+    for (number, field) in read_fields(data) {
+        match (number, field) {
+            (1, Field::Fixed64(b)) => event.wall_time = f64::from_le_bytes(b),
+            (2, Field::Varint(v)) => event.step = v as i64,
+            (3, Field::Bytes(b)) => event.file_version = Some(String::from_utf8(b).unwrap()),
+            (5, Field::Bytes(b)) => event.scalars.extend(decode_summary(&b)),
+            other => panic!("unexpected Event field {other:?}"),
+        }
+    }
+    event
+}
+
+fn decode_summary(data: &[u8]) -> Vec<(String, f32)> {
+    read_fields(data)
+        .into_iter()
+        .map(|(number, field)| match (number, field) {
+            (1, Field::Bytes(value)) => decode_summary_value(&value),
+            other => panic!("unexpected Summary field {other:?}"),
+        })
+        .collect()
+}
+
+fn decode_summary_value(data: &[u8]) -> (String, f32) {
+    let (mut tag, mut value) = (None, None);
+    for (number, field) in read_fields(data) {
+        match (number, field) {
+            (1, Field::Bytes(b)) => tag = Some(String::from_utf8(b).unwrap()),
+            (2, Field::Fixed32(b)) => value = Some(f32::from_le_bytes(b)),
+            other => panic!("unexpected Summary.Value field {other:?}"),
+        }
+    }
+    (tag.expect("tag"), value.expect("simple_value"))
+}
+
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("logs-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn only_file(dir: &Path) -> PathBuf {
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.into_iter().next().unwrap()
+}
+
+/// `events.out.tfevents.{unix_secs:010}.{hostname}.{pid}.{n}`; the host name may hold dots.
+fn check_event_file_name(name: &str, created_after: f64) {
+    let rest = name.strip_prefix("events.out.tfevents.").expect(name);
+    let (secs, rest) = rest.split_once('.').expect(name);
+    assert_eq!(secs.len(), 10, "{name}");
+    let secs: f64 = secs.parse().expect(name);
+    assert!(
+        secs >= created_after.floor() && secs < created_after + 60.0,
+        "{name}"
+    );
+    let mut tail = rest.rsplitn(3, '.');
+    let (n, pid, host) = (
+        tail.next().unwrap(),
+        tail.next().expect(name),
+        tail.next().expect(name),
+    );
+    n.parse::<u64>().expect(name);
+    assert_eq!(pid, std::process::id().to_string(), "{name}");
+    assert!(!host.is_empty(), "{name}");
+}
+
+#[test]
+fn crc32c_check_value() {
+    assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    assert_eq!(crc32c_bitwise(b"123456789"), 0xE306_9283);
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+    assert_eq!(crc32c(&bytes), crc32c_bitwise(&bytes));
+}
+
+#[test]
+fn event_file_round_trips_scalars() {
+    let dir = fresh_dir("round-trip").join("nested/run");
+    let scalars: [(&str, f32, i64); 5] = [
+        ("train/loss", std::f32::consts::LN_2, 0),
+        ("train/learning_rate", 4.75e-5, 50),
+        ("eval/accuracy", 0.8125, 1_000_000_000_000),
+        ("train/loss", f32::NAN, 7),
+        ("odd step", -1.5, -3),
+    ];
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let path = {
+        let mut writer = EventWriter::create(&dir).unwrap();
+        for (tag, value, step) in scalars {
+            writer.add_scalar(tag, value, step).unwrap();
+        }
+        writer.flush().unwrap();
+        writer.path().to_path_buf()
+    };
+    assert_eq!(only_file(&dir), path);
+    let name = path.file_name().unwrap().to_str().unwrap();
+    check_event_file_name(name, before);
+
+    let events: Vec<Event> = read_records(&std::fs::read(&path).unwrap())
+        .iter()
+        .map(|r| decode_event(r))
+        .collect();
+    assert_eq!(events.len(), 1 + scalars.len());
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    assert!(events[0].scalars.is_empty());
+    for (event, (tag, value, step)) in events[1..].iter().zip(scalars) {
+        assert_eq!(event.step, step);
+        assert_eq!(event.scalars.len(), 1);
+        assert_eq!(event.scalars[0].0, tag);
+        assert_eq!(event.scalars[0].1.to_bits(), value.to_bits(), "{tag}");
+        assert!(event.file_version.is_none());
+    }
+    for event in &events {
+        assert!(event.wall_time >= before - 1.0 && event.wall_time < before + 60.0);
+    }
+}
+
+#[test]
+fn writers_in_one_directory_get_distinct_files() {
+    let dir = fresh_dir("two-writers");
+    let a = EventWriter::create(&dir).unwrap();
+    let b = EventWriter::create(&dir).unwrap();
+    assert_ne!(a.path(), b.path());
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 2);
+}
+
+#[test]
+fn create_names_the_path_on_failure() {
+    let dir = fresh_dir("not-a-dir");
+    std::fs::create_dir_all(dir.parent().unwrap()).unwrap();
+    std::fs::write(&dir, b"a file where the log directory should be").unwrap();
+    let err = EventWriter::create(&dir)
+        .err()
+        .expect("creating under a file must fail");
+    assert!(
+        format!("{err:#}").contains(&dir.display().to_string()),
+        "{err:#}"
+    );
 }
