@@ -1,11 +1,15 @@
-//! What a run leaves in its logs: classification metrics, the Trainer's metrics line and
-//! TensorBoard event files.
+//! What a run leaves in its logs: classification metrics, the Trainer's metrics line,
+//! TensorBoard event files and the plain progress lines.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bertft_cuda::train::metrics::{
     classification_metrics, format_metrics_line, python_float_repr, Metrics,
 };
+use bertft_cuda::train::progress::{format_log_line, Progress, Speed, StepStats};
 use bertft_cuda::train::tensorboard::{crc32c, EventWriter};
 
 // ---------------------------------------------------------------------------------------------
@@ -454,4 +458,107 @@ fn create_names_the_path_on_failure() {
         format!("{err:#}").contains(&dir.display().to_string()),
         "{err:#}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Progress lines
+
+#[derive(Clone, Default)]
+struct SharedBuf(Arc<Mutex<Vec<u8>>>);
+
+impl Write for SharedBuf {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl SharedBuf {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+#[test]
+fn log_line_format() {
+    let stats = StepStats {
+        // ln 2: the loss of an untrained binary classifier.
+        loss: std::f64::consts::LN_2,
+        lr: 4.75e-5,
+        grad_norm: 1.234,
+        epoch: 0.4,
+    };
+    let speed = Speed {
+        samples_per_sec: 812.34,
+        eta: Duration::from_secs(70),
+    };
+    assert_eq!(
+        format_log_line(50, 1000, &stats, Some(speed)),
+        "step 50/1000 (epoch 0.40): loss 0.6931, lr 4.75e-05, grad_norm 1.23, 812.3 samples/s, eta 0:01:10"
+    );
+    assert_eq!(
+        format_log_line(0, 1000, &stats, None),
+        "step 0/1000 (epoch 0.40): loss 0.6931, lr 4.75e-05, grad_norm 1.23, eta ?"
+    );
+}
+
+#[test]
+fn plain_progress_writes_one_line_per_logging_step() {
+    let buf = SharedBuf::default();
+    let mut progress = Progress::to_writer(1000, Box::new(buf.clone()));
+    progress.log("***** Running training *****");
+    for step in 1..=50 {
+        progress.step(step, step * 8);
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    progress.update_stats(std::f64::consts::LN_2, 4.75e-5, 1.234, 0.4);
+    progress.step(51, 408);
+    progress.finish();
+    progress.finish();
+
+    let lines = buf.lines();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0], "***** Running training *****");
+    let prefix = "step 50/1000 (epoch 0.40): loss 0.6931, lr 4.75e-05, grad_norm 1.23, ";
+    assert!(lines[1].starts_with(prefix), "{}", lines[1]);
+    let rest = &lines[1][prefix.len()..];
+    let (rate, eta) = rest.split_once(" samples/s, eta ").expect(rest);
+    assert!(rate.parse::<f64>().unwrap() > 0.0, "{rate}");
+    assert_eq!(eta.split(':').count(), 3, "{eta}");
+    assert!(
+        lines[2].starts_with("step 51/1000: done in 0:00:"),
+        "{}",
+        lines[2]
+    );
+}
+
+#[test]
+fn resumed_progress_times_only_new_steps() {
+    let buf = SharedBuf::default();
+    let mut progress = Progress::to_writer(100, Box::new(buf.clone())).resume_at(90, 720);
+    assert!(progress.speed().is_none(), "nothing timed since resuming");
+    std::thread::sleep(Duration::from_millis(20));
+    progress.step(95, 760);
+    let speed = progress.speed().unwrap();
+    // 40 samples in ≥ 20 ms: at most 2000/s, whereas counting from 0 would claim 38000/s.
+    assert!(speed.samples_per_sec <= 2000.0, "{speed:?}");
+    // 5 steps left at the pace of 5 steps done: about as long again as has elapsed.
+    assert!(speed.eta >= Duration::from_millis(20), "{speed:?}");
+}
+
+#[test]
+fn terminal_progress_runs_without_a_terminal() {
+    // indicatif hides the bar when stderr is not a terminal; the calls must still work.
+    let mut progress = Progress::new(10, true);
+    progress.step(1, 8);
+    progress.update_stats(0.5, 1e-5, 0.3, 0.1);
+    progress.log("a line above the bar");
+    progress.finish();
 }
