@@ -244,9 +244,11 @@ impl<B: Backend> Trainer<'_, B> {
         let mut scratch = StepScratch::new(be)?;
         let lengths = self.train.lengths();
         let to_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-        let mut progress = Progress::new(plan.max_steps, to_terminal);
         let started = Instant::now();
         let start_step = state.global_step;
+        let step_samples = (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
+        let mut progress =
+            Progress::new(plan.max_steps, to_terminal).resume_at(start_step, start_step * step_samples);
         let (mut loss_since_log, mut steps_since_log) = (0.0f64, 0u64);
         let mut train_loss_sum = 0.0f64;
         let mut early_stop_count = 0u32;
@@ -284,8 +286,7 @@ impl<B: Backend> Trainer<'_, B> {
                 loss_since_log += report.loss;
                 steps_since_log += 1;
                 train_loss_sum += report.loss;
-                let samples = (state.global_step - start_step) * (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
-                progress.step(state.global_step, samples);
+                progress.step(state.global_step, state.global_step * step_samples);
                 progress.update_stats(report.loss, report.lr, report.grad_norm, state.epoch);
 
                 let epoch_end = position.step_in_epoch as usize == groups.len();
