@@ -109,7 +109,8 @@ const PAIR_LAYOUTS: [(&str, &str, Option<&str>); 5] = [
 /// without it, a label column that is empty in every row gives `labels: None` (a test file),
 /// and one that is empty in some rows only is an error (a broken file).
 ///
-/// Blank lines are skipped, as pandas and the `datasets` library skip them.
+/// Blank lines are skipped, as pandas and the `datasets` library skip them. A name the header
+/// repeats means its first column.
 pub fn read_dataset(path: &Path, cols: &Columns, require_labels: bool) -> Result<RawDataset> {
     let format = Format::from_path(path)?;
     let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
