@@ -2,8 +2,8 @@
 //! plain-Rust CPU reference behind one op boundary.
 
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod model;
 pub mod train;
-pub mod cli;

@@ -10,7 +10,10 @@ use common::cli::*;
 fn train_err(root: &Path, train: &Path, dev: Option<&Path>) -> String {
     let model = tiny_model_dir(root);
     let mut c = bin();
-    c.args(["train", "--device", "cpu", "--max-steps", "1", "--model"]).arg(&model).arg("--train-file").arg(train);
+    c.args(["train", "--device", "cpu", "--max-steps", "1", "--model"])
+        .arg(&model)
+        .arg("--train-file")
+        .arg(train);
     if let Some(d) = dev {
         c.arg("--validation-file").arg(d);
     }
@@ -69,7 +72,11 @@ fn unknown_label_at_evaluation() {
 fn bad_json_lines() {
     let root = scratch("err-jsonl");
     let f = root.join("train.jsonl");
-    std::fs::write(&f, "{\"sentence\": \"w5\", \"label\": \"a\"}\n{\"sentence\": \"w6\", \"label\": }\n").unwrap();
+    std::fs::write(
+        &f,
+        "{\"sentence\": \"w5\", \"label\": \"a\"}\n{\"sentence\": \"w6\", \"label\": }\n",
+    )
+    .unwrap();
     let e = train_err(&root, &f, None);
     assert!(e.contains("train.jsonl") && e.contains('2'), "{e}");
 }
@@ -83,13 +90,22 @@ fn non_empty_output_dir_is_refused() {
     std::fs::write(root.join("out").join("keep.txt"), "precious").unwrap();
     let e = train_err(&root, &train, None);
     assert!(e.contains("--overwrite-output-dir"), "{e}");
-    assert_eq!(std::fs::read_to_string(root.join("out").join("keep.txt")).unwrap(), "precious");
+    assert_eq!(
+        std::fs::read_to_string(root.join("out").join("keep.txt")).unwrap(),
+        "precious"
+    );
 }
 
 #[test]
 fn missing_model_folder() {
     let root = scratch("err-model");
-    let e = run_err(bin().args(["predict", "--model"]).arg(root.join("nope")).arg("--test-file").arg(root.join("x.tsv")));
+    let e = run_err(
+        bin()
+            .args(["predict", "--model"])
+            .arg(root.join("nope"))
+            .arg("--test-file")
+            .arg(root.join("x.tsv")),
+    );
     assert!(e.contains("nope"), "{e}");
 }
 
@@ -100,6 +116,12 @@ fn texts_longer_than_the_maximum_are_truncated_not_refused() {
     let f = root.join("test.tsv");
     let long: Vec<String> = (0..500).map(|i| format!("w{}", 5 + i % 90)).collect();
     std::fs::write(&f, format!("sentence\n{}\n", long.join(" "))).unwrap();
-    let out = run_ok(bin().args(["predict", "--device", "cpu", "--model"]).arg(&model).arg("--test-file").arg(&f));
+    let out = run_ok(
+        bin()
+            .args(["predict", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--test-file")
+            .arg(&f),
+    );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }

@@ -31,12 +31,32 @@ fn minilm_fine_tuned_on_2000_sst2_rows_beats_78_percent() {
             .arg(sst2.join("dev.tsv"))
             .arg("--output-dir")
             .arg(&out)
-            .args(["--num-train-epochs", "1", "--per-device-train-batch-size", "16", "--learning-rate", "1e-4"])
-            .args(["--warmup-steps", "0.1", "--weight-decay", "0.01", "--save-strategy", "no", "--logging-steps", "25"]),
+            .args([
+                "--num-train-epochs",
+                "1",
+                "--per-device-train-batch-size",
+                "16",
+                "--learning-rate",
+                "1e-4",
+            ])
+            .args([
+                "--warmup-steps",
+                "0.1",
+                "--weight-decay",
+                "0.01",
+                "--save-strategy",
+                "no",
+                "--logging-steps",
+                "25",
+            ]),
     );
     let results: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.join("eval_results.json")).unwrap())
+            .unwrap();
     let accuracy = results["eval_accuracy"].as_f64().unwrap();
-    eprintln!("SST-2 dev accuracy {accuracy:.4} after {:.1} s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "SST-2 dev accuracy {accuracy:.4} after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     assert!(accuracy >= 0.78, "dev accuracy {accuracy:.4} < 0.78");
 }

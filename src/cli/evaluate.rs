@@ -25,7 +25,13 @@ pub fn read_labelled(
 ) -> Result<EncodedSet> {
     let raw = read_dataset(path, cols, true)?;
     let ids = labels.encode(&raw)?;
-    EncodedSet::encode(tokenizer, &raw.texts, raw.pairs.as_deref(), Some(ids), max_len)
+    EncodedSet::encode(
+        tokenizer,
+        &raw.texts,
+        raw.pairs.as_deref(),
+        Some(ids),
+        max_len,
+    )
 }
 
 /// Prints the Trainer's metrics line and, given a folder, writes eval_results.json there.
@@ -33,8 +39,10 @@ pub fn print_and_save_metrics(metrics: &[(String, f64)], output_dir: Option<&Pat
     println!("{}", format_metrics_line(metrics));
     if let Some(dir) = output_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let map: serde_json::Map<String, serde_json::Value> =
-            metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+        let map: serde_json::Map<String, serde_json::Value> = metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+            .collect();
         let path = dir.join("eval_results.json");
         let tmp = dir.join(".eval_results.json.tmp");
         std::fs::write(&tmp, serde_json::to_string_pretty(&map)? + "\n")
@@ -48,9 +56,20 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     let backend = choose_backend(args.data.device, false, false)?;
     let dir = resolve_model_dir(&args.data.model)?;
     let loaded = load_model(&dir, None, 0)?;
-    let labels = LabelMap { id2label: loaded.cfg.id2label.clone() };
-    let max_len = args.data.max_seq_length.min(loaded.cfg.max_position_embeddings);
-    let set = read_labelled(&args.validation_file, &columns(&args.data), &labels, &loaded.tokenizer, max_len)?;
+    let labels = LabelMap {
+        id2label: loaded.cfg.id2label.clone(),
+    };
+    let max_len = args
+        .data
+        .max_seq_length
+        .min(loaded.cfg.max_position_embeddings);
+    let set = read_labelled(
+        &args.validation_file,
+        &columns(&args.data),
+        &labels,
+        &loaded.tokenizer,
+        max_len,
+    )?;
     let model = Classifier::new(&backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
     let p = predict(
@@ -62,7 +81,11 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         args.label_smoothing_factor,
         loaded.tokenizer.pad_id(),
     )?;
-    let mut metrics = eval_metrics(&p, set.labels.as_deref().unwrap_or_default(), model.cfg.num_labels());
+    let mut metrics = eval_metrics(
+        &p,
+        set.labels.as_deref().unwrap_or_default(),
+        model.cfg.num_labels(),
+    );
     metrics.push(("eval_samples".into(), set.len() as f64));
     print_and_save_metrics(&metrics, args.output_dir.as_deref())
 }

@@ -16,8 +16,12 @@ use crate::train::args::DeviceChoice;
 /// with a notice, `cuda` is refused.
 pub fn choose_backend(device: DeviceChoice, fp16: bool, bf16: bool) -> Result<CpuBackend> {
     match device {
-        DeviceChoice::Cuda => bail!("--device cuda: this build has no CUDA backend yet; use --device cpu"),
-        DeviceChoice::Auto => eprintln!("notice: no CUDA backend in this build; running on the CPU"),
+        DeviceChoice::Cuda => {
+            bail!("--device cuda: this build has no CUDA backend yet; use --device cpu")
+        }
+        DeviceChoice::Auto => {
+            eprintln!("notice: no CUDA backend in this build; running on the CPU")
+        }
         DeviceChoice::Cpu => {}
     }
     if fp16 || bf16 {
@@ -60,5 +64,11 @@ pub fn load_model(dir: &Path, id2label: Option<Vec<String>>, seed: u64) -> Resul
     for notice in &loaded.notices {
         eprintln!("notice: {notice}");
     }
-    Ok(LoadedModel { dir: dir.to_path_buf(), cfg, layout, flat: loaded.flat, tokenizer })
+    Ok(LoadedModel {
+        dir: dir.to_path_buf(),
+        cfg,
+        layout,
+        flat: loaded.flat,
+        tokenizer,
+    })
 }

@@ -2,6 +2,6 @@
 
 pub mod evaluate;
 pub mod inspect;
+pub mod load;
 pub mod predict;
 pub mod train;
-pub mod load;

@@ -17,7 +17,11 @@ use crate::train::step::ActivationCache;
 
 /// `{"label", "label_id", "score", "logits", "probs"}` per row, to `output` (written to a
 /// temporary name, then renamed) or to standard output.
-pub fn write_predictions(p: &Predictions, id2label: &[String], output: Option<&Path>) -> Result<()> {
+pub fn write_predictions(
+    p: &Predictions,
+    id2label: &[String],
+    output: Option<&Path>,
+) -> Result<()> {
     let mut text = String::new();
     for logits in &p.logits {
         let probs = softmax(logits);
@@ -28,12 +32,18 @@ pub fn write_predictions(p: &Predictions, id2label: &[String], output: Option<&P
     }
     match output {
         Some(path) => {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
             let tmp = path.with_file_name(format!(".{name}.tmp"));
-            std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
+            std::fs::write(&tmp, text)
+                .with_context(|| format!("cannot write {}", tmp.display()))?;
             std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
         }
-        None => std::io::stdout().write_all(text.as_bytes()).context("writing predictions"),
+        None => std::io::stdout()
+            .write_all(text.as_bytes())
+            .context("writing predictions"),
     }
 }
 
@@ -41,11 +51,28 @@ pub fn run(args: &PredictArgs) -> Result<()> {
     let backend = choose_backend(args.data.device, false, false)?;
     let dir = resolve_model_dir(&args.data.model)?;
     let loaded = load_model(&dir, None, 0)?;
-    let max_len = args.data.max_seq_length.min(loaded.cfg.max_position_embeddings);
+    let max_len = args
+        .data
+        .max_seq_length
+        .min(loaded.cfg.max_position_embeddings);
     let raw = read_dataset(&args.test_file, &columns(&args.data), false)?;
-    let set = EncodedSet::encode(&loaded.tokenizer, &raw.texts, raw.pairs.as_deref(), None, max_len)?;
+    let set = EncodedSet::encode(
+        &loaded.tokenizer,
+        &raw.texts,
+        raw.pairs.as_deref(),
+        None,
+        max_len,
+    )?;
     let model = Classifier::new(&backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
-    let p = predict(&backend, &model, &mut acts, &set, args.data.per_device_eval_batch_size, 0.0, loaded.tokenizer.pad_id())?;
+    let p = predict(
+        &backend,
+        &model,
+        &mut acts,
+        &set,
+        args.data.per_device_eval_batch_size,
+        0.0,
+        loaded.tokenizer.pad_id(),
+    )?;
     write_predictions(&p, &model.cfg.id2label, args.output.as_deref())
 }

@@ -19,7 +19,11 @@ use crate::train::step::ActivationCache;
 use crate::train::trainer::{Trainer, INTERRUPTED};
 
 pub fn columns(data: &crate::train::args::DataArgs) -> Columns {
-    Columns { text: data.text_column.clone(), text_pair: data.text_pair_column.clone(), label: data.label_column.clone() }
+    Columns {
+        text: data.text_column.clone(),
+        text_pair: data.text_pair_column.clone(),
+        label: data.label_column.clone(),
+    }
 }
 
 /// Refuses to write into a non-empty output_dir unless overwriting or resuming.
@@ -49,9 +53,15 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     let cols = columns(&args.data);
     let train_raw = read_dataset(&args.train_file, &cols, true)?;
     let base_cfg = crate::config::BertConfig::from_file(&model_dir.join("config.json"))?;
-    let label_map = LabelMap::from_training(train_raw.labels.as_deref().unwrap_or_default(), &base_cfg.id2label)?;
+    let label_map = LabelMap::from_training(
+        train_raw.labels.as_deref().unwrap_or_default(),
+        &base_cfg.id2label,
+    )?;
     let loaded = load_model(&model_dir, Some(label_map.id2label.clone()), args.seed)?;
-    let max_len = args.data.max_seq_length.min(loaded.cfg.max_position_embeddings);
+    let max_len = args
+        .data
+        .max_seq_length
+        .min(loaded.cfg.max_position_embeddings);
     let train = EncodedSet::encode(
         &loaded.tokenizer,
         &train_raw.texts,
@@ -60,14 +70,24 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         max_len,
     )?;
     let eval = match &args.validation_file {
-        Some(path) => Some(read_labelled(path, &cols, &label_map, &loaded.tokenizer, max_len)?),
+        Some(path) => Some(read_labelled(
+            path,
+            &cols,
+            &label_map,
+            &loaded.tokenizer,
+            max_len,
+        )?),
         None => None,
     };
     let resume = match args.resume_from_checkpoint.as_deref() {
         None => None,
         Some("true" | "True") => {
-            let dir = latest_checkpoint(&args.output_dir)?
-                .with_context(|| format!("{}: no checkpoint to resume from", args.output_dir.display()))?;
+            let dir = latest_checkpoint(&args.output_dir)?.with_context(|| {
+                format!(
+                    "{}: no checkpoint to resume from",
+                    args.output_dir.display()
+                )
+            })?;
             Some(dir)
         }
         Some(dir) => Some(Path::new(dir).to_path_buf()),
@@ -98,17 +118,35 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     };
     let outcome = trainer.run(resume)?;
     if outcome.interrupted {
-        bail!("interrupted at step {}: checkpoint saved in {}", outcome.state.global_step, args.output_dir.display());
+        bail!(
+            "interrupted at step {}: checkpoint saved in {}",
+            outcome.state.global_step,
+            args.output_dir.display()
+        );
     }
 
     // What trainer.save_model(), trainer.save_state() and run_glue's metric files leave.
     let flat = backend_params(&backend, &model)?;
-    save_pretrained(&args.output_dir, &model.cfg, &model.layout, &flat, Some(&model_dir))?;
-    outcome.state.save(&args.output_dir.join("trainer_state.json"))?;
-    let mut train_results: serde_json::Map<String, serde_json::Value> =
-        outcome.train_metrics.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect();
+    save_pretrained(
+        &args.output_dir,
+        &model.cfg,
+        &model.layout,
+        &flat,
+        Some(&model_dir),
+    )?;
+    outcome
+        .state
+        .save(&args.output_dir.join("trainer_state.json"))?;
+    let mut train_results: serde_json::Map<String, serde_json::Value> = outcome
+        .train_metrics
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+        .collect();
     train_results.insert("train_samples".into(), serde_json::json!(train.len()));
-    write_json(&args.output_dir.join("train_results.json"), &serde_json::Value::Object(train_results))?;
+    write_json(
+        &args.output_dir.join("train_results.json"),
+        &serde_json::Value::Object(train_results),
+    )?;
 
     let mut acts = ActivationCache::default();
     if let Some(eval) = &eval {
@@ -121,20 +159,45 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             args.label_smoothing_factor,
             loaded.tokenizer.pad_id(),
         )?;
-        let mut metrics = eval_metrics(&p, eval.labels.as_deref().unwrap_or_default(), model.cfg.num_labels());
+        let mut metrics = eval_metrics(
+            &p,
+            eval.labels.as_deref().unwrap_or_default(),
+            model.cfg.num_labels(),
+        );
         metrics.push(("epoch".into(), outcome.state.epoch));
         metrics.push(("eval_samples".into(), eval.len() as f64));
         print_and_save_metrics(&metrics, Some(&args.output_dir))?;
     }
     if let Some(test) = &args.test_file {
         let raw = read_dataset(test, &cols, false)?;
-        let set = EncodedSet::encode(&loaded.tokenizer, &raw.texts, raw.pairs.as_deref(), None, max_len)?;
-        let p = predict(&backend, &model, &mut acts, &set, args.data.per_device_eval_batch_size, 0.0, loaded.tokenizer.pad_id())?;
-        write_predictions(&p, &model.cfg.id2label, Some(&args.output_dir.join("predict_results.jsonl")))?;
+        let set = EncodedSet::encode(
+            &loaded.tokenizer,
+            &raw.texts,
+            raw.pairs.as_deref(),
+            None,
+            max_len,
+        )?;
+        let p = predict(
+            &backend,
+            &model,
+            &mut acts,
+            &set,
+            args.data.per_device_eval_batch_size,
+            0.0,
+            loaded.tokenizer.pad_id(),
+        )?;
+        write_predictions(
+            &p,
+            &model.cfg.id2label,
+            Some(&args.output_dir.join("predict_results.jsonl")),
+        )?;
     }
     Ok(())
 }
 
-fn backend_params<B: crate::backend::Backend>(backend: &B, model: &Classifier<B>) -> Result<Vec<f32>> {
+fn backend_params<B: crate::backend::Backend>(
+    backend: &B,
+    model: &Classifier<B>,
+) -> Result<Vec<f32>> {
     backend.download(&model.params)
 }

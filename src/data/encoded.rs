@@ -20,12 +20,22 @@ impl EncodedSet {
         max_length: usize,
     ) -> Result<Self> {
         let items: Vec<(&str, Option<&str>)> = match pairs {
-            Some(p) => texts.iter().zip(p).map(|(t, p)| (t.as_str(), Some(p.as_str()))).collect(),
+            Some(p) => texts
+                .iter()
+                .zip(p)
+                .map(|(t, p)| (t.as_str(), Some(p.as_str())))
+                .collect(),
             None => texts.iter().map(|t| (t.as_str(), None)).collect(),
         };
-        let encoded = tokenizer.encode_batch(&items, max_length).context("tokenizing")?;
+        let encoded = tokenizer
+            .encode_batch(&items, max_length)
+            .context("tokenizing")?;
         let (ids, type_ids) = encoded.into_iter().map(|e| (e.ids, e.type_ids)).unzip();
-        Ok(EncodedSet { ids, type_ids, labels })
+        Ok(EncodedSet {
+            ids,
+            type_ids,
+            labels,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -45,7 +55,10 @@ impl EncodedSet {
     pub fn rows(&self, rows: &[usize]) -> (Vec<&[u32]>, Vec<&[u32]>, Option<Vec<u32>>) {
         let ids = rows.iter().map(|&r| self.ids[r].as_slice()).collect();
         let types = rows.iter().map(|&r| self.type_ids[r].as_slice()).collect();
-        let labels = self.labels.as_ref().map(|l| rows.iter().map(|&r| l[r]).collect());
+        let labels = self
+            .labels
+            .as_ref()
+            .map(|l| rows.iter().map(|&r| l[r]).collect());
         (ids, types, labels)
     }
 }

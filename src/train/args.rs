@@ -239,8 +239,12 @@ pub struct PredictArgs {
 /// The command line with `--args-file FILE` expanded: the file's options first, so that those
 /// given on the command line win (clap keeps the last occurrence).
 pub fn expand_args_file(argv: Vec<OsString>) -> Result<Vec<OsString>> {
-    let Some(at) = argv.iter().position(|a| a == "--args-file") else { return Ok(argv) };
-    let Some(path) = argv.get(at + 1) else { bail!("--args-file needs a file") };
+    let Some(at) = argv.iter().position(|a| a == "--args-file") else {
+        return Ok(argv);
+    };
+    let Some(path) = argv.get(at + 1) else {
+        bail!("--args-file needs a file")
+    };
     let from_file = args_from_json(Path::new(path))?;
     let mut out: Vec<OsString> = argv[..at].to_vec();
     // The subcommand must come before its options.
@@ -254,10 +258,13 @@ pub fn expand_args_file(argv: Vec<OsString>) -> Result<Vec<OsString>> {
 
 /// `{"learning_rate": 2e-5, "fp16": true, "output_dir": "out"}` → `--learning-rate 2e-05 --fp16 true --output-dir out`.
 fn args_from_json(path: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let value: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", path.display()))?;
-    let serde_json::Value::Object(map) = value else { bail!("{}: expected a JSON object of arguments", path.display()) };
+    let serde_json::Value::Object(map) = value else {
+        bail!("{}: expected a JSON object of arguments", path.display())
+    };
     let mut out = Vec::new();
     for (key, v) in map {
         let flag = format!("--{}", key.replace('_', "-"));
@@ -266,7 +273,10 @@ fn args_from_json(path: &Path) -> Result<Vec<String>> {
             serde_json::Value::String(s) => s,
             serde_json::Value::Bool(b) => b.to_string(),
             serde_json::Value::Number(n) => n.to_string(),
-            other => bail!("{}: argument {key:?} must be a string, number or boolean, found {other}", path.display()),
+            other => bail!(
+                "{}: argument {key:?} must be a string, number or boolean, found {other}",
+                path.display()
+            ),
         };
         out.push(flag);
         out.push(value);

@@ -44,13 +44,25 @@ pub fn predict<B: Backend>(
         let a = acts.get(backend, model, &batch)?;
         bert.forward(&batch, a, Mode::Eval)?;
         if labels.is_some() {
-            loss_sum += bert.losses(&batch, a, label_smoothing)?.iter().map(|&l| l as f64).sum::<f64>();
+            loss_sum += bert
+                .losses(&batch, a, label_smoothing)?
+                .iter()
+                .map(|&l| l as f64)
+                .sum::<f64>();
         }
-        logits.extend(backend.download(&a.logits)?.chunks(classes).map(|c| c.to_vec()));
+        logits.extend(
+            backend
+                .download(&a.logits)?
+                .chunks(classes)
+                .map(|c| c.to_vec()),
+        );
     }
     Ok(Predictions {
         logits,
-        loss: set.labels.as_ref().map(|_| loss_sum / set.len().max(1) as f64),
+        loss: set
+            .labels
+            .as_ref()
+            .map(|_| loss_sum / set.len().max(1) as f64),
         runtime_s: start.elapsed().as_secs_f64(),
         batches: chunks.len(),
     })
@@ -78,8 +90,13 @@ pub fn softmax(row: &[f32]) -> Vec<f32> {
 /// The Trainer's evaluation metrics, named as it names them (`eval_` prefix), in its order.
 pub fn eval_metrics(p: &Predictions, labels: &[u32], num_labels: usize) -> Vec<(String, f64)> {
     let predicted: Vec<u32> = p.logits.iter().map(|l| argmax(l) as u32).collect();
-    let Metrics { accuracy, f1, precision, recall, matthews_correlation } =
-        classification_metrics(&predicted, labels, num_labels);
+    let Metrics {
+        accuracy,
+        f1,
+        precision,
+        recall,
+        matthews_correlation,
+    } = classification_metrics(&predicted, labels, num_labels);
     let runtime = p.runtime_s.max(1e-9);
     vec![
         ("eval_loss".into(), p.loss.unwrap_or(f64::NAN)),
@@ -89,7 +106,13 @@ pub fn eval_metrics(p: &Predictions, labels: &[u32], num_labels: usize) -> Vec<(
         ("eval_recall".into(), recall),
         ("eval_matthews_correlation".into(), matthews_correlation),
         ("eval_runtime".into(), (runtime * 1e4).round() / 1e4),
-        ("eval_samples_per_second".into(), ((labels.len() as f64 / runtime) * 1e3).round() / 1e3),
-        ("eval_steps_per_second".into(), ((p.batches as f64 / runtime) * 1e3).round() / 1e3),
+        (
+            "eval_samples_per_second".into(),
+            ((labels.len() as f64 / runtime) * 1e3).round() / 1e3,
+        ),
+        (
+            "eval_steps_per_second".into(),
+            ((p.batches as f64 / runtime) * 1e3).round() / 1e3,
+        ),
     ]
 }

@@ -11,3 +11,4 @@ pub mod schedule;
 pub mod state;
 pub mod step;
 pub mod tensorboard;
+pub mod trainer;

@@ -17,8 +17,12 @@ use crate::data::encoded::EncodedSet;
 use crate::data::sampler::{batches, epoch_order, Sampling};
 use crate::model::bert::Batch;
 use crate::model::Classifier;
-use crate::train::args::{IntervalStrategy, SamplingStrategy, SaveStrategy, SchedulerChoice, TrainArgs};
-use crate::train::checkpoint::{rotate_checkpoints, save_checkpoint, CheckpointContents, LoadedCheckpoint, RunPosition};
+use crate::train::args::{
+    IntervalStrategy, SamplingStrategy, SaveStrategy, SchedulerChoice, TrainArgs,
+};
+use crate::train::checkpoint::{
+    rotate_checkpoints, save_checkpoint, CheckpointContents, LoadedCheckpoint, RunPosition,
+};
 use crate::train::evaluate::{eval_metrics, predict};
 use crate::train::metrics::format_metrics_line;
 use crate::train::optimizer::{AdamW, AdamWConfig};
@@ -59,9 +63,16 @@ impl Plan {
         let bs = args.per_device_train_batch_size.max(1) as u64;
         let accum = args.gradient_accumulation_steps.max(1) as u64;
         let rows = rows as u64;
-        let micro = if args.dataloader_drop_last { rows / bs } else { rows.div_ceil(bs) };
+        let micro = if args.dataloader_drop_last {
+            rows / bs
+        } else {
+            rows.div_ceil(bs)
+        };
         if micro == 0 {
-            bail!("{} training rows make no batch of {bs} (with --dataloader-drop-last)", rows);
+            bail!(
+                "{} training rows make no batch of {bs} (with --dataloader-drop-last)",
+                rows
+            );
         }
         let steps_per_epoch = micro.div_ceil(accum).max(1);
         let (max_steps, epochs) = if args.max_steps > 0 {
@@ -71,7 +82,10 @@ impl Plan {
             if args.num_train_epochs <= 0.0 {
                 bail!("--num-train-epochs must be positive (or give --max-steps)");
             }
-            ((args.num_train_epochs * steps_per_epoch as f64).ceil() as u64, args.num_train_epochs.ceil() as u64)
+            (
+                (args.num_train_epochs * steps_per_epoch as f64).ceil() as u64,
+                args.num_train_epochs.ceil() as u64,
+            )
         };
         let warmup_steps = match args.warmup_ratio {
             Some(r) if args.warmup_steps == 0.0 => (max_steps as f64 * r).ceil() as u64,
@@ -86,7 +100,10 @@ impl Plan {
             epochs,
             warmup_steps,
             logging_steps,
-            eval_steps: args.eval_steps.map(|e| interval(e, max_steps)).unwrap_or(logging_steps),
+            eval_steps: args
+                .eval_steps
+                .map(|e| interval(e, max_steps))
+                .unwrap_or(logging_steps),
             save_steps: interval(args.save_steps, max_steps),
         })
     }
@@ -108,10 +125,20 @@ impl BestMetric {
         if !tracked {
             return None;
         }
-        let raw = args.metric_for_best_model.clone().unwrap_or_else(|| "loss".into());
-        let name = if raw.starts_with("eval_") { raw } else { format!("eval_{raw}") };
+        let raw = args
+            .metric_for_best_model
+            .clone()
+            .unwrap_or_else(|| "loss".into());
+        let name = if raw.starts_with("eval_") {
+            raw
+        } else {
+            format!("eval_{raw}")
+        };
         let greater_is_better = args.greater_is_better.unwrap_or(!name.ends_with("loss"));
-        Some(BestMetric { name, greater_is_better })
+        Some(BestMetric {
+            name,
+            greater_is_better,
+        })
     }
 
     fn better(&self, value: f64, than: f64, threshold: f64) -> bool {
@@ -224,7 +251,13 @@ impl<B: Backend> Trainer<'_, B> {
         };
         let mut opt = AdamW::new(be, &model.layout, &model.params, &model.grads, adam)?;
         let data_seed = args.data_seed.unwrap_or(args.seed);
-        let mut position = RunPosition { seed: args.seed, data_seed, epoch: 0, step_in_epoch: 0, micro_step: 0 };
+        let mut position = RunPosition {
+            seed: args.seed,
+            data_seed,
+            epoch: 0,
+            step_in_epoch: 0,
+            micro_step: 0,
+        };
         let mut state = self.fresh_state(&plan);
         if let Some(ck) = resume {
             be.copy(&model.params, &be.upload(&ck.params)?)?;
@@ -246,9 +279,10 @@ impl<B: Backend> Trainer<'_, B> {
         let to_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let started = Instant::now();
         let start_step = state.global_step;
-        let step_samples = (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
-        let mut progress =
-            Progress::new(plan.max_steps, to_terminal).resume_at(start_step, start_step * step_samples);
+        let step_samples =
+            (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
+        let mut progress = Progress::new(plan.max_steps, to_terminal)
+            .resume_at(start_step, start_step * step_samples);
         let (mut loss_since_log, mut steps_since_log) = (0.0f64, 0u64);
         let mut train_loss_sum = 0.0f64;
         let mut early_stop_count = 0u32;
@@ -262,10 +296,17 @@ impl<B: Backend> Trainer<'_, B> {
                 data_seed,
                 position.epoch,
                 &lengths,
-                args.per_device_train_batch_size,
+                // The Trainer groups by length over whole optimizer steps.
+                args.per_device_train_batch_size * args.gradient_accumulation_steps.max(1),
             );
-            let micro = batches(&order, args.per_device_train_batch_size, args.dataloader_drop_last);
-            let groups: Vec<&[Vec<usize>]> = micro.chunks(args.gradient_accumulation_steps.max(1)).collect();
+            let micro = batches(
+                &order,
+                args.per_device_train_batch_size,
+                args.dataloader_drop_last,
+            );
+            let groups: Vec<&[Vec<usize>]> = micro
+                .chunks(args.gradient_accumulation_steps.max(1))
+                .collect();
             for group in groups.iter().skip(position.step_in_epoch as usize) {
                 let batches = group
                     .iter()
@@ -275,14 +316,24 @@ impl<B: Backend> Trainer<'_, B> {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 let lr = schedule.lr(state.global_step);
-                let report =
-                    train_step(be, model, &mut opt, &mut scratch, &batches, position.micro_step, lr, &settings)?;
+                let report = train_step(
+                    be,
+                    model,
+                    &mut opt,
+                    &mut scratch,
+                    &batches,
+                    position.micro_step,
+                    lr,
+                    &settings,
+                )?;
                 state.global_step += 1;
                 position.step_in_epoch += 1;
                 position.micro_step += group.len() as u64;
-                let micro_done = (position.step_in_epoch * args.gradient_accumulation_steps.max(1) as u64)
+                let micro_done = (position.step_in_epoch
+                    * args.gradient_accumulation_steps.max(1) as u64)
                     .min(plan.micro_batches_per_epoch);
-                state.epoch = position.epoch as f64 + micro_done as f64 / plan.micro_batches_per_epoch as f64;
+                state.epoch =
+                    position.epoch as f64 + micro_done as f64 / plan.micro_batches_per_epoch as f64;
                 loss_since_log += report.loss;
                 steps_since_log += 1;
                 train_loss_sum += report.loss;
@@ -293,19 +344,27 @@ impl<B: Backend> Trainer<'_, B> {
                 let last = state.global_step >= plan.max_steps;
                 let g = state.global_step;
                 let log_now = match args.logging_strategy {
-                    IntervalStrategy::Steps => g % plan.logging_steps == 0 || (g == 1 && args.logging_first_step),
+                    IntervalStrategy::Steps => {
+                        g % plan.logging_steps == 0 || (g == 1 && args.logging_first_step)
+                    }
                     IntervalStrategy::Epoch => epoch_end,
                     IntervalStrategy::No => false,
                 };
                 if log_now {
                     let mut entry = Map::new();
-                    entry.insert("loss".into(), json!(round4(loss_since_log / steps_since_log as f64)));
+                    entry.insert(
+                        "loss".into(),
+                        json!(round4(loss_since_log / steps_since_log as f64)),
+                    );
                     entry.insert("grad_norm".into(), json!(report.grad_norm));
                     entry.insert("learning_rate".into(), json!(report.lr));
                     entry.insert("epoch".into(), json!(state.epoch));
                     entry.insert("step".into(), json!(g));
                     progress.log(&format_metrics_line(
-                        &entry.iter().filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x))).collect::<Vec<_>>(),
+                        &entry
+                            .iter()
+                            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+                            .collect::<Vec<_>>(),
                     ));
                     logs.write(&entry)?;
                     state.log_history.push(entry);
@@ -320,7 +379,8 @@ impl<B: Backend> Trainer<'_, B> {
                 let mut new_best = false;
                 if eval_now {
                     let metrics = self.evaluate(&mut scratch, state.epoch)?;
-                    let mut entry: Map<String, Value> = metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                    let mut entry: Map<String, Value> =
+                        metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
                     entry.insert("step".into(), json!(g));
                     progress.log(&format_metrics_line(&metrics));
                     logs.write(&entry)?;
@@ -330,8 +390,12 @@ impl<B: Backend> Trainer<'_, B> {
                             .iter()
                             .find(|(k, _)| *k == b.name)
                             .map(|(_, v)| *v)
-                            .with_context(|| format!("--metric-for-best-model {}: no such metric", b.name))?;
-                        let improved = state.best_metric.is_none_or(|m| b.better(value, m, args.early_stopping_threshold));
+                            .with_context(|| {
+                                format!("--metric-for-best-model {}: no such metric", b.name)
+                            })?;
+                        let improved = state
+                            .best_metric
+                            .is_none_or(|m| b.better(value, m, args.early_stopping_threshold));
                         new_best = state.best_metric.is_none_or(|m| b.better(value, m, 0.0));
                         if new_best {
                             state.best_metric = Some(value);
@@ -340,7 +404,10 @@ impl<B: Backend> Trainer<'_, B> {
                         if let Some(patience) = args.early_stopping_patience {
                             early_stop_count = if improved { 0 } else { early_stop_count + 1 };
                             if early_stop_count >= patience {
-                                progress.log(&format!("early stopping: {} evaluations without improvement", patience));
+                                progress.log(&format!(
+                                    "early stopping: {} evaluations without improvement",
+                                    patience
+                                ));
                                 stop = true;
                             }
                         }
@@ -379,32 +446,51 @@ impl<B: Backend> Trainer<'_, B> {
         }
         progress.finish();
         if interrupted {
-            return Ok(TrainOutcome { state, train_metrics: vec![], interrupted });
+            return Ok(TrainOutcome {
+                state,
+                train_metrics: vec![],
+                interrupted,
+            });
         }
         let runtime = started.elapsed().as_secs_f64();
         let steps_run = (state.global_step - start_step).max(1);
-        let samples = steps_run * (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
+        let samples = steps_run
+            * (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
         let train_metrics = vec![
             ("train_runtime".to_string(), round4(runtime)),
-            ("train_samples_per_second".to_string(), ((samples as f64 / runtime) * 1e3).round() / 1e3),
-            ("train_steps_per_second".to_string(), ((steps_run as f64 / runtime) * 1e3).round() / 1e3),
+            (
+                "train_samples_per_second".to_string(),
+                ((samples as f64 / runtime) * 1e3).round() / 1e3,
+            ),
+            (
+                "train_steps_per_second".to_string(),
+                ((steps_run as f64 / runtime) * 1e3).round() / 1e3,
+            ),
             ("total_flos".to_string(), 0.0),
             ("train_loss".to_string(), train_loss_sum / steps_run as f64),
             ("epoch".to_string(), state.epoch),
         ];
-        let mut entry: Map<String, Value> = train_metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let mut entry: Map<String, Value> = train_metrics
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
         entry.insert("step".into(), json!(state.global_step));
         logs.write(&entry)?;
         state.log_history.push(entry);
         if args.load_best_model_at_end {
             self.load_best(&state)?;
         }
-        Ok(TrainOutcome { state, train_metrics, interrupted })
+        Ok(TrainOutcome {
+            state,
+            train_metrics,
+            interrupted,
+        })
     }
 
     fn open_logs(&self) -> Result<RunLogs> {
         let dir = self.logging_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join("log.jsonl");
         let jsonl = std::fs::OpenOptions::new()
             .create(true)
@@ -415,16 +501,24 @@ impl<B: Backend> Trainer<'_, B> {
             crate::train::args::ReportTo::Tensorboard => Some(EventWriter::create(&dir)?),
             crate::train::args::ReportTo::None => None,
         };
-        Ok(RunLogs { events, jsonl: Some(jsonl) })
+        Ok(RunLogs {
+            events,
+            jsonl: Some(jsonl),
+        })
     }
 
     pub fn logging_dir(&self) -> PathBuf {
-        self.args.logging_dir.clone().unwrap_or_else(|| self.args.output_dir.join("runs"))
+        self.args
+            .logging_dir
+            .clone()
+            .unwrap_or_else(|| self.args.output_dir.join("runs"))
     }
 
     /// `trainer.evaluate()`: metrics on the evaluation set, with `epoch`, in the Trainer's order.
     fn evaluate(&self, scratch: &mut StepScratch<B>, epoch: f64) -> Result<Vec<(String, f64)>> {
-        let set = self.eval.expect("evaluate is only called with an evaluation set");
+        let set = self
+            .eval
+            .expect("evaluate is only called with an evaluation set");
         let p = predict(
             self.backend,
             self.model,
@@ -471,10 +565,20 @@ impl<B: Backend> Trainer<'_, B> {
     }
 
     fn load_best(&self, state: &TrainerState) -> Result<()> {
-        let Some(dir) = &state.best_model_checkpoint else { return Ok(()) };
-        let ck = crate::train::checkpoint::load_checkpoint(Path::new(dir), &self.model.cfg, &self.model.layout)?;
-        self.backend.copy(&self.model.params, &self.backend.upload(&ck.params)?)?;
-        eprintln!("loaded the best model from {dir} ({} = {:?})", "best_metric", state.best_metric);
+        let Some(dir) = &state.best_model_checkpoint else {
+            return Ok(());
+        };
+        let ck = crate::train::checkpoint::load_checkpoint(
+            Path::new(dir),
+            &self.model.cfg,
+            &self.model.layout,
+        )?;
+        self.backend
+            .copy(&self.model.params, &self.backend.upload(&ck.params)?)?;
+        eprintln!(
+            "loaded the best model from {dir} ({} = {:?})",
+            "best_metric", state.best_metric
+        );
         Ok(())
     }
 }
