@@ -360,12 +360,13 @@ impl<B: Backend> Trainer<'_, B> {
                     entry.insert("learning_rate".into(), json!(report.lr));
                     entry.insert("epoch".into(), json!(state.epoch));
                     entry.insert("step".into(), json!(g));
-                    progress.log(&format_metrics_line(
-                        &entry
-                            .iter()
-                            .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
-                            .collect::<Vec<_>>(),
-                    ));
+                    // Printed as the Trainer's ProgressCallback prints it: without the step.
+                    let printed: Vec<(String, f64)> = entry
+                        .iter()
+                        .filter(|(k, _)| *k != "step")
+                        .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
+                        .collect();
+                    progress.log(&format_metrics_line(&printed));
                     logs.write(&entry)?;
                     state.log_history.push(entry);
                     (loss_since_log, steps_since_log) = (0.0, 0);

@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod fixture;
+pub mod tfevents;
 pub mod tiny;
 
 use std::path::PathBuf;
