@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fixture;
+pub mod naive;
 pub mod tiny;
 
 use std::path::PathBuf;
