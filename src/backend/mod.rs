@@ -9,7 +9,8 @@
 //!   checks the lengths it was given.
 //! - Outputs never alias inputs. A tensor may be a view into a larger buffer (all parameters live
 //!   in one flat buffer, all their gradients in another).
-//! - Activation gradients are overwritten, except where an op says `accumulate`.
+//! - Activation gradients are overwritten, except where an op says it adds (`dx_accumulate`,
+//!   `scatter_first_tokens_backward`).
 //!   Parameter gradients are always accumulated (`+=`), as PyTorch's `.grad` is, so that
 //!   gradient accumulation is a sequence of backward passes followed by one optimizer step.
 //! - Sequences are described by a [`SeqLayout`]: a padded batch and an unpadded (packed) batch
@@ -293,7 +294,7 @@ pub trait Backend {
         layout: &SeqLayout,
         hidden: usize,
     ) -> Result<()>;
-    /// `dx[starts[b]] += dout[b]`.
+    /// `dx[starts[b]] += dout[b]` (adds into `dx`: the caller zeroes it first).
     fn scatter_first_tokens_backward(
         &self,
         dx: &Self::Tensor,
@@ -305,7 +306,7 @@ pub trait Backend {
     // ---- attention (attention.rs) ----
     /// Multi-head self-attention over `qkv[rows, 3, heads, head_dim]`:
     /// `out[rows, heads, head_dim] = dropout(softmax(Q·Kᵀ/√d + mask))·V`, keys limited to each
-    /// sequence's valid rows. Keeps `lse[heads, rows]` (the softmax log-sum-exp) for backward.
+    /// sequence's valid rows. Keeps `lse[rows, heads]` (the softmax log-sum-exp) for backward.
     fn attention_forward(
         &self,
         out: &Self::Tensor,

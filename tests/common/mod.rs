@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod fixture;
+pub mod naive;
 pub mod tfevents;
 pub mod tiny;
 

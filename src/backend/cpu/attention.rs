@@ -168,8 +168,14 @@ pub fn attention_backward(
     let hidden = heads * d;
     let rows = layout.total_rows();
     assert_eq!(
-        (dqkv.len(), dout.len(), out.len()),
-        (rows * 3 * hidden, rows * hidden, rows * hidden)
+        (dqkv.len(), dout.len(), out.len(), qkv.len(), lse.len()),
+        (
+            rows * 3 * hidden,
+            rows * hidden,
+            rows * hidden,
+            rows * 3 * hidden,
+            rows * heads
+        )
     );
     let scale = 1.0 / (d as f32).sqrt();
     let qkv_rs = 3 * hidden;

@@ -55,6 +55,11 @@ pub fn embeddings_backward(
     hidden: usize,
     padding_idx: Option<u32>,
 ) {
+    let rows = ids.len();
+    assert_eq!(
+        (dout.len(), positions.len(), type_ids.len()),
+        (rows * hidden, rows, rows)
+    );
     let add_row = |table: &mut [f32], i: u32, g: &[f32]| {
         let i = i as usize;
         table[i * hidden..(i + 1) * hidden]

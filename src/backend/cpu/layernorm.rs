@@ -66,6 +66,7 @@ pub fn layernorm_backward(
         (dx.len(), dout.len(), s.len(), mean.len(), rstd.len()),
         (rows * cols, rows * cols, rows * cols, rows, rows)
     );
+    assert_eq!((dgamma.len(), dbeta.len(), gamma.len()), (cols, cols, cols));
     dx.par_chunks_mut(cols).enumerate().for_each(|(r, dxr)| {
         let (x, dy) = (
             &s[r * cols..(r + 1) * cols],

@@ -1,7 +1,7 @@
 //! Dense layers: `nn.Linear` forward and backward over row-major matrices.
 //!
 //! Forward:  `out[r, j] = bias[j] + Σ_k x[r, k]·w[j, k]`   (x: [rows, k], w: [n, k], out: [rows, n])
-//! Backward: `dx[r, k] = Σ_j dout[r, j]·w[j, k]`,
+//! Backward: `dx[r, k] (= | +=) Σ_j dout[r, j]·w[j, k]` (`+=` with `dx_accumulate`),
 //!           `dw[j, k] += Σ_r dout[r, j]·x[r, k]`,  `dbias[j] += Σ_r dout[r, j]`.
 //! The GEMMs go through the gemm crate, whose strides make the transposes free.
 

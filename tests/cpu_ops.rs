@@ -1,0 +1,1303 @@
+//! Every op of the CPU backend, one test each, named as the op.
+//!
+//! Each op is called through the [`Backend`] trait on [`CpuBackend`] (as the model calls it) on
+//! fresh random non-zero inputs (no 0s or 1s that could hide a missing term) and several shapes,
+//! odd ones included, and compared with a naive f64 implementation written from the math
+//! (`tests/common/naive.rs`, same names). Every backward op is also compared with central finite
+//! differences of the naive forward (in f64), and the conventions of `backend/mod.rs` are
+//! checked: outputs are overwritten (they start as garbage), parameter gradients accumulate onto
+//! non-zero buffers, activation gradients accumulate only where the op says so.
+//!
+//! Tolerances: `U = 2⁻²⁴ ≈ 6e-8` is fp32's unit roundoff; a sum of `n` terms rounded in fp32,
+//! in any order, is within about `n·U·Σ|terms|` of the exact sum, so most tolerances below are
+//! that bound, per element. Finite differences are in f64 with `h = 1e-4`, accurate to ~1e-9, so
+//! comparing with them costs only a small absolute term on top of the op's own rounding.
+
+mod common;
+
+use std::sync::Arc;
+
+use bertft_cuda::backend::cpu::{CpuBackend, CpuTensor};
+use bertft_cuda::backend::philox::uniform;
+use bertft_cuda::backend::{
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout,
+};
+use common::naive::{self, abs, assert_close, dot, f64s, finite_differences, U};
+use common::tiny::random_vec;
+
+const BE: CpuBackend = CpuBackend;
+
+/// Step of the central finite differences (in f64; see `naive::finite_differences`).
+const H: f64 = 1e-4;
+/// What finite differences add to a tolerance: their truncation error `h²·|f'''|/6` and f64
+/// rounding `1e-16·|f|/h`, both below 1e-8 for the O(1)-to-O(100) losses used here.
+const FD_ERR: f64 = 1e-7;
+
+fn up(x: &[f32]) -> CpuTensor {
+    BE.upload(x).unwrap()
+}
+fn down(t: &CpuTensor) -> Vec<f32> {
+    BE.download(t).unwrap()
+}
+fn up_ids(x: &[u32]) -> Arc<Vec<u32>> {
+    BE.upload_ids(x).unwrap()
+}
+
+/// Magnitudes uniform in `[0.02·scale, scale)`, random signs: never zero, never ±scale exactly.
+fn nonzero(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    random_vec(n, seed, 1.0)
+        .into_iter()
+        .map(|r| {
+            let m = (0.02 + 0.98 * r.abs()) * scale;
+            if r < 0.0 {
+                -m
+            } else {
+                m
+            }
+        })
+        .collect()
+}
+
+/// Indices uniform in `[0, bound)`.
+fn rand_ids(n: usize, seed: u64, bound: u32) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| ((uniform(seed, 7, i) * bound as f32) as u32).min(bound - 1))
+        .collect()
+}
+
+fn add(a: &[f64], b: &[f64], times: f64) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a + times * b).collect()
+}
+
+fn max_abs(x: &[f64]) -> f64 {
+    x.iter().fold(0.0, |m, v| m.max(v.abs()))
+}
+
+// ---- dense layers ----------------------------------------------------------------------------
+
+/// (rows, k, n): a single row, odd sizes, k = 1, and one large enough (rows·k·n ≥ 32768) for the
+/// GEMM's multi-threaded path.
+const LINEAR_SHAPES: [(usize, usize, usize); 5] =
+    [(1, 5, 3), (7, 20, 37), (33, 37, 5), (5, 1, 7), (40, 48, 37)];
+
+#[test]
+fn linear_forward() {
+    for (case, &(rows, k, n)) in LINEAR_SHAPES.iter().enumerate() {
+        let seed = 100 + 10 * case as u64;
+        let x = nonzero(rows * k, seed, 1.0);
+        let w = nonzero(n * k, seed + 1, 1.0);
+        let b = nonzero(n, seed + 2, 1.0);
+        let out = up(&nonzero(rows * n, seed + 3, 50.0));
+        BE.linear_forward(&out, &up(&x), &up(&w), &up(&b), rows, k, n)
+            .unwrap();
+        let (x, w, b) = (f64s(&x), f64s(&w), f64s(&b));
+        let want = naive::linear_forward(&x, &w, &b, rows, k, n);
+        // A sum of k + 1 terms (bias included) in fp32: (k + 2)·U·Σ|terms|, where Σ|terms| is
+        // the same layer applied to |x|, |w|, |bias|.
+        let mag = naive::linear_forward(&abs(&x), &abs(&w), &abs(&b), rows, k, n);
+        assert_close(
+            &format!("linear_forward {rows}x{k}x{n}"),
+            &down(&out),
+            &want,
+            |i| (k + 2) as f64 * U * mag[i],
+        );
+    }
+}
+
+#[test]
+fn linear_backward() {
+    for (case, &(rows, k, n)) in LINEAR_SHAPES.iter().enumerate() {
+        let name = format!("linear_backward {rows}x{k}x{n}");
+        let seed = 200 + 10 * case as u64;
+        let x = nonzero(rows * k, seed, 1.0);
+        let w = nonzero(n * k, seed + 1, 1.0);
+        let b = nonzero(n, seed + 2, 1.0);
+        let dout = nonzero(rows * n, seed + 3, 1.0);
+        let (xt, wt, dt) = (up(&x), up(&w), up(&dout));
+        let (x, w, b, dout) = (f64s(&x), f64s(&w), f64s(&b), f64s(&dout));
+        let (gx, gw, gb) = naive::linear_backward(&dout, &x, &w, rows, k, n);
+        // Σ|terms| of each gradient element: the same products on absolute values.
+        let (mx, mw, mb) = naive::linear_backward(&abs(&dout), &abs(&x), &abs(&w), rows, k, n);
+        // dx sums n terms, dw and dbias sum `rows` terms, plus one rounding per accumulation:
+        // (terms + 3)·U·(|initial value| + calls·Σ|terms|).
+        let tol_x = |calls: f64, pre: &[f64]| {
+            let pre = pre.to_vec();
+            let mx = mx.clone();
+            move |i: usize| (n + 3) as f64 * U * (pre[i].abs() + calls * mx[i])
+        };
+        let tol_rows = |calls: f64, pre: &[f64], m: &[f64]| {
+            let (pre, m) = (pre.to_vec(), m.to_vec());
+            move |i: usize| (rows + 3) as f64 * U * (pre[i].abs() + calls * m[i])
+        };
+
+        // 1. dx overwritten (it starts as garbage); dw, dbias from zero.
+        let dx = up(&nonzero(rows * k, seed + 4, 50.0));
+        let (dw, db) = (BE.zeros(n * k).unwrap(), BE.zeros(n).unwrap());
+        BE.linear_backward(Some(&dx), false, &dw, &db, &dt, &xt, &wt, rows, k, n)
+            .unwrap();
+        let zx = vec![0.0; rows * k];
+        let (zw, zb) = (vec![0.0; n * k], vec![0.0; n]);
+        assert_close(&format!("{name} dx"), &down(&dx), &gx, tol_x(1.0, &zx));
+        assert_close(
+            &format!("{name} dw"),
+            &down(&dw),
+            &gw,
+            tol_rows(1.0, &zw, &mw),
+        );
+        assert_close(
+            &format!("{name} dbias"),
+            &down(&db),
+            &gb,
+            tol_rows(1.0, &zb, &mb),
+        );
+
+        // ... and against finite differences of the forward, L = ⟨dout, x·wᵀ + b⟩ (small shapes).
+        if rows * k * n <= 7 * 20 * 37 {
+            let fx = finite_differences(
+                |x| dot(&dout, &naive::linear_forward(x, &w, &b, rows, k, n)),
+                &x,
+                H,
+            );
+            let fw = finite_differences(
+                |w| dot(&dout, &naive::linear_forward(&x, w, &b, rows, k, n)),
+                &w,
+                H,
+            );
+            let fb = finite_differences(
+                |b| dot(&dout, &naive::linear_forward(&x, &w, b, rows, k, n)),
+                &b,
+                H,
+            );
+            let t = tol_x(1.0, &zx);
+            assert_close(&format!("{name} dx vs FD"), &down(&dx), &fx, |i| {
+                t(i) + FD_ERR
+            });
+            let t = tol_rows(1.0, &zw, &mw);
+            assert_close(&format!("{name} dw vs FD"), &down(&dw), &fw, |i| {
+                t(i) + FD_ERR
+            });
+            let t = tol_rows(1.0, &zb, &mb);
+            assert_close(&format!("{name} dbias vs FD"), &down(&db), &fb, |i| {
+                t(i) + FD_ERR
+            });
+        }
+
+        // 2. A second call with dx_accumulate: everything doubles.
+        BE.linear_backward(Some(&dx), true, &dw, &db, &dt, &xt, &wt, rows, k, n)
+            .unwrap();
+        let twice = |g: &[f64]| g.iter().map(|v| 2.0 * v).collect::<Vec<_>>();
+        assert_close(
+            &format!("{name} dx accumulated"),
+            &down(&dx),
+            &twice(&gx),
+            tol_x(2.0, &zx),
+        );
+        assert_close(
+            &format!("{name} dw twice"),
+            &down(&dw),
+            &twice(&gw),
+            tol_rows(2.0, &zw, &mw),
+        );
+        assert_close(
+            &format!("{name} dbias twice"),
+            &down(&db),
+            &twice(&gb),
+            tol_rows(2.0, &zb, &mb),
+        );
+
+        // 3. No dx; dw and dbias are views into one gradient buffer, pre-filled with non-zero
+        //    values they must add to, between sentinels that must not change.
+        let pre = nonzero(3 + n * k + n + 3, seed + 5, 1.0);
+        let grads = up(&pre);
+        let (dw, db) = (BE.view(&grads, 3, n * k), BE.view(&grads, 3 + n * k, n));
+        BE.linear_backward(None, false, &dw, &db, &dt, &xt, &wt, rows, k, n)
+            .unwrap();
+        let pre_w = f64s(&pre[3..3 + n * k]);
+        let pre_b = f64s(&pre[3 + n * k..3 + n * k + n]);
+        assert_close(
+            &format!("{name} dw += onto a view"),
+            &down(&dw),
+            &add(&pre_w, &gw, 1.0),
+            tol_rows(1.0, &pre_w, &mw),
+        );
+        assert_close(
+            &format!("{name} dbias += onto a view"),
+            &down(&db),
+            &add(&pre_b, &gb, 1.0),
+            tol_rows(1.0, &pre_b, &mb),
+        );
+        let after = down(&grads);
+        let sentinels = [0, 1, 2, after.len() - 3, after.len() - 2, after.len() - 1];
+        for i in sentinels {
+            assert_eq!(after[i], pre[i], "{name}: wrote outside its views");
+        }
+    }
+}
+
+// ---- embeddings --------------------------------------------------------------------------------
+
+const VOCAB: usize = 11;
+const MAX_POS: usize = 9;
+const TYPES: usize = 3;
+const PAD: u32 = 3;
+
+/// (rows, hidden) with ids that repeat and include PAD, so scatter-adds collide.
+fn embedding_case(rows: usize, seed: u64) -> [Vec<u32>; 3] {
+    let mut ids = rand_ids(rows, seed, VOCAB as u32);
+    ids[rows / 2] = PAD;
+    if rows > 2 {
+        ids[rows - 1] = PAD;
+    }
+    [
+        ids,
+        rand_ids(rows, seed + 1, MAX_POS as u32),
+        rand_ids(rows, seed + 2, TYPES as u32),
+    ]
+}
+
+const EMBEDDING_SHAPES: [(usize, usize); 3] = [(1, 5), (7, 20), (33, 37)];
+
+#[test]
+fn embeddings_forward() {
+    for (case, &(rows, hidden)) in EMBEDDING_SHAPES.iter().enumerate() {
+        let seed = 300 + 10 * case as u64;
+        let [ids, pos, types] = embedding_case(rows, seed);
+        let word = nonzero(VOCAB * hidden, seed + 3, 1.0);
+        let position = nonzero(MAX_POS * hidden, seed + 4, 1.0);
+        let token_type = nonzero(TYPES * hidden, seed + 5, 1.0);
+        let out = up(&nonzero(rows * hidden, seed + 6, 50.0));
+        BE.embeddings_forward(
+            &out,
+            &up(&word),
+            &up(&position),
+            &up(&token_type),
+            &up_ids(&ids),
+            &up_ids(&pos),
+            &up_ids(&types),
+            hidden,
+        )
+        .unwrap();
+        let (w, p, t) = (f64s(&word), f64s(&position), f64s(&token_type));
+        // The padding row is read like any other (nn.Embedding's forward does not mask it).
+        let want = naive::embeddings_forward(&w, &p, &t, &ids, &pos, &types, hidden);
+        let mag =
+            naive::embeddings_forward(&abs(&w), &abs(&p), &abs(&t), &ids, &pos, &types, hidden);
+        // Three terms, two fp32 additions: 2·U·Σ|terms| (3U for margin).
+        assert_close(
+            &format!("embeddings_forward {rows}x{hidden}"),
+            &down(&out),
+            &want,
+            |i| 3.0 * U * mag[i],
+        );
+    }
+}
+
+#[test]
+fn embeddings_backward() {
+    for (case, &(rows, hidden)) in EMBEDDING_SHAPES.iter().enumerate() {
+        let name = format!("embeddings_backward {rows}x{hidden}");
+        let seed = 400 + 10 * case as u64;
+        let [ids, pos, types] = embedding_case(rows, seed);
+        let (idt, post, typt) = (up_ids(&ids), up_ids(&pos), up_ids(&types));
+        let dout = nonzero(rows * hidden, seed + 3, 1.0);
+        let dt = up(&dout);
+        let dout = f64s(&dout);
+        let entries = (VOCAB, MAX_POS, TYPES);
+        // Scatter-adds of at most `rows` terms per table row, onto a non-zero start:
+        // (rows + 3)·U·(|start| + calls·Σ|terms|).
+        let tol = |pre: &[f64], mag: &[f64], calls: f64| {
+            let (pre, mag) = (pre.to_vec(), mag.to_vec());
+            move |i: usize| (rows + 3) as f64 * U * (pre[i].abs() + calls * mag[i])
+        };
+        let absd = abs(&dout);
+
+        // With padding_idx: pre-filled tables, two calls → start + 2·gradient; the PAD row of
+        // the word table keeps its start exactly.
+        let pres: Vec<Vec<f32>> = [VOCAB, MAX_POS, TYPES]
+            .iter()
+            .enumerate()
+            .map(|(t, &e)| nonzero(e * hidden, seed + 4 + t as u64, 1.0))
+            .collect();
+        let grads: Vec<CpuTensor> = pres.iter().map(|p| up(p)).collect();
+        for _ in 0..2 {
+            BE.embeddings_backward(
+                &grads[0],
+                &grads[1],
+                &grads[2],
+                &dt,
+                &idt,
+                &post,
+                &typt,
+                hidden,
+                Some(PAD),
+            )
+            .unwrap();
+        }
+        let (gw, gp, gt) =
+            naive::embeddings_backward(&dout, &ids, &pos, &types, hidden, entries, Some(PAD));
+        let (mw, mp, mt) =
+            naive::embeddings_backward(&absd, &ids, &pos, &types, hidden, entries, Some(PAD));
+        for (t, (g, m)) in [(gw, mw), (gp, mp), (gt, mt)].iter().enumerate() {
+            let pre = f64s(&pres[t]);
+            assert_close(
+                &format!("{name} table {t} (padding_idx {PAD}), two calls"),
+                &down(&grads[t]),
+                &add(&pre, g, 2.0),
+                tol(&pre, m, 2.0),
+            );
+        }
+        let pad_row = PAD as usize * hidden..(PAD as usize + 1) * hidden;
+        assert_eq!(
+            &down(&grads[0])[pad_row.clone()],
+            &pres[0][pad_row.clone()],
+            "{name}: the padding_idx row got a gradient"
+        );
+
+        // Without padding_idx, from zero: against the naive scatter and finite differences of
+        // L = ⟨dout, word[ids] + position[pos] + type[types]⟩. The PAD row is read by forward
+        // (its finite difference is non-zero) and now gets its gradient.
+        let grads: Vec<CpuTensor> = [VOCAB, MAX_POS, TYPES]
+            .iter()
+            .map(|&e| BE.zeros(e * hidden).unwrap())
+            .collect();
+        BE.embeddings_backward(
+            &grads[0], &grads[1], &grads[2], &dt, &idt, &post, &typt, hidden, None,
+        )
+        .unwrap();
+        let tables: Vec<Vec<f64>> = [VOCAB, MAX_POS, TYPES]
+            .iter()
+            .enumerate()
+            .map(|(t, &e)| f64s(&nonzero(e * hidden, seed + 7 + t as u64, 1.0)))
+            .collect();
+        let (gw, gp, gt) =
+            naive::embeddings_backward(&dout, &ids, &pos, &types, hidden, entries, None);
+        let (mw, mp, mt) =
+            naive::embeddings_backward(&absd, &ids, &pos, &types, hidden, entries, None);
+        for (t, (g, m)) in [(gw, mw), (gp, mp), (gt, mt)].iter().enumerate() {
+            let fd = finite_differences(
+                |table| {
+                    let mut ts = tables.clone();
+                    ts[t] = table.to_vec();
+                    dot(
+                        &dout,
+                        &naive::embeddings_forward(
+                            &ts[0], &ts[1], &ts[2], &ids, &pos, &types, hidden,
+                        ),
+                    )
+                },
+                &tables[t],
+                H,
+            );
+            let zero = vec![0.0; g.len()];
+            let got = down(&grads[t]);
+            let tl = tol(&zero, m, 1.0);
+            assert_close(&format!("{name} table {t}, no padding_idx"), &got, g, &tl);
+            assert_close(&format!("{name} table {t} vs FD"), &got, &fd, |i| {
+                tl(i) + FD_ERR
+            });
+            if t == 0 {
+                assert!(fd[pad_row.clone()].iter().any(|&v| v != 0.0));
+            }
+        }
+    }
+}
+
+// ---- LayerNorm ---------------------------------------------------------------------------------
+
+const LAYERNORM_SHAPES: [(usize, usize); 3] = [(1, 5), (7, 20), (33, 37)];
+
+struct LayerNormCase {
+    a: Vec<f32>,
+    b: Option<Vec<f32>>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+/// Inputs off-centre (mean ≈ 1.5) so that the mean matters; gains around 1 but never 1.
+fn layernorm_case(rows: usize, cols: usize, residual: bool, seed: u64) -> LayerNormCase {
+    LayerNormCase {
+        a: nonzero(rows * cols, seed, 1.0)
+            .iter()
+            .map(|v| v + 1.5)
+            .collect(),
+        b: residual.then(|| nonzero(rows * cols, seed + 1, 0.7)),
+        gamma: nonzero(cols, seed + 2, 0.5)
+            .iter()
+            .map(|v| v + 1.0)
+            .collect(),
+        beta: nonzero(cols, seed + 3, 0.5),
+    }
+}
+
+impl LayerNormCase {
+    /// The op's forward: (out, mean, rstd, the normalized input `s` (= a, or the fused sum)).
+    fn forward(&self, rows: usize, cols: usize, eps: f32, seed: u64) -> [CpuTensor; 4] {
+        let garbage = |n, s| up(&nonzero(n, seed + s, 50.0));
+        let (out, mean, rstd) = (
+            garbage(rows * cols, 10),
+            garbage(rows, 11),
+            garbage(rows, 12),
+        );
+        let a = up(&self.a);
+        let (bt, sum) = (self.b.as_ref().map(|b| up(b)), garbage(rows * cols, 13));
+        let residual = bt.as_ref().map(|b| (b, &sum));
+        BE.layernorm_forward(
+            &out,
+            &mean,
+            &rstd,
+            &a,
+            residual,
+            &up(&self.gamma),
+            &up(&self.beta),
+            rows,
+            cols,
+            eps,
+        )
+        .unwrap();
+        let s = if self.b.is_some() { sum } else { a };
+        [out, mean, rstd, s]
+    }
+
+    /// The exact (f64) input of the normalization: a, or a + b.
+    fn s64(&self) -> Vec<f64> {
+        match &self.b {
+            Some(b) => add(&f64s(&self.a), &f64s(b), 1.0),
+            None => f64s(&self.a),
+        }
+    }
+}
+
+#[test]
+fn layernorm_forward() {
+    for (case, &(rows, cols)) in LAYERNORM_SHAPES.iter().enumerate() {
+        // eps 1e-2 moves rstd by ~1.5%, so eps outside the square root (or missing) shows.
+        for eps in [1e-12f32, 1e-2] {
+            for residual in [false, true] {
+                let name = format!("layernorm_forward {rows}x{cols} eps {eps} residual {residual}");
+                let seed = 500 + 10 * case as u64;
+                let c = layernorm_case(rows, cols, residual, seed);
+                let [out, mean, rstd, s] = c.forward(rows, cols, eps, seed);
+                let s64 = c.s64();
+                let (g, b) = (f64s(&c.gamma), f64s(&c.beta));
+                let (w_out, w_mean, w_rstd) =
+                    naive::layernorm_forward(&s64, &g, &b, rows, cols, eps as f64);
+                if residual {
+                    // One fp32 addition.
+                    assert_close(&format!("{name} sum"), &down(&s), &s64, |i| {
+                        U * s64[i].abs()
+                    });
+                }
+                // The statistics are exact but for the fp32 rounding of the sum (U·|s| per
+                // element; zero without residual) and of the stored value (U relative):
+                // mean within 2U·(|μ| + max|s|); rstd, whose variance moves by 2σ·U·max|s|,
+                // within U·r·(2 + 2·r·max|s|).
+                let smax: Vec<f64> = (0..rows)
+                    .map(|r| max_abs(&s64[r * cols..(r + 1) * cols]))
+                    .collect();
+                assert_close(&format!("{name} mean"), &down(&mean), &w_mean, |r| {
+                    2.0 * U * (w_mean[r].abs() + smax[r])
+                });
+                assert_close(&format!("{name} rstd"), &down(&rstd), &w_rstd, |r| {
+                    U * w_rstd[r] * (2.0 + 2.0 * w_rstd[r] * smax[r])
+                });
+                // out = ŝ·γ + β: three fp32 roundings of the output's terms, plus ŝ's error from
+                // the statistics, r·U·max|s|·(2 + 2·|ŝ|), scaled by |γ|.
+                assert_close(&format!("{name} out"), &down(&out), &w_out, |i| {
+                    let (r, col) = (i / cols, i % cols);
+                    let xhat = (w_out[i] - b[col]) / g[col];
+                    4.0 * U * ((xhat * g[col]).abs() + b[col].abs())
+                        + U * w_rstd[r] * smax[r] * (2.0 + 2.0 * xhat.abs()) * g[col].abs()
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn layernorm_backward() {
+    let eps = 1e-5f32;
+    for (case, &(rows, cols)) in LAYERNORM_SHAPES.iter().enumerate() {
+        for residual in [false, true] {
+            let name = format!("layernorm_backward {rows}x{cols} residual {residual}");
+            let seed = 600 + 10 * case as u64;
+            let c = layernorm_case(rows, cols, residual, seed);
+            let [_, mean, rstd, s] = c.forward(rows, cols, eps, seed);
+            let dout = nonzero(rows * cols, seed + 5, 1.0);
+            let dx = up(&nonzero(rows * cols, seed + 6, 50.0));
+            let (pre_g, pre_b) = (nonzero(cols, seed + 7, 1.0), nonzero(cols, seed + 8, 1.0));
+            let (dgamma, dbeta) = (up(&pre_g), up(&pre_b));
+            let (dt, gt) = (up(&dout), up(&c.gamma));
+            // Twice: dx is overwritten (the same both times), dgamma and dbeta accumulate.
+            for _ in 0..2 {
+                BE.layernorm_backward(&dx, &dgamma, &dbeta, &dt, &s, &mean, &rstd, &gt, rows, cols)
+                    .unwrap();
+            }
+            // The naive gradient at the input the op normalized (the fp32 sum, if fused).
+            let (s64, g64, dout) = (f64s(&down(&s)), f64s(&c.gamma), f64s(&dout));
+            let (w_dx, w_dg, w_db) =
+                naive::layernorm_backward(&dout, &s64, &g64, rows, cols, eps as f64);
+            let (_, _, w_rstd) = naive::layernorm_forward(&s64, &g64, &g64, rows, cols, eps as f64);
+            // dx is computed in f64 from fp32 mean and rstd (U relative each; the mean's error
+            // U·|μ| shifts ŝ by r·U·|μ|): within 8U·r·(1 + r·|μ|)·max_row|dout·γ|.
+            let mu = f64s(&down(&mean));
+            let gmax: Vec<f64> = (0..rows)
+                .map(|r| {
+                    (0..cols)
+                        .map(|k| (dout[r * cols + k] * g64[k]).abs())
+                        .fold(0.0, f64::max)
+                })
+                .collect();
+            let tol_dx = |i: usize| {
+                let r = i / cols;
+                8.0 * U * w_rstd[r] * (1.0 + w_rstd[r] * mu[r].abs()) * gmax[r]
+            };
+            let got_dx = down(&dx);
+            assert_close(&format!("{name} dx"), &got_dx, &w_dx, tol_dx);
+            // dgamma sums `rows` products dout·ŝ with ŝ computed in fp32 ((s − μ)·r: a
+            // cancellation worth U·|s|·r) onto a non-zero start, twice:
+            // (rows + 4)·U·(|start| + 2·Σ_r |dout|·(|ŝ| + r·|s|)).
+            let mag_g: Vec<f64> = (0..cols)
+                .map(|k| {
+                    (0..rows)
+                        .map(|r| {
+                            let sv = s64[r * cols + k];
+                            let xhat = (sv - mu[r]) * w_rstd[r];
+                            dout[r * cols + k].abs() * (xhat.abs() + w_rstd[r] * sv.abs())
+                        })
+                        .sum()
+                })
+                .collect();
+            let mag_b: Vec<f64> = (0..cols)
+                .map(|k| (0..rows).map(|r| dout[r * cols + k].abs()).sum())
+                .collect();
+            let (pg, pb) = (f64s(&pre_g), f64s(&pre_b));
+            assert_close(
+                &format!("{name} dgamma (+= twice)"),
+                &down(&dgamma),
+                &add(&pg, &w_dg, 2.0),
+                |k| (rows + 4) as f64 * U * (pg[k].abs() + 2.0 * mag_g[k]),
+            );
+            assert_close(
+                &format!("{name} dbeta (+= twice)"),
+                &down(&dbeta),
+                &add(&pb, &w_db, 2.0),
+                |k| (rows + 4) as f64 * U * (pb[k].abs() + 2.0 * mag_b[k]),
+            );
+
+            // Finite differences of L = ⟨dout, LayerNorm(a (+ b))⟩ with respect to a, b (the
+            // fused residual's two inputs get the same gradient), γ and β.
+            let (a64, b64) = (f64s(&c.a), c.b.as_ref().map(|b| f64s(b)));
+            let beta64 = f64s(&c.beta);
+            let loss = |a: &[f64], b: Option<&[f64]>, g: &[f64], be: &[f64]| {
+                let s = match b {
+                    Some(b) => add(a, b, 1.0),
+                    None => a.to_vec(),
+                };
+                dot(
+                    &dout,
+                    &naive::layernorm_forward(&s, g, be, rows, cols, eps as f64).0,
+                )
+            };
+            let b_ref = b64.as_deref();
+            let fa = finite_differences(|a| loss(a, b_ref, &g64, &beta64), &a64, H);
+            assert_close(&format!("{name} dx vs FD (x)"), &got_dx, &fa, |i| {
+                tol_dx(i) + FD_ERR
+            });
+            if let Some(b) = &b64 {
+                let fb = finite_differences(|b| loss(&a64, Some(b), &g64, &beta64), b, H);
+                assert_close(&format!("{name} dx vs FD (residual)"), &got_dx, &fb, |i| {
+                    tol_dx(i) + FD_ERR
+                });
+            }
+            let fg = finite_differences(|g| loss(&a64, b_ref, g, &beta64), &g64, H);
+            let fbeta = finite_differences(|be| loss(&a64, b_ref, &g64, be), &beta64, H);
+            assert_close(
+                &format!("{name} dgamma vs FD"),
+                &down(&dgamma),
+                &add(&pg, &fg, 2.0),
+                |k| (rows + 4) as f64 * U * (pg[k].abs() + 2.0 * mag_g[k]) + 2.0 * FD_ERR,
+            );
+            assert_close(
+                &format!("{name} dbeta vs FD"),
+                &down(&dbeta),
+                &add(&pb, &fbeta, 2.0),
+                |k| (rows + 4) as f64 * U * (pb[k].abs() + 2.0 * mag_b[k]) + 2.0 * FD_ERR,
+            );
+        }
+    }
+}
+
+// ---- activations -------------------------------------------------------------------------------
+
+const ACTIVATIONS: [Activation; 3] = [Activation::GeluErf, Activation::GeluTanh, Activation::Relu];
+const ELEMENTWISE_SIZES: [usize; 3] = [1, 7, 1221];
+
+#[test]
+fn activation_forward() {
+    for act in ACTIVATIONS {
+        for (case, &n) in ELEMENTWISE_SIZES.iter().enumerate() {
+            let seed = 700 + 10 * case as u64;
+            let x = nonzero(n, seed, 4.0);
+            let out = up(&nonzero(n, seed + 1, 50.0));
+            BE.activation_forward(&out, &up(&x), act).unwrap();
+            let x = f64s(&x);
+            let want = naive::activation_forward(&x, act);
+            // fp32 evaluation of y = x·(something in [0, 1]) from a handful of roundings (and
+            // erf/tanh to ~1 ulp): the errors are absolute, U·|x| each (for x < 0, 1 + erf and
+            // 1 + tanh cancel), and the argument's rounding is amplified by the slope, ≤ |x|.
+            assert_close(
+                &format!("activation_forward {act:?} n {n}"),
+                &down(&out),
+                &want,
+                |i| 8.0 * U * x[i].abs() * (1.0 + x[i].abs()),
+            );
+        }
+    }
+}
+
+#[test]
+fn activation_backward() {
+    for act in ACTIVATIONS {
+        for (case, &n) in ELEMENTWISE_SIZES.iter().enumerate() {
+            let name = format!("activation_backward {act:?} n {n}");
+            let seed = 800 + 10 * case as u64;
+            // |x| ≥ 0.08 > h: finite differences never straddle relu's kink.
+            let (x, dout) = (nonzero(n, seed, 4.0), nonzero(n, seed + 1, 1.0));
+            let dx = up(&nonzero(n, seed + 2, 50.0));
+            BE.activation_backward(&dx, &up(&dout), &up(&x), act)
+                .unwrap();
+            let (x, dout) = (f64s(&x), f64s(&dout));
+            let want = naive::activation_backward(&dout, &x, act);
+            let fd = finite_differences(|x| dot(&dout, &naive::activation_forward(x, act)), &x, H);
+            // y' in fp32 from a handful of roundings, amplified by the slopes of Φ, φ, tanh
+            // (≤ x² here): 8U·(1 + x²)·|dout|.
+            let tol = |i: usize| 8.0 * U * (1.0 + x[i] * x[i]) * dout[i].abs();
+            let got = down(&dx);
+            assert_close(&name, &got, &want, tol);
+            assert_close(&format!("{name} vs FD"), &got, &fd, |i| tol(i) + FD_ERR);
+        }
+    }
+}
+
+#[test]
+fn tanh_forward() {
+    for (case, &n) in ELEMENTWISE_SIZES.iter().enumerate() {
+        let seed = 900 + 10 * case as u64;
+        let x = nonzero(n, seed, 3.0);
+        let out = up(&nonzero(n, seed + 1, 50.0));
+        BE.tanh_forward(&out, &up(&x)).unwrap();
+        let want = naive::tanh_forward(&f64s(&x));
+        // fp32 tanh (the platform's tanhf) is within a couple of ulps (an ulp is ≤ 2U relative).
+        assert_close(&format!("tanh_forward n {n}"), &down(&out), &want, |i| {
+            8.0 * U * want[i].abs()
+        });
+    }
+}
+
+#[test]
+fn tanh_backward() {
+    for (case, &n) in ELEMENTWISE_SIZES.iter().enumerate() {
+        let name = format!("tanh_backward n {n}");
+        let seed = 1000 + 10 * case as u64;
+        let (x, dout) = (nonzero(n, seed, 3.0), nonzero(n, seed + 1, 1.0));
+        let y = up(&vec![0.0; n]);
+        BE.tanh_forward(&y, &up(&x)).unwrap();
+        let dx = up(&nonzero(n, seed + 2, 50.0));
+        BE.tanh_backward(&dx, &up(&dout), &y).unwrap();
+        let (x, dout) = (f64s(&x), f64s(&dout));
+        // The naive derivative is sech²(x), from x; the op's is 1 − y² from its fp32 output y.
+        let want = naive::tanh_backward(&dout, &x);
+        let fd = finite_differences(|x| dot(&dout, &naive::tanh_forward(x)), &x, H);
+        // y's error (≤ 8U·|y|) moves 1 − y² by 16U·y², plus three roundings: 20U·|dout|.
+        let tol = |i: usize| 20.0 * U * dout[i].abs();
+        let got = down(&dx);
+        assert_close(&name, &got, &want, tol);
+        assert_close(&format!("{name} vs FD"), &got, &fd, |i| tol(i) + FD_ERR);
+    }
+}
+
+// ---- dropout -----------------------------------------------------------------------------------
+
+/// Seeds and streams with high words set, so both halves of Philox's key and counter matter.
+fn dropouts() -> Vec<Dropout> {
+    vec![
+        Dropout {
+            p: 0.1,
+            seed: 0x9E37_79B9_7F4A_7C15,
+            stream: 3,
+        },
+        Dropout {
+            p: 0.5,
+            seed: 1234,
+            stream: (5 << 32) | 9,
+        },
+    ]
+}
+const DROPOUT_SIZES: [usize; 4] = [1, 7, 1221, 20001];
+
+#[test]
+fn dropout_forward() {
+    for d in dropouts() {
+        for (case, &n) in DROPOUT_SIZES.iter().enumerate() {
+            let name = format!("dropout_forward p {} n {n}", d.p);
+            let seed = 1100 + 10 * case as u64;
+            let x = nonzero(n, seed, 1.0);
+            let out = up(&nonzero(n, seed + 1, 50.0));
+            BE.dropout_forward(&out, &up(&x), d).unwrap();
+            let got = down(&out);
+            // Kept exactly where Philox's uniform of the element index is ≥ p, scaled by
+            // 1/(1 − p) (fp32 1 − p, its inverse, one product: 3U relative); dropped ones 0.
+            let want = naive::dropout_forward(&f64s(&x), d);
+            assert_close(&name, &got, &want, |i| 3.0 * U * want[i].abs());
+            for (i, g) in got.iter().enumerate() {
+                assert_eq!(
+                    *g == 0.0,
+                    !naive::dropout_keep(d, i as u64),
+                    "{name}: element {i}"
+                );
+            }
+            // About 1 − p of the elements are kept: within 5 standard deviations.
+            if n >= 1000 {
+                let kept = got.iter().filter(|v| **v != 0.0).count() as f64 / n as f64;
+                let sd = (d.p as f64 * (1.0 - d.p as f64) / n as f64).sqrt();
+                assert!(
+                    (kept - (1.0 - d.p as f64)).abs() < 5.0 * sd,
+                    "{name}: kept {kept}"
+                );
+            }
+            if n == 1221 {
+                // The index is the element's within the tensor: views at other offsets of larger
+                // buffers draw the same mask.
+                let mut big = nonzero(n + 8, seed + 2, 1.0);
+                big[5..5 + n].copy_from_slice(&x);
+                let (xb, ob) = (up(&big), up(&vec![7.0; n + 4]));
+                BE.dropout_forward(&BE.view(&ob, 3, n), &BE.view(&xb, 5, n), d)
+                    .unwrap();
+                assert_eq!(
+                    &down(&ob)[3..3 + n],
+                    &got[..],
+                    "{name}: a view changed the mask"
+                );
+                // Another stream, another seed (high word only): other masks.
+                for other in [
+                    Dropout {
+                        stream: d.stream + 1,
+                        ..d
+                    },
+                    Dropout {
+                        seed: d.seed ^ (1 << 40),
+                        ..d
+                    },
+                ] {
+                    let o = up(&vec![0.0; n]);
+                    BE.dropout_forward(&o, &up(&x), other).unwrap();
+                    let differ = down(&o).iter().zip(&got).filter(|(a, b)| a != b).count();
+                    assert!(differ > n / 20, "{name}: {other:?} drew the same mask");
+                }
+                // p = 0: the identity.
+                let o = up(&vec![7.0; n]);
+                BE.dropout_forward(&o, &up(&x), Dropout { p: 0.0, ..d })
+                    .unwrap();
+                assert_eq!(down(&o), x, "{name}: p = 0 is not the identity");
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_backward() {
+    for d in dropouts() {
+        for (case, &n) in DROPOUT_SIZES.iter().enumerate() {
+            let name = format!("dropout_backward p {} n {n}", d.p);
+            let seed = 1200 + 10 * case as u64;
+            let (x, dout) = (nonzero(n, seed, 1.0), nonzero(n, seed + 1, 1.0));
+            let out = up(&vec![0.0; n]);
+            BE.dropout_forward(&out, &up(&x), d).unwrap();
+            let dx = up(&nonzero(n, seed + 2, 50.0));
+            BE.dropout_backward(&dx, &up(&dout), d).unwrap();
+            let (got, fwd) = (down(&dx), down(&out));
+            // Backward regenerates forward's mask exactly.
+            for i in 0..n {
+                assert_eq!(
+                    got[i] == 0.0,
+                    fwd[i] == 0.0,
+                    "{name}: element {i}'s mask differs"
+                );
+            }
+            let dout = f64s(&dout);
+            let want = naive::dropout_backward(&dout, d);
+            // As forward: 3U relative.
+            assert_close(&name, &got, &want, |i| 3.0 * U * want[i].abs());
+            if n <= 1221 {
+                let fd =
+                    finite_differences(|x| dot(&dout, &naive::dropout_forward(x, d)), &f64s(&x), H);
+                assert_close(&format!("{name} vs FD"), &got, &fd, |i| {
+                    3.0 * U * want[i].abs() + FD_ERR
+                });
+            }
+        }
+    }
+}
+
+// ---- first tokens ------------------------------------------------------------------------------
+
+fn layouts() -> Vec<(&'static str, SeqLayout)> {
+    vec![
+        ("padded [7, 3, 1] in 7", SeqLayout::padded(&[7, 3, 1], 7)),
+        ("packed [5, 1, 9]", SeqLayout::packed(&[5, 1, 9])),
+        ("padded [5, 8] in 9", SeqLayout::padded(&[5, 8], 9)),
+    ]
+}
+
+#[test]
+fn gather_first_tokens() {
+    for (li, (lname, layout)) in layouts().into_iter().enumerate() {
+        for hidden in [5, 20, 37] {
+            let seed = 1300 + 10 * li as u64 + hidden as u64;
+            let rows = layout.total_rows();
+            let x = nonzero(rows * hidden, seed, 1.0);
+            let out = up(&nonzero(layout.batch() * hidden, seed + 1, 50.0));
+            BE.gather_first_tokens(&out, &up(&x), &layout, hidden)
+                .unwrap();
+            let want = naive::gather_first_tokens(&f64s(&x), &layout, hidden);
+            // A copy: exact.
+            assert_close(
+                &format!("gather_first_tokens {lname} hidden {hidden}"),
+                &down(&out),
+                &want,
+                |_| 0.0,
+            );
+        }
+    }
+}
+
+#[test]
+fn scatter_first_tokens_backward() {
+    for (li, (lname, layout)) in layouts().into_iter().enumerate() {
+        for hidden in [5, 20, 37] {
+            let name = format!("scatter_first_tokens_backward {lname} hidden {hidden}");
+            let seed = 1400 + 10 * li as u64 + hidden as u64;
+            let rows = layout.total_rows();
+            let dout = nonzero(layout.batch() * hidden, seed, 1.0);
+            let dt = up(&dout);
+            let dout = f64s(&dout);
+            let want = naive::scatter_first_tokens_backward(&dout, &layout, hidden);
+            // It accumulates (`+=`, as documented): a non-zero start, two calls. The rows that
+            // are no sequence's first stay bit for bit; the others are two fp32 additions.
+            let pre = nonzero(rows * hidden, seed + 1, 1.0);
+            let dx = up(&pre);
+            for _ in 0..2 {
+                BE.scatter_first_tokens_backward(&dx, &dt, &layout, hidden)
+                    .unwrap();
+            }
+            let got = down(&dx);
+            let pre64 = f64s(&pre);
+            let expected = add(&pre64, &want, 2.0);
+            assert_close(&name, &got, &expected, |i| {
+                2.0 * U * (pre64[i].abs() + 2.0 * want[i].abs())
+            });
+            for r in 0..rows {
+                if !layout.starts.contains(&(r as u32)) {
+                    assert_eq!(
+                        &got[r * hidden..(r + 1) * hidden],
+                        &pre[r * hidden..(r + 1) * hidden],
+                        "{name}: row {r}"
+                    );
+                }
+            }
+            // From zero, against finite differences of L = ⟨dout, gather(x)⟩: exact.
+            let dx = BE.zeros(rows * hidden).unwrap();
+            BE.scatter_first_tokens_backward(&dx, &dt, &layout, hidden)
+                .unwrap();
+            let x = f64s(&nonzero(rows * hidden, seed + 2, 1.0));
+            let fd = finite_differences(
+                |x| dot(&dout, &naive::gather_first_tokens(x, &layout, hidden)),
+                &x,
+                H,
+            );
+            assert_close(&format!("{name} vs FD"), &down(&dx), &fd, |_| FD_ERR);
+        }
+    }
+}
+
+// ---- attention ---------------------------------------------------------------------------------
+
+/// (heads, head_dim): head dims 1, 5, 12, 32.
+const ATTENTION_DIMS: [(usize, usize); 4] = [(1, 1), (2, 5), (3, 12), (2, 32)];
+
+fn attention_dropouts() -> [Dropout; 2] {
+    [
+        Dropout::NONE,
+        Dropout {
+            p: 0.2,
+            seed: 0x1234_5678_9ABC_DEF0,
+            stream: (3 << 20) | 5,
+        },
+    ]
+}
+
+/// The op's forward: (out, lse).
+fn attention_forward_op(
+    qkv: &[f32],
+    layout: &SeqLayout,
+    dims: AttentionDims,
+    d: Dropout,
+) -> (CpuTensor, CpuTensor) {
+    let rows = layout.total_rows();
+    let hidden = dims.heads * dims.head_dim;
+    let out = up(&nonzero(rows * hidden, 1, 50.0));
+    let lse = up(&nonzero(rows * dims.heads, 2, 50.0));
+    BE.attention_forward(&out, &lse, &up(qkv), layout, dims, d)
+        .unwrap();
+    (out, lse)
+}
+
+/// The rounding error of attention in fp32, relative to a scale (of the output or of the
+/// gradient): a score is a d-term dot product, off by up to d·U·|s|max, which is the relative
+/// error it gives its probability; a softmax row sums `valid` terms, the output another
+/// `valid`, and exp, log, the products a few roundings more. So (2·valid + 8 + d·|s|max)·U,
+/// times the scale.
+fn attention_tol(layout: &SeqLayout, d: usize, smax: f64, scale: f64) -> f64 {
+    let valid = *layout.valid.iter().max().unwrap() as usize;
+    ((2 * valid + 8) as f64 + d as f64 * smax) * U * scale
+}
+
+#[test]
+fn attention_forward() {
+    for (li, (lname, layout)) in layouts().into_iter().enumerate() {
+        for (heads, hd) in ATTENTION_DIMS {
+            for d in attention_dropouts() {
+                let name = format!(
+                    "attention_forward {lname} heads {heads} head_dim {hd} p {}",
+                    d.p
+                );
+                let dims = AttentionDims {
+                    heads,
+                    head_dim: hd,
+                };
+                let rows = layout.total_rows();
+                let seed = 1500 + 100 * li as u64 + 10 * hd as u64;
+                let qkv = nonzero(rows * 3 * heads * hd, seed, 1.5);
+                let (out, lse) = attention_forward_op(&qkv, &layout, dims, d);
+                let (w_out, w_lse) = naive::attention_forward(&f64s(&qkv), &layout, dims, d);
+                // |s| ≤ √d·1.5²; output scale max|v|/(1 − p); lse's scale is 1 + |lse|.
+                let smax = (hd as f64).sqrt() * 2.25;
+                let out_scale = 1.5 / (1.0 - d.p as f64);
+                assert_close(&format!("{name} out"), &down(&out), &w_out, |_| {
+                    attention_tol(&layout, hd, smax, out_scale)
+                });
+                // lse is [rows, heads] (attention.rs's header).
+                assert_close(&format!("{name} lse"), &down(&lse), &w_lse, |i| {
+                    attention_tol(&layout, hd, smax, 1.0 + w_lse[i].abs())
+                });
+                // Masks do not depend on how the batch is laid out: the same sequences packed
+                // give the same rows.
+                if lname.starts_with("padded") {
+                    let lengths: Vec<usize> = layout.valid.iter().map(|&v| v as usize).collect();
+                    let packed = SeqLayout::packed(&lengths);
+                    let width = 3 * heads * hd;
+                    let mut qkv_p = Vec::new();
+                    for b in 0..layout.batch() {
+                        let s = layout.starts[b] as usize;
+                        qkv_p.extend_from_slice(&qkv[s * width..(s + lengths[b]) * width]);
+                    }
+                    let (out_p, _) = attention_forward_op(&qkv_p, &packed, dims, d);
+                    let (out_p, out) = (down(&out_p), down(&out));
+                    let hidden = heads * hd;
+                    for b in 0..layout.batch() {
+                        let (s, sp) = (layout.starts[b] as usize, packed.starts[b] as usize);
+                        assert_eq!(
+                            &out[s * hidden..(s + lengths[b]) * hidden],
+                            &out_p[sp * hidden..(sp + lengths[b]) * hidden],
+                            "{name}: packed differs from padded in sequence {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_backward() {
+    for (li, (lname, layout)) in layouts().into_iter().enumerate() {
+        for (heads, hd) in ATTENTION_DIMS {
+            for d in attention_dropouts() {
+                let name = format!(
+                    "attention_backward {lname} heads {heads} head_dim {hd} p {}",
+                    d.p
+                );
+                let dims = AttentionDims {
+                    heads,
+                    head_dim: hd,
+                };
+                let hidden = heads * hd;
+                let rows = layout.total_rows();
+                let seed = 1600 + 100 * li as u64 + 10 * hd as u64;
+                let qkv = nonzero(rows * 3 * hidden, seed, 1.5);
+                let dout = nonzero(rows * hidden, seed + 1, 1.0);
+                let (out, lse) = attention_forward_op(&qkv, &layout, dims, d);
+                let dqkv = up(&nonzero(rows * 3 * hidden, seed + 2, 50.0));
+                BE.attention_backward(&dqkv, &up(&dout), &up(&qkv), &out, &lse, &layout, dims, d)
+                    .unwrap();
+                let got = down(&dqkv);
+                let (qkv, dout) = (f64s(&qkv), f64s(&dout));
+                let want = naive::attention_backward(&dout, &qkv, &layout, dims, d);
+                // The scale of the gradient's terms: 4·max|dqkv| (4× for cancellation among them).
+                let smax = (hd as f64).sqrt() * 2.25;
+                let g_scale = 4.0 * naive::abs(&want).iter().fold(0.0, |m: f64, v| m.max(*v));
+                let tol = attention_tol(&layout, hd, smax, g_scale);
+                assert_close(&name, &got, &want, |_| tol);
+                // Padding keys get exactly zero K and V gradient; padding queries do get a Q one
+                // (when they attend to two keys or more: over one key, softmax is constant).
+                for b in 0..layout.batch() {
+                    let (s, n, v) = (
+                        layout.starts[b] as usize,
+                        layout.rows[b] as usize,
+                        layout.valid[b] as usize,
+                    );
+                    for r in s + v..s + n {
+                        let row = &got[r * 3 * hidden..(r + 1) * 3 * hidden];
+                        assert!(
+                            row[hidden..].iter().all(|&g| g == 0.0),
+                            "{name}: padding key row {r} has a gradient"
+                        );
+                        if v >= 2 {
+                            assert!(
+                                row[..hidden].iter().any(|&g| g != 0.0),
+                                "{name}: padding query row {r} has no gradient"
+                            );
+                        }
+                    }
+                }
+                // Finite differences of L = ⟨dout, attention(qkv)⟩ (the head dims up to 12).
+                if hd <= 12 {
+                    let fd = finite_differences(
+                        |q| dot(&dout, &naive::attention_forward(q, &layout, dims, d).0),
+                        &qkv,
+                        H,
+                    );
+                    assert_close(&format!("{name} vs FD"), &got, &fd, |_| tol + FD_ERR);
+                }
+            }
+        }
+    }
+}
+
+// ---- loss --------------------------------------------------------------------------------------
+
+/// (rows, classes, logit offset): a large offset checks the log-sum-exp is stable.
+const CE_SHAPES: [(usize, usize, f32); 4] =
+    [(1, 2, 0.0), (7, 3, 0.0), (33, 5, 40.0), (7, 37, -3.0)];
+
+fn ce_case(rows: usize, classes: usize, offset: f32, seed: u64) -> (Vec<f32>, Vec<u32>) {
+    let logits = nonzero(rows * classes, seed, 3.0)
+        .iter()
+        .map(|v| v + offset)
+        .collect();
+    (logits, rand_ids(rows, seed + 1, classes as u32))
+}
+
+#[test]
+fn cross_entropy_forward() {
+    for (case, &(rows, classes, offset)) in CE_SHAPES.iter().enumerate() {
+        for smoothing in [0.0f32, 0.1] {
+            let seed = 1700 + 10 * case as u64;
+            let (logits, labels) = ce_case(rows, classes, offset, seed);
+            let losses = up(&nonzero(rows, seed + 2, 50.0));
+            BE.cross_entropy_forward(&losses, &up(&logits), &up_ids(&labels), classes, smoothing)
+                .unwrap();
+            let want =
+                naive::cross_entropy_forward(&f64s(&logits), &labels, classes, smoothing as f64);
+            // Computed in f64 from the fp32 logits, rounded once: U·|loss| (2U for margin);
+            // the absolute term covers the f64 log-sum-exp of logits ~40.
+            assert_close(
+                &format!("cross_entropy_forward {rows}x{classes} ε {smoothing}"),
+                &down(&losses),
+                &want,
+                |i| 2.0 * U * want[i].abs() + 1e-12,
+            );
+        }
+    }
+}
+
+#[test]
+fn cross_entropy_backward() {
+    for (case, &(rows, classes, offset)) in CE_SHAPES.iter().enumerate() {
+        for smoothing in [0.0f32, 0.1] {
+            for scale in [1.0 / rows as f32, 0.37] {
+                let name =
+                    format!("cross_entropy_backward {rows}x{classes} ε {smoothing} scale {scale}");
+                let seed = 1800 + 10 * case as u64;
+                let (logits, labels) = ce_case(rows, classes, offset, seed);
+                let dz = up(&nonzero(rows * classes, seed + 2, 50.0));
+                BE.cross_entropy_backward(
+                    &dz,
+                    &up(&logits),
+                    &up_ids(&labels),
+                    classes,
+                    smoothing,
+                    scale,
+                )
+                .unwrap();
+                let (z, eps, s) = (f64s(&logits), smoothing as f64, scale as f64);
+                let want = naive::cross_entropy_backward(&z, &labels, classes, eps, s);
+                // f64 inside, one rounding out.
+                let tol = |i: usize| 2.0 * U * want[i].abs() + 1e-12;
+                let got = down(&dz);
+                assert_close(&name, &got, &want, tol);
+                // The gradient of scale·Σ_r loss_r, the mean loss for scale = 1/rows.
+                let fd = finite_differences(
+                    |z| {
+                        s * naive::cross_entropy_forward(z, &labels, classes, eps)
+                            .iter()
+                            .sum::<f64>()
+                    },
+                    &z,
+                    H,
+                );
+                assert_close(&format!("{name} vs FD"), &got, &fd, |i| tol(i) + FD_ERR);
+            }
+        }
+    }
+}
+
+// ---- optimizer ---------------------------------------------------------------------------------
+
+#[test]
+fn sum_squares() {
+    // Sizes across the op's 2¹⁴-element chunks.
+    for (case, &n) in [1usize, 7, 16385, 40000].iter().enumerate() {
+        let x = nonzero(n, 1900 + case as u64, 1.0);
+        let out = up(&[123.0]);
+        BE.sum_squares(&out, &up(&x)).unwrap();
+        let want = naive::sum_squares(&f64s(&x));
+        // Accumulated in f64 (relative n·1e-16), rounded once to fp32: U relative (2U margin).
+        assert_close(&format!("sum_squares n {n}"), &down(&out), &[want], |_| {
+            2.0 * U * want
+        });
+    }
+}
+
+#[test]
+fn clip_by_global_norm() {
+    // (n, value scale, max_norm): clipped (‖g‖ ≈ 20 > 1), untouched (‖g‖ < 100), and a norm of
+    // ~1.5e-7 against max_norm 1e-7, where clip_grad_norm_'s 1e-6 dominates the coefficient
+    // (0.09 with it, 0.67 without).
+    for (case, &(n, scale, max_norm)) in [
+        (1221usize, 1.0f32, 1.0f32),
+        (1221, 1.0, 100.0),
+        (7, 1e-7, 1e-7),
+        (1, 3.0, 0.5),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let name = format!("clip_by_global_norm n {n} max_norm {max_norm}");
+        let x = nonzero(n, 2000 + case as u64, scale);
+        let (xt, sumsq) = (up(&x), up(&[0.0]));
+        BE.sum_squares(&sumsq, &xt).unwrap();
+        BE.clip_by_global_norm(&xt, &sumsq, max_norm).unwrap();
+        let got = down(&xt);
+        let want = naive::clip_by_global_norm(&f64s(&x), max_norm as f64);
+        // The coefficient from the fp32 sum of squares (U/2), rounded to fp32 (U), one product
+        // (U): 3U relative.
+        assert_close(&name, &got, &want, |i| 3.0 * U * want[i].abs());
+        if case == 1 {
+            assert_eq!(
+                got, x,
+                "{name}: a norm below max_norm changed the gradients"
+            );
+        }
+    }
+}
+
+#[test]
+fn adamw_update() {
+    // Three tensors in one flat buffer (as the trainer lays them out), with the decay groups'
+    // weight decays and gradients of very different scales (1e-5 makes eps matter).
+    let lens = [1usize, 7, 37];
+    let decays = [0.01, 0.0, 0.1];
+    let grad_scales = [1.0f32, 1e-3, 1e-5];
+    let total: usize = lens.iter().sum();
+    let offsets: Vec<usize> = lens
+        .iter()
+        .scan(0, |at, &l| Some(std::mem::replace(at, *at + l)))
+        .collect();
+    for (hi, &(lr, beta1, beta2, eps)) in [(1e-3, 0.9, 0.999, 1e-8), (0.05, 0.8, 0.99, 1e-6)]
+        .iter()
+        .enumerate()
+    {
+        let init = nonzero(total, 2100 + hi as u64, 1.0);
+        let (param, grad) = (up(&init), BE.zeros(total).unwrap());
+        let (m, v) = (BE.zeros(total).unwrap(), BE.zeros(total).unwrap());
+        let mut p64 = f64s(&init);
+        let (mut m64, mut v64) = (vec![0.0; total], vec![0.0; total]);
+        for step in 1..=6u64 {
+            let name =
+                format!("adamw_update lr {lr} betas ({beta1}, {beta2}) eps {eps} step {step}");
+            let mut g = Vec::new();
+            for (t, &l) in lens.iter().enumerate() {
+                g.extend(nonzero(
+                    l,
+                    2200 + 10 * step + t as u64 + 100 * hi as u64,
+                    grad_scales[t],
+                ));
+            }
+            BE.copy(&grad, &up(&g)).unwrap();
+            let views = |t: &CpuTensor| -> Vec<CpuTensor> {
+                (0..3).map(|i| BE.view(t, offsets[i], lens[i])).collect()
+            };
+            let (pv, gv, mv, vv) = (views(&param), views(&grad), views(&m), views(&v));
+            let tensors: Vec<AdamWTensor<'_, CpuTensor>> = (0..3)
+                .map(|i| AdamWTensor {
+                    param: &pv[i],
+                    grad: &gv[i],
+                    exp_avg: &mv[i],
+                    exp_avg_sq: &vv[i],
+                    weight_decay: decays[i],
+                })
+                .collect();
+            BE.adamw_update(
+                &tensors,
+                &AdamWStep {
+                    lr,
+                    beta1,
+                    beta2,
+                    eps,
+                    step,
+                },
+            )
+            .unwrap();
+            let g64 = f64s(&g);
+            for i in 0..3 {
+                let r = offsets[i]..offsets[i] + lens[i];
+                naive::adamw_update(
+                    &mut p64[r.clone()],
+                    &g64[r.clone()],
+                    &mut m64[r.clone()],
+                    &mut v64[r],
+                    lr,
+                    (beta1, beta2),
+                    eps,
+                    decays[i],
+                    step,
+                );
+            }
+            // The op keeps its state in fp32 (as torch does) and the naive one in f64: each step
+            // adds a few roundings, 4U relative to the moments' scale (|m| + |g|, |v| + g²), and
+            // to θ three (the decay factor, the product, the subtraction: 4U·|θ| with margin)
+            // plus the update's, ≤ 16U·lr·|m̂/(√v̂ + ε)| (≤ 4 here). So `step` times that.
+            let st = step as f64;
+            assert_close(&format!("{name} exp_avg"), &down(&m), &m64, |i| {
+                st * 4.0 * U * (m64[i].abs() + g64[i].abs())
+            });
+            assert_close(&format!("{name} exp_avg_sq"), &down(&v), &v64, |i| {
+                st * 4.0 * U * (v64[i] + g64[i] * g64[i])
+            });
+            assert_close(&format!("{name} param"), &down(&param), &p64, |i| {
+                st * (4.0 * U * p64[i].abs() + 64.0 * U * lr)
+            });
+        }
+    }
+}
