@@ -272,3 +272,160 @@ fn args_file_is_read_and_the_command_line_wins() {
     assert_eq!(state["global_step"], 2);
     assert!(!out.join("checkpoint-2").exists());
 }
+
+#[test]
+fn best_model_tracking_and_early_stopping() {
+    let root = scratch("best");
+    let s = setup(&root);
+    let out = root.join("out");
+    run_ok(train_cmd(&s, &out).args([
+        "--num-train-epochs",
+        "30",
+        "--eval-strategy",
+        "steps",
+        "--eval-steps",
+        "12",
+        "--save-steps",
+        "12",
+        "--save-total-limit",
+        "1",
+        "--metric-for-best-model",
+        "accuracy",
+        "--load-best-model-at-end",
+        "--early-stopping-patience",
+        "2",
+        "--report-to",
+        "tensorboard",
+    ]));
+    let state = read_json(&out.join("trainer_state.json"));
+    let evals: Vec<(u64, f64)> = state["log_history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e.get("eval_accuracy").is_some())
+        .map(|e| {
+            (
+                e["step"].as_u64().unwrap(),
+                e["eval_accuracy"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    // Stopped early: two evaluations without improvement after the best, far before 360 steps.
+    let global = state["global_step"].as_u64().unwrap();
+    assert!(global < 360, "no early stop: {global} steps");
+    let best = evals.iter().map(|e| e.1).fold(f64::MIN, f64::max);
+    let best_step = evals.iter().find(|e| e.1 == best).unwrap().0;
+    assert_eq!(evals.last().unwrap().0, best_step + 24, "{evals:?}");
+    assert_eq!(state["best_metric"].as_f64(), Some(best));
+    assert_eq!(state["best_global_step"].as_u64(), Some(best_step));
+    let best_dir = state["best_model_checkpoint"].as_str().unwrap();
+    assert!(
+        best_dir.ends_with(&format!("checkpoint-{best_step}")),
+        "{best_dir}"
+    );
+    // The limit keeps the newest checkpoint and, besides it, the best.
+    assert!(Path::new(best_dir).is_dir());
+    assert!(out.join(format!("checkpoint-{global}")).is_dir());
+    // The final model is the best one: its accuracy is the best accuracy.
+    let eval_results = read_json(&out.join("eval_results.json"));
+    assert_eq!(eval_results["eval_accuracy"].as_f64(), Some(best));
+
+    // TensorBoard events under the logging dir, readable, with the Trainer's tags.
+    let runs = out.join("runs");
+    let event_file = std::fs::read_dir(&runs)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+        })
+        .expect("an event file");
+    let records = common::tfevents::read_records(&std::fs::read(event_file).unwrap());
+    let tags: Vec<String> = records
+        .iter()
+        .skip(1)
+        .flat_map(|r| {
+            common::tfevents::decode_event(r)
+                .scalars
+                .into_iter()
+                .map(|(t, _)| t)
+        })
+        .collect();
+    for t in [
+        "train/loss",
+        "train/learning_rate",
+        "train/grad_norm",
+        "eval/accuracy",
+        "eval/loss",
+    ] {
+        assert!(tags.iter().any(|x| x == t), "no {t} in {tags:?}");
+    }
+    assert!(runs.join("log.jsonl").is_file());
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_saves_a_checkpoint_then_exits() {
+    let root = scratch("ctrlc");
+    let s = setup(&root);
+    let out = root.join("out");
+    let child = train_cmd(&s, &out)
+        .args([
+            "--max-steps",
+            "1000000",
+            "--save-strategy",
+            "no",
+            "--logging-steps",
+            "100000",
+        ])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let kill = Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -INT {}", child.id()))
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(
+        !result.status.success() && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+    assert!(
+        stderr
+            .lines()
+            .last()
+            .unwrap()
+            .contains("interrupted at step"),
+        "{stderr}"
+    );
+    let checkpoint = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("checkpoint-")
+        })
+        .expect("a checkpoint");
+    let state = read_json(&checkpoint.join("trainer_state.json"));
+    let step = state["global_step"].as_u64().unwrap();
+    assert!(checkpoint.ends_with(format!("checkpoint-{step}")) && step > 0);
+    // It resumes.
+    run_ok(train_cmd(&s, &out).args([
+        "--max-steps",
+        &(step + 2).to_string(),
+        "--resume-from-checkpoint",
+        "true",
+    ]));
+    assert_eq!(
+        read_json(&out.join("trainer_state.json"))["global_step"].as_u64(),
+        Some(step + 2)
+    );
+}
