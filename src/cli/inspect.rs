@@ -1,24 +1,19 @@
 //! `bertft-cuda inspect`: what a model folder holds, and what it predicts for a text.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result};
 use clap::Args;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::config::BertConfig;
-use crate::data::tokenize::TextTokenizer;
+use crate::cli::load::{load_model, resolve_model_dir, LoadedModel};
 use crate::model::bert::{Activations, Batch, Mode};
-use crate::model::params::ParamLayout;
-use crate::model::weights::load_weights;
 use crate::model::Classifier;
 
 #[derive(Args)]
 pub struct InspectArgs {
-    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer files).
+    /// A Hugging Face model folder (config.json, model.safetensors, tokenizer files), or a hub id.
     #[arg(long)]
-    model: PathBuf,
+    model: String,
     /// A text to classify.
     #[arg(long)]
     text: Option<String>,
@@ -33,15 +28,17 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: &InspectArgs) -> Result<()> {
-    let cfg = BertConfig::from_file(&args.model.join("config.json"))?;
-    let layout = ParamLayout::new(&cfg);
-    let loaded = load_weights(&args.model, &cfg, &layout, args.seed)?;
-    for notice in &loaded.notices {
-        eprintln!("notice: {notice}");
-    }
+    let dir = resolve_model_dir(&args.model)?;
+    let LoadedModel {
+        cfg,
+        layout,
+        flat,
+        tokenizer,
+        ..
+    } = load_model(&dir, None, args.seed)?;
     println!(
         "{}: {} layers, hidden {}, {} heads of {}, intermediate {}, {}, {} labels ({}), {} parameters",
-        args.model.display(),
+        dir.display(),
         cfg.num_hidden_layers,
         cfg.hidden_size,
         cfg.num_attention_heads,
@@ -55,13 +52,12 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let Some(text) = &args.text else {
         return Ok(());
     };
-    let tokenizer = TextTokenizer::from_dir(&args.model)?;
     let max_len = args.max_seq_length.min(cfg.max_position_embeddings);
     let enc = tokenizer
         .encode(text, args.text_pair.as_deref(), max_len)
         .context("tokenizing --text")?;
     let be = CpuBackend;
-    let model = Classifier::new(&be, cfg, &loaded.flat)?;
+    let model = Classifier::new(&be, cfg, &flat)?;
     let batch = Batch::padded(&be, &[&enc.ids], &[&enc.type_ids], None, tokenizer.pad_id())?;
     let acts = Activations::new(&be, &model.cfg, batch.rows(), batch.size())?;
     model.bert(&be).forward(&batch, &acts, Mode::Eval)?;

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
+
+use crate::cli::hub;
 
 use crate::backend::cpu::CpuBackend;
 use crate::config::BertConfig;
@@ -30,8 +32,7 @@ pub fn choose_backend(device: DeviceChoice, fp16: bool, bf16: bool) -> Result<Cp
     Ok(CpuBackend)
 }
 
-/// A local model folder. A hub id (`org/name`) is looked up in the local cache of
-/// `bertft-cuda download`-style layouts; the hub itself is not contacted from here.
+/// A local model folder, or a hub repository id fetched into the local cache (see `hub`).
 pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     let dir = PathBuf::from(model);
     if dir.join("config.json").is_file() {
@@ -40,7 +41,12 @@ pub fn resolve_model_dir(model: &str) -> Result<PathBuf> {
     if dir.is_dir() {
         bail!("{}: not a model folder (no config.json)", dir.display());
     }
-    bail!("--model {model}: no such folder (give a local Hugging Face model folder)")
+    if hub::looks_like_repo_id(model) {
+        return hub::fetch_model(model, "main").with_context(|| {
+            format!("--model {model}: no such folder, and fetching it from the hub failed")
+        });
+    }
+    bail!("--model {model}: no such folder")
 }
 
 pub struct LoadedModel {

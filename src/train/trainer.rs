@@ -338,7 +338,6 @@ impl<B: Backend> Trainer<'_, B> {
                 steps_since_log += 1;
                 train_loss_sum += report.loss;
                 progress.step(state.global_step, state.global_step * step_samples);
-                progress.update_stats(report.loss, report.lr, report.grad_norm, state.epoch);
 
                 let epoch_end = position.step_in_epoch as usize == groups.len();
                 let last = state.global_step >= plan.max_steps;
@@ -351,11 +350,10 @@ impl<B: Backend> Trainer<'_, B> {
                     IntervalStrategy::No => false,
                 };
                 if log_now {
+                    let mean_loss = loss_since_log / steps_since_log as f64;
+                    progress.update_stats(mean_loss, report.lr, report.grad_norm, state.epoch);
                     let mut entry = Map::new();
-                    entry.insert(
-                        "loss".into(),
-                        json!(round4(loss_since_log / steps_since_log as f64)),
-                    );
+                    entry.insert("loss".into(), json!(round4(mean_loss)));
                     entry.insert("grad_norm".into(), json!(report.grad_norm));
                     entry.insert("learning_rate".into(), json!(report.lr));
                     entry.insert("epoch".into(), json!(state.epoch));
