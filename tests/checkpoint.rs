@@ -2,6 +2,7 @@
 //! the latest checkpoint, rotation, atomic replacement, and one-line errors naming the file.
 
 mod common;
+use common::TempDir;
 
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
@@ -19,28 +20,6 @@ use bertft_cuda::train::schedule::{Schedule, ScheduleKind};
 use bertft_cuda::train::state::TrainerState;
 use common::tiny::{random_vec, tiny_config, tiny_weights};
 use serde_json::{json, Map, Value};
-
-/// A folder under the system temp dir, unique to this process and test, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("bertft-checkpoint-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A model and an optimizer that has taken `steps` real updates (non-zero, distinct moments).
 struct Run {
@@ -180,7 +159,7 @@ fn tokenizer_dir(root: &Path) -> PathBuf {
 
 #[test]
 fn save_then_load_is_bit_identical() {
-    let tmp = TempDir::new("roundtrip");
+    let tmp = TempDir::new("checkpoint-roundtrip");
     let out = tmp.path().join("out");
     let run = Run::new(5, 3);
     let st = state(20);
@@ -311,7 +290,7 @@ fn trainer_state_json_is_what_transformers_writes() {
     };
     assert_eq!(st.to_json(), PYTHON_TRAINER_STATE);
 
-    let tmp = TempDir::new("state");
+    let tmp = TempDir::new("checkpoint-state");
     let path = tmp.path().join("trainer_state.json");
     st.save(&path).unwrap();
     assert_eq!(fs::read_to_string(&path).unwrap(), PYTHON_TRAINER_STATE);
@@ -321,7 +300,7 @@ fn trainer_state_json_is_what_transformers_writes() {
 
 #[test]
 fn saved_trainer_state_has_sorted_keys_and_two_space_indent() {
-    let tmp = TempDir::new("sorted");
+    let tmp = TempDir::new("checkpoint-sorted");
     let dir = Run::new(1, 1).save(tmp.path(), &state(7), None).unwrap();
     let text = fs::read_to_string(dir.join("trainer_state.json")).unwrap();
     assert!(text.starts_with("{\n  \"") && text.ends_with("\n}\n"));
@@ -346,7 +325,7 @@ fn saved_trainer_state_has_sorted_keys_and_two_space_indent() {
 
 #[test]
 fn latest_checkpoint_goes_by_step_and_skips_leftovers() {
-    let tmp = TempDir::new("latest");
+    let tmp = TempDir::new("checkpoint-latest");
     let out = tmp.path();
     assert_eq!(latest_checkpoint(&out.join("absent")).unwrap(), None);
     assert_eq!(latest_checkpoint(out).unwrap(), None);
@@ -386,7 +365,7 @@ fn remaining(out: &Path) -> Vec<String> {
 
 #[test]
 fn rotation_keeps_the_newest_and_the_best() {
-    let tmp = TempDir::new("rotate");
+    let tmp = TempDir::new("checkpoint-rotate");
     let out = tmp.path();
     make_checkpoints(out, &[2, 4, 6, 8, 10]);
     fs::create_dir(out.join("checkpoint-12.tmp-1")).unwrap();
@@ -433,7 +412,7 @@ fn set_mtime(dir: &Path, t: SystemTime) {
 fn rotation_orders_by_modification_time_when_it_is_meaningful() {
     // A run resumed from checkpoint-10 while an older run's checkpoint-30 is still there, then
     // saves checkpoint-20: the just-saved folder is the most recent, as transformers sees it.
-    let tmp = TempDir::new("mtime");
+    let tmp = TempDir::new("checkpoint-mtime");
     let out = tmp.path();
     make_checkpoints(out, &[10, 20, 30]);
     let t0 = SystemTime::now() - Duration::from_secs(3600);
@@ -447,7 +426,7 @@ fn rotation_orders_by_modification_time_when_it_is_meaningful() {
 
 #[test]
 fn saving_over_an_existing_checkpoint_replaces_it_whole() {
-    let tmp = TempDir::new("replace");
+    let tmp = TempDir::new("checkpoint-replace");
     let out = tmp.path().join("out");
     let first = Run::new(1, 2);
     let dir = first.save(&out, &state(5), None).unwrap();
@@ -493,7 +472,7 @@ fn load_error(dir: &Path, cfg: &BertConfig, file: &str) -> String {
 
 #[test]
 fn broken_files_give_one_line_errors_naming_them() {
-    let tmp = TempDir::new("errors");
+    let tmp = TempDir::new("checkpoint-errors");
     let run = Run::new(1, 1);
     let cfg = run.model.cfg.clone();
     let fresh = |tag: &str| run.save(&tmp.path().join(tag), &state(1), None).unwrap();

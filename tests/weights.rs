@@ -2,10 +2,11 @@
 //! initialization, and the real all-MiniLM-L6-v2 checkpoint.
 
 mod common;
+use common::TempDir;
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use bertft_cuda::backend::philox;
 use bertft_cuda::config::BertConfig;
@@ -18,28 +19,6 @@ use safetensors::SafeTensors;
 const TINY: &str = r#"{"model_type":"bert","vocab_size":30,"hidden_size":12,"num_attention_heads":3,
     "num_hidden_layers":2,"intermediate_size":20,"max_position_embeddings":16,
     "id2label":{"0":"neg","1":"neutral","2":"pos"}}"#;
-
-/// A folder under the system temp dir, unique to this process and test, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let path =
-            std::env::temp_dir().join(format!("bertft-weights-{tag}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 fn tiny() -> (BertConfig, ParamLayout) {
     let cfg = BertConfig::from_json(TINY).unwrap();
@@ -142,7 +121,7 @@ fn save_then_load_is_bit_identical() {
     let mut flat = random_flat(&layout, 1);
     // Values a lossy path would change: signed zero, a subnormal, the extremes.
     flat[..4].copy_from_slice(&[-0.0, f32::MIN_POSITIVE / 3.0, f32::MAX, f32::MIN]);
-    let tok = TempDir::new("roundtrip-tok");
+    let tok = TempDir::new("weights-roundtrip-tok");
     fs::write(
         tok.path().join("vocab.txt"),
         "[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n",
@@ -153,7 +132,7 @@ fn save_then_load_is_bit_identical() {
         r#"{"do_lower_case": true}"#,
     )
     .unwrap();
-    let out = TempDir::new("roundtrip");
+    let out = TempDir::new("weights-roundtrip");
     let dir = out.path().join("nested/model"); // created on demand
 
     save_pretrained(&dir, &cfg, &layout, &flat, Some(tok.path())).unwrap();
@@ -191,7 +170,7 @@ fn save_then_load_is_bit_identical() {
 fn saved_file_has_full_names_f32_and_pt_metadata() {
     let (cfg, layout) = tiny();
     let flat = random_flat(&layout, 2);
-    let out = TempDir::new("format");
+    let out = TempDir::new("weights-format");
     save_pretrained(out.path(), &cfg, &layout, &flat, None).unwrap();
     let bytes = fs::read(out.path().join("model.safetensors")).unwrap();
     let (_, meta) = SafeTensors::read_metadata(&bytes).unwrap();
@@ -239,7 +218,7 @@ fn saved_file_has_full_names_f32_and_pt_metadata() {
 #[test]
 fn saving_again_replaces_the_previous_files() {
     let (cfg, layout) = tiny();
-    let out = TempDir::new("resave");
+    let out = TempDir::new("weights-resave");
     save_pretrained(out.path(), &cfg, &layout, &random_flat(&layout, 3), None).unwrap();
     let second = random_flat(&layout, 4);
     save_pretrained(out.path(), &cfg, &layout, &second, None).unwrap();
@@ -252,7 +231,7 @@ fn saving_again_replaces_the_previous_files() {
 #[test]
 fn save_refuses_bad_input_before_writing() {
     let (cfg, layout) = tiny();
-    let out = TempDir::new("save-bad");
+    let out = TempDir::new("weights-save-bad");
     let dir = out.path().join("never");
     let err = save_pretrained(&dir, &cfg, &layout, &[0.0; 5], None)
         .unwrap_err()
@@ -264,7 +243,7 @@ fn save_refuses_bad_input_before_writing() {
             layout.total
         )
     );
-    let empty = TempDir::new("save-bad-tok");
+    let empty = TempDir::new("weights-save-bad-tok");
     let err = format!(
         "{:#}",
         save_pretrained(
@@ -287,7 +266,7 @@ fn save_refuses_bad_input_before_writing() {
 fn bert_model_names_and_tf_layernorm_names_load() {
     let (cfg, layout) = tiny();
     let flat = random_flat(&layout, 5);
-    let dir = TempDir::new("names");
+    let dir = TempDir::new("weights-names");
     let rename = |n: &str| {
         let n = n.strip_prefix("bert.").unwrap_or(n);
         Some(
@@ -335,7 +314,7 @@ fn f16_and_bf16_storage_is_converted() {
 fn sharded_checkpoint_loads() {
     let (cfg, layout) = tiny();
     let flat = random_flat(&layout, 7);
-    let dir = TempDir::new("sharded");
+    let dir = TempDir::new("weights-sharded");
     let all = tensors_of(&layout, &flat, Dtype::F32, keep);
     let (a, b) = all.split_at(all.len() / 2);
     let mut weight_map = serde_json::Map::new();
@@ -368,7 +347,7 @@ fn sharded_checkpoint_loads() {
 fn ignored_and_unused_tensors_are_reported() {
     let (cfg, layout) = tiny();
     let flat = random_flat(&layout, 8);
-    let dir = TempDir::new("extra");
+    let dir = TempDir::new("weights-extra");
     let mut tensors = tensors_of(&layout, &flat, Dtype::F32, keep);
     let extra = |name: &str, dtype: Dtype| Raw {
         name: name.into(),
@@ -412,7 +391,7 @@ fn missing_head_is_initialized_like_transformers() {
     .unwrap();
     let layout = ParamLayout::new(&cfg);
     let flat = random_flat(&layout, 9);
-    let dir = TempDir::new("head");
+    let dir = TempDir::new("weights-head");
     let body = |n: &str| {
         (!n.starts_with("bert.pooler") && !n.starts_with("classifier")).then(|| n.to_string())
     };
@@ -478,7 +457,7 @@ fn missing_head_is_initialized_like_transformers() {
 #[test]
 fn missing_body_tensor_is_an_error() {
     let (cfg, layout) = tiny();
-    let dir = TempDir::new("missing");
+    let dir = TempDir::new("weights-missing");
     let gone = "bert.encoder.layer.1.intermediate.dense.weight";
     let drop_one = |n: &str| (n != gone).then(|| n.to_string());
     write_file(
@@ -501,7 +480,7 @@ fn wrong_shape_is_an_error_with_both_shapes() {
     ))
     .unwrap();
     let two_layout = ParamLayout::new(&two_labels);
-    let dir = TempDir::new("shape");
+    let dir = TempDir::new("weights-shape");
     write_file(
         &dir.path().join("model.safetensors"),
         &tensors_of(&two_layout, &random_flat(&two_layout, 0), Dtype::F32, keep),
@@ -519,7 +498,7 @@ fn wrong_shape_is_an_error_with_both_shapes() {
 #[test]
 fn unsupported_dtype_is_an_error() {
     let (cfg, layout) = tiny();
-    let dir = TempDir::new("dtype");
+    let dir = TempDir::new("weights-dtype");
     let mut tensors = tensors_of(&layout, &random_flat(&layout, 0), Dtype::F32, keep);
     let t = tensors
         .iter_mut()
@@ -540,7 +519,7 @@ fn unsupported_dtype_is_an_error() {
 #[test]
 fn the_same_tensor_twice_is_an_error() {
     let (cfg, layout) = tiny();
-    let dir = TempDir::new("twice");
+    let dir = TempDir::new("weights-twice");
     let mut tensors = tensors_of(&layout, &random_flat(&layout, 0), Dtype::F32, keep);
     let copy = tensors_of(&layout, &random_flat(&layout, 0), Dtype::F32, |n| {
         (n == "bert.pooler.dense.bias").then(|| "pooler.dense.bias".to_string())
@@ -554,7 +533,7 @@ fn the_same_tensor_twice_is_an_error() {
 #[test]
 fn missing_or_unreadable_files_are_errors() {
     let (cfg, layout) = tiny();
-    let dir = TempDir::new("nofile");
+    let dir = TempDir::new("weights-nofile");
     let err = load_err(dir.path(), &cfg, &layout);
     assert_eq!(
         err,
@@ -605,7 +584,7 @@ fn layout_of_another_config_is_refused() {
         &BertConfig::from_json(&TINY.replace("\"num_hidden_layers\":2", "\"num_hidden_layers\":1"))
             .unwrap(),
     );
-    let dir = TempDir::new("layout");
+    let dir = TempDir::new("weights-layout");
     let err = load_err(dir.path(), &cfg, &other);
     assert!(err.contains("not built from this config"), "{err}");
     assert!(save_pretrained(dir.path(), &cfg, &other, &vec![0.0; other.total], None).is_err());
@@ -654,7 +633,7 @@ fn minilm_loads_and_matches_its_file() {
     );
 
     // What a fine-tuning run writes at the end must reload unchanged, tokenizer included.
-    let out = TempDir::new("minilm-save");
+    let out = TempDir::new("weights-minilm-save");
     save_pretrained(out.path(), &cfg, &layout, &loaded.flat, Some(&dir)).unwrap();
     let again = load_weights(out.path(), &cfg, &layout, 7).unwrap();
     assert!(again.notices.is_empty(), "{:?}", again.notices);

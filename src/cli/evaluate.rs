@@ -13,6 +13,7 @@ use crate::model::Classifier;
 use crate::train::args::EvaluateArgs;
 use crate::train::evaluate::{eval_metrics, predict};
 use crate::train::metrics::format_metrics_line;
+use crate::train::state::write_json;
 use crate::train::step::ActivationCache;
 
 /// A labelled file, tokenized, its labels mapped through the model's labels.
@@ -43,11 +44,10 @@ pub fn print_and_save_metrics(metrics: &[(String, f64)], output_dir: Option<&Pat
             .iter()
             .map(|(k, v)| (k.clone(), serde_json::json!(v)))
             .collect();
-        let path = dir.join("eval_results.json");
-        let tmp = dir.join(".eval_results.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string_pretty(&map)? + "\n")
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        write_json(
+            &dir.join("eval_results.json"),
+            &serde_json::Value::Object(map),
+        )?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@ use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
 use crate::cli::train::columns;
 use crate::data::dataset::read_dataset;
 use crate::data::encoded::EncodedSet;
+use crate::model::weights::write_atomic;
 use crate::model::Classifier;
 use crate::train::args::PredictArgs;
 use crate::train::evaluate::{argmax, predict, softmax, Predictions};
@@ -31,16 +32,7 @@ pub fn write_predictions(
         text.push('\n');
     }
     match output {
-        Some(path) => {
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
-            let tmp = path.with_file_name(format!(".{name}.tmp"));
-            std::fs::write(&tmp, text)
-                .with_context(|| format!("cannot write {}", tmp.display()))?;
-            std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
-        }
+        Some(path) => write_atomic(path, |tmp| std::fs::write(tmp, &text).map_err(Into::into)),
         None => std::io::stdout()
             .write_all(text.as_bytes())
             .context("writing predictions"),

@@ -15,6 +15,7 @@ use crate::model::Classifier;
 use crate::train::args::TrainArgs;
 use crate::train::checkpoint::{latest_checkpoint, load_checkpoint};
 use crate::train::evaluate::{eval_metrics, predict};
+use crate::train::state::write_json;
 use crate::train::step::ActivationCache;
 use crate::train::trainer::{Trainer, INTERRUPTED};
 
@@ -37,13 +38,6 @@ fn check_output_dir(args: &TrainArgs) -> Result<()> {
         );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
-}
-
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)? + "\n")
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {

@@ -4,6 +4,9 @@ use anyhow::{Context, Result};
 
 use crate::data::tokenize::TextTokenizer;
 
+/// Some rows of a set: token ids, token type ids, and labels when the set has them.
+pub type Rows<'a> = (Vec<&'a [u32]>, Vec<&'a [u32]>, Option<Vec<u32>>);
+
 pub struct EncodedSet {
     pub ids: Vec<Vec<u32>>,
     pub type_ids: Vec<Vec<u32>>,
@@ -52,7 +55,7 @@ impl EncodedSet {
     }
 
     /// The rows `rows` as slices, with their labels.
-    pub fn rows(&self, rows: &[usize]) -> (Vec<&[u32]>, Vec<&[u32]>, Option<Vec<u32>>) {
+    pub fn rows(&self, rows: &[usize]) -> Rows<'_> {
         let ids = rows.iter().map(|&r| self.ids[r].as_slice()).collect();
         let types = rows.iter().map(|&r| self.type_ids[r].as_slice()).collect();
         let labels = self

@@ -223,14 +223,15 @@ fn round4(x: f64) -> f64 {
 
 impl<B: Backend> Trainer<'_, B> {
     fn fresh_state(&self, plan: &Plan) -> TrainerState {
-        let mut state = TrainerState::default();
-        state.eval_steps = plan.eval_steps;
-        state.logging_steps = plan.logging_steps;
-        state.save_steps = plan.save_steps;
-        state.max_steps = plan.max_steps;
-        state.num_train_epochs = plan.epochs;
-        state.train_batch_size = Some(self.args.per_device_train_batch_size);
-        state
+        TrainerState {
+            eval_steps: plan.eval_steps,
+            logging_steps: plan.logging_steps,
+            save_steps: plan.save_steps,
+            max_steps: plan.max_steps,
+            num_train_epochs: plan.epochs,
+            train_batch_size: Some(self.args.per_device_train_batch_size),
+            ..TrainerState::default()
+        }
     }
 
     /// Trains from the start, or from `resume` (a loaded checkpoint), to the end of the plan.
@@ -575,8 +576,8 @@ impl<B: Backend> Trainer<'_, B> {
         self.backend
             .copy(&self.model.params, &self.backend.upload(&ck.params)?)?;
         eprintln!(
-            "loaded the best model from {dir} ({} = {:?})",
-            "best_metric", state.best_metric
+            "loaded the best model from {dir} (best_metric {:?})",
+            state.best_metric
         );
         Ok(())
     }

@@ -7,7 +7,7 @@ pub mod naive;
 pub mod tfevents;
 pub mod tiny;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The repository's committed fixtures (`tests/fixtures/`).
 pub fn fixtures_dir() -> PathBuf {
@@ -41,4 +41,26 @@ pub fn sst2_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// A folder under the system temp dir, unique to this process and tag, removed on drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("bertft-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
