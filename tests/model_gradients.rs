@@ -141,3 +141,49 @@ fn packed_equals_padded() {
         assert!((a - b).abs() <= 1e-5 * max, "{a} vs {b}");
     }
 }
+
+/// Activations handed out by the arena (views of buffers a larger batch used before) give the
+/// same results as fresh buffers: no op reads what an earlier batch left behind.
+#[test]
+fn arena_views_equal_fresh_buffers() {
+    use bertft_cuda::model::bert::ActivationArena;
+    let be = CpuBackend;
+    let cfg = tiny_config("gelu");
+    let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 4)).unwrap();
+    let (large, small) = (batch(&be, false), batch(&be, true));
+    let mode = Mode::Train { seed: 1, step: 2 };
+    let run = |acts: &Activations<_>, b: &Batch<CpuBackend>| {
+        model.zero_grads(&be).unwrap();
+        let bert = model.bert(&be);
+        bert.forward(b, acts, mode).unwrap();
+        bert.backward(
+            &model.grad_views,
+            b,
+            acts,
+            mode,
+            LossSpec {
+                label_smoothing: 0.0,
+                normalizer: b.size(),
+            },
+        )
+        .unwrap();
+        (
+            be.download(&acts.logits).unwrap(),
+            be.download(&model.grads).unwrap(),
+        )
+    };
+    let fresh = run(
+        &Activations::new(&be, &cfg, small.rows(), small.size()).unwrap(),
+        &small,
+    );
+    let mut arena = ActivationArena::default();
+    run(
+        &arena.get(&be, &cfg, large.rows(), large.size()).unwrap(),
+        &large,
+    );
+    let reused = run(
+        &arena.get(&be, &cfg, small.rows(), small.size()).unwrap(),
+        &small,
+    );
+    assert_eq!(fresh, reused);
+}

@@ -210,18 +210,30 @@ pub struct Activations<T> {
 }
 
 impl<T: Clone> Activations<T> {
+    /// Fresh buffers for `batch` sequences in `rows` rows.
     pub fn new<B: Backend<Tensor = T>>(
         backend: &B,
         cfg: &BertConfig,
         rows: usize,
         batch: usize,
     ) -> Result<Self> {
+        Self::build(cfg, rows, batch, |n| backend.zeros(n))
+    }
+
+    /// Every buffer, each of the length `alloc` is asked for, in a fixed order (so that a
+    /// second build can hand out views of a first one's buffers).
+    fn build(
+        cfg: &BertConfig,
+        rows: usize,
+        batch: usize,
+        mut alloc: impl FnMut(usize) -> Result<T>,
+    ) -> Result<Self> {
         let (h, i, heads) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.num_attention_heads,
         );
-        let z = |n: usize| backend.zeros(n);
+        let mut z = |n: usize| alloc(n);
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok(LayerActs {
@@ -272,6 +284,53 @@ impl<T: Clone> Activations<T> {
             .last()
             .map(|l| &l.ffn_ln_out)
             .unwrap_or(&self.emb_out)
+    }
+}
+
+/// One set of activation buffers sized for the largest batch seen, handed out as views for
+/// each batch shape: with dynamic padding every batch has its own shape, and buffers per shape
+/// would pile up.
+pub struct ActivationArena<T> {
+    capacity: (usize, usize),
+    buffers: Vec<T>,
+}
+
+impl<T: Clone> Default for ActivationArena<T> {
+    fn default() -> Self {
+        ActivationArena {
+            capacity: (0, 0),
+            buffers: Vec::new(),
+        }
+    }
+}
+
+impl<T: Clone> ActivationArena<T> {
+    /// Activations for `batch` sequences in `rows` rows: views of the arena's buffers, which
+    /// grow (once, to the larger of each dimension) when the shape does not fit.
+    pub fn get<B: Backend<Tensor = T>>(
+        &mut self,
+        backend: &B,
+        cfg: &BertConfig,
+        rows: usize,
+        batch: usize,
+    ) -> Result<Activations<T>> {
+        let (cap_rows, cap_batch) = self.capacity;
+        if rows > cap_rows || batch > cap_batch {
+            let capacity = (rows.max(cap_rows), batch.max(cap_batch));
+            self.buffers.clear();
+            let buffers = &mut self.buffers;
+            Activations::build(cfg, capacity.0, capacity.1, |n| {
+                let t = backend.zeros(n)?;
+                buffers.push(t.clone());
+                Ok(t)
+            })?;
+            self.capacity = capacity;
+        }
+        let mut next = self.buffers.iter();
+        Activations::build(cfg, rows, batch, |n| {
+            let big = next.next().expect("the same buffers in the same order");
+            Ok(backend.view(big, 0, n))
+        })
     }
 }
 

@@ -41,7 +41,7 @@ pub fn predict<B: Backend>(
     for rows in &chunks {
         let (ids, types, labels) = set.rows(rows);
         let batch = Batch::padded(backend, &ids, &types, labels.as_deref(), pad_id)?;
-        let a = acts.get(backend, model, &batch)?;
+        let a = &acts.get(backend, model, &batch)?;
         bert.forward(&batch, a, Mode::Eval)?;
         if labels.is_some() {
             loss_sum += bert

@@ -4,24 +4,22 @@
 //! The loss is the mean over all rows of the accumulated batch, so `k` micro-batches give the
 //! same update as one batch holding all of their rows, whatever their sizes.
 
-use std::collections::HashMap;
-
 use anyhow::{ensure, Result};
 
 use crate::backend::Backend;
-use crate::model::bert::{Activations, Batch, LossSpec, Mode};
+use crate::model::bert::{ActivationArena, Activations, Batch, LossSpec, Mode};
 use crate::model::Classifier;
 use crate::train::optimizer::{clip_grad_norm, AdamW};
 
-/// Activation buffers by batch shape (rows, sequences), allocated on first use.
+/// Activation buffers for every batch shape of a run (see [`ActivationArena`]).
 pub struct ActivationCache<B: Backend> {
-    by_shape: HashMap<(usize, usize), Activations<B::Tensor>>,
+    arena: ActivationArena<B::Tensor>,
 }
 
 impl<B: Backend> Default for ActivationCache<B> {
     fn default() -> Self {
         ActivationCache {
-            by_shape: HashMap::new(),
+            arena: ActivationArena::default(),
         }
     }
 }
@@ -32,14 +30,9 @@ impl<B: Backend> ActivationCache<B> {
         backend: &B,
         model: &Classifier<B>,
         batch: &Batch<B>,
-    ) -> Result<&Activations<B::Tensor>> {
-        let key = (batch.rows(), batch.size());
-        match self.by_shape.entry(key) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                Ok(e.insert(Activations::new(backend, &model.cfg, key.0, key.1)?))
-            }
-        }
+    ) -> Result<Activations<B::Tensor>> {
+        self.arena
+            .get(backend, &model.cfg, batch.rows(), batch.size())
     }
 }
 
@@ -109,7 +102,7 @@ pub fn train_step<B: Backend>(
             },
             None => Mode::Eval,
         };
-        let acts = scratch.acts.get(backend, model, batch)?;
+        let acts = &scratch.acts.get(backend, model, batch)?;
         bert.forward(batch, acts, mode)?;
         loss_sum += bert
             .losses(batch, acts, s.label_smoothing)?
