@@ -118,6 +118,7 @@ fn tiny_gradients_match_torch() {
         .iter()
         .map(|s| max_abs(&case.f32(&format!("grad.{}", s.name))))
         .fold(0.0, f32::max);
+    let mut worst = 0.0f32;
     for s in &model.layout.specs {
         let torch = case.f32(&format!("grad.{}", s.name));
         let ours = &grads[s.offset..s.offset + s.len()];
@@ -127,6 +128,7 @@ fn tiny_gradients_match_torch() {
             max_abs(&torch)
         };
         let d = max_abs_diff(ours, &torch);
+        worst = worst.max(d / scale);
         assert!(
             d <= 1e-4 * scale,
             "grad {}: max diff {d:.3e}, relative {:.3e}",
@@ -134,6 +136,7 @@ fn tiny_gradients_match_torch() {
             d / scale
         );
     }
+    eprintln!("gradients: worst relative difference {worst:.3e}");
     // The padding row of the word embeddings never gets a gradient (padding_idx).
     assert!(grads[..model.cfg.hidden_size].iter().all(|&g| g == 0.0));
 }
