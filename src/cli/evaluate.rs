@@ -79,7 +79,6 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         &set,
         args.data.per_device_eval_batch_size,
         args.label_smoothing_factor,
-        loaded.tokenizer.pad_id(),
     )?;
     let mut metrics = eval_metrics(
         &p,

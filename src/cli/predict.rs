@@ -64,7 +64,6 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         &set,
         args.data.per_device_eval_batch_size,
         0.0,
-        loaded.tokenizer.pad_id(),
     )?;
     write_predictions(&p, &model.cfg.id2label, args.output.as_deref())
 }

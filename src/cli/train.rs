@@ -106,7 +106,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
         model: &model,
         train: &train,
         eval: eval.as_ref(),
-        pad_id: loaded.tokenizer.pad_id(),
         tokenizer_dir: &model_dir,
         args_json: serde_json::to_value(args)?,
     };
@@ -151,7 +150,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             eval,
             args.data.per_device_eval_batch_size,
             args.label_smoothing_factor,
-            loaded.tokenizer.pad_id(),
         )?;
         let mut metrics = eval_metrics(
             &p,
@@ -178,7 +176,6 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             &set,
             args.data.per_device_eval_batch_size,
             0.0,
-            loaded.tokenizer.pad_id(),
         )?;
         write_predictions(
             &p,

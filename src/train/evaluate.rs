@@ -21,7 +21,7 @@ pub struct Predictions {
     pub batches: usize,
 }
 
-/// Logits of every row, in order, batches of `batch_size` padded to their longest row.
+/// Logits of every row, in order, in batches of `batch_size`.
 pub fn predict<B: Backend>(
     backend: &B,
     model: &Classifier<B>,
@@ -29,7 +29,6 @@ pub fn predict<B: Backend>(
     set: &EncodedSet,
     batch_size: usize,
     label_smoothing: f32,
-    pad_id: u32,
 ) -> Result<Predictions> {
     let start = Instant::now();
     let bert = model.bert(backend);
@@ -40,7 +39,8 @@ pub fn predict<B: Backend>(
     let chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
     for rows in &chunks {
         let (ids, types, labels) = set.rows(rows);
-        let batch = Batch::padded(backend, &ids, &types, labels.as_deref(), pad_id)?;
+        // Packed: no padding rows, which cost compute and change no logit.
+        let batch = Batch::packed(backend, &ids, &types, labels.as_deref())?;
         let a = &acts.get(backend, model, &batch)?;
         bert.forward(&batch, a, Mode::Eval)?;
         if labels.is_some() {
