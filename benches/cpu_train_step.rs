@@ -5,7 +5,6 @@
 //! Needs the all-MiniLM-L6-v2 folder: `BERTFT_MINILM_DIR`, or target/test-assets/ as
 //! tests/run.sh leaves it.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bertft_cuda::backend::cpu::CpuBackend;
@@ -19,22 +18,12 @@ use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
 use bertft_cuda::train::step::{train_step, StepScratch, StepSettings};
 use criterion::{criterion_group, criterion_main, Criterion};
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::minilm_dir;
+
 const BATCH: usize = 8;
 const SEQ: usize = 128;
-
-fn minilm_dir() -> PathBuf {
-    let dir = std::env::var_os("BERTFT_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-assets/all-minilm-l6-v2")
-        });
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "no MiniLM at {} (run tests/run.sh first)",
-        dir.display()
-    );
-    dir
-}
 
 fn train_step_minilm(c: &mut Criterion) {
     let be = CpuBackend;

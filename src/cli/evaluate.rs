@@ -4,6 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use crate::backend::Backend;
 use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
 use crate::cli::train::columns;
 use crate::data::dataset::{read_dataset, Columns, LabelMap};
@@ -72,19 +73,38 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
     )?;
     let model = Classifier::new(&backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
-    let p = predict(
-        &backend,
-        &model,
-        &mut acts,
-        &set,
-        args.data.per_device_eval_batch_size,
-        args.label_smoothing_factor,
-    )?;
-    let mut metrics = eval_metrics(
-        &p,
-        set.labels.as_deref().unwrap_or_default(),
-        model.cfg.num_labels(),
-    );
+    let batch_size = args.data.per_device_eval_batch_size;
+    let report = EvalReport {
+        smoothing: args.label_smoothing_factor,
+        epoch: None,
+        output_dir: args.output_dir.as_deref(),
+    };
+    evaluate_and_report(&backend, &model, &mut acts, &set, batch_size, &report)
+}
+
+/// How an evaluation is reported: the loss's label smoothing, the epoch (during training), and
+/// where eval_results.json goes.
+pub struct EvalReport<'a> {
+    pub smoothing: f32,
+    pub epoch: Option<f64>,
+    pub output_dir: Option<&'a Path>,
+}
+
+/// `trainer.evaluate()` on `set`: prints the metrics line and writes eval_results.json.
+pub fn evaluate_and_report<B: Backend>(
+    backend: &B,
+    model: &Classifier<B>,
+    acts: &mut ActivationCache<B>,
+    set: &EncodedSet,
+    batch_size: usize,
+    report: &EvalReport,
+) -> Result<()> {
+    let p = predict(backend, model, acts, set, batch_size, report.smoothing)?;
+    let labels = set.labels.as_deref().unwrap_or_default();
+    let mut metrics = eval_metrics(&p, labels, model.cfg.num_labels());
+    if let Some(epoch) = report.epoch {
+        metrics.push(("epoch".into(), epoch));
+    }
     metrics.push(("eval_samples".into(), set.len() as f64));
-    print_and_save_metrics(&metrics, args.output_dir.as_deref())
+    print_and_save_metrics(&metrics, report.output_dir)
 }

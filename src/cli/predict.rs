@@ -6,10 +6,12 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use serde_json::json;
 
+use crate::backend::Backend;
 use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
 use crate::cli::train::columns;
-use crate::data::dataset::read_dataset;
+use crate::data::dataset::{read_dataset, Columns};
 use crate::data::encoded::EncodedSet;
+use crate::data::tokenize::TextTokenizer;
 use crate::model::weights::write_atomic;
 use crate::model::Classifier;
 use crate::train::args::PredictArgs;
@@ -47,23 +49,45 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         .data
         .max_seq_length
         .min(loaded.cfg.max_position_embeddings);
-    let raw = read_dataset(&args.test_file, &columns(&args.data), false)?;
-    let set = EncodedSet::encode(
+    let set = read_unlabelled(
+        &args.test_file,
+        &columns(&args.data),
         &loaded.tokenizer,
-        &raw.texts,
-        raw.pairs.as_deref(),
-        None,
         max_len,
     )?;
     let model = Classifier::new(&backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
-    let p = predict(
+    let batch_size = args.data.per_device_eval_batch_size;
+    predict_and_write(
         &backend,
         &model,
         &mut acts,
         &set,
-        args.data.per_device_eval_batch_size,
-        0.0,
-    )?;
-    write_predictions(&p, &model.cfg.id2label, args.output.as_deref())
+        batch_size,
+        args.output.as_deref(),
+    )
+}
+
+/// A file of texts to classify (a label column, if any, is ignored), tokenized.
+pub fn read_unlabelled(
+    path: &Path,
+    cols: &Columns,
+    tokenizer: &TextTokenizer,
+    max_len: usize,
+) -> Result<EncodedSet> {
+    let raw = read_dataset(path, cols, false)?;
+    EncodedSet::encode(tokenizer, &raw.texts, raw.pairs.as_deref(), None, max_len)
+}
+
+/// `trainer.predict()` on `set`, written as JSONL to `output` or standard output.
+pub fn predict_and_write<B: Backend>(
+    backend: &B,
+    model: &Classifier<B>,
+    acts: &mut ActivationCache<B>,
+    set: &EncodedSet,
+    batch_size: usize,
+    output: Option<&Path>,
+) -> Result<()> {
+    let p = predict(backend, model, acts, set, batch_size, 0.0)?;
+    write_predictions(&p, &model.cfg.id2label, output)
 }

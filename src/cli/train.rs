@@ -5,16 +5,15 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::evaluate::{print_and_save_metrics, read_labelled};
+use crate::cli::evaluate::{evaluate_and_report, read_labelled, EvalReport};
 use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
-use crate::cli::predict::write_predictions;
+use crate::cli::predict::{predict_and_write, read_unlabelled};
 use crate::data::dataset::{read_dataset, Columns, LabelMap};
 use crate::data::encoded::EncodedSet;
 use crate::model::weights::save_pretrained;
 use crate::model::Classifier;
 use crate::train::args::TrainArgs;
 use crate::train::checkpoint::{latest_checkpoint, load_checkpoint};
-use crate::train::evaluate::{eval_metrics, predict};
 use crate::train::state::write_json;
 use crate::train::step::ActivationCache;
 use crate::train::trainer::{Trainer, INTERRUPTED};
@@ -142,46 +141,19 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     )?;
 
     let mut acts = ActivationCache::default();
+    let batch_size = args.data.per_device_eval_batch_size;
     if let Some(eval) = &eval {
-        let p = predict(
-            &backend,
-            &model,
-            &mut acts,
-            eval,
-            args.data.per_device_eval_batch_size,
-            args.label_smoothing_factor,
-        )?;
-        let mut metrics = eval_metrics(
-            &p,
-            eval.labels.as_deref().unwrap_or_default(),
-            model.cfg.num_labels(),
-        );
-        metrics.push(("epoch".into(), outcome.state.epoch));
-        metrics.push(("eval_samples".into(), eval.len() as f64));
-        print_and_save_metrics(&metrics, Some(&args.output_dir))?;
+        let report = EvalReport {
+            smoothing: args.label_smoothing_factor,
+            epoch: Some(outcome.state.epoch),
+            output_dir: Some(&args.output_dir),
+        };
+        evaluate_and_report(&backend, &model, &mut acts, eval, batch_size, &report)?;
     }
     if let Some(test) = &args.test_file {
-        let raw = read_dataset(test, &cols, false)?;
-        let set = EncodedSet::encode(
-            &loaded.tokenizer,
-            &raw.texts,
-            raw.pairs.as_deref(),
-            None,
-            max_len,
-        )?;
-        let p = predict(
-            &backend,
-            &model,
-            &mut acts,
-            &set,
-            args.data.per_device_eval_batch_size,
-            0.0,
-        )?;
-        write_predictions(
-            &p,
-            &model.cfg.id2label,
-            Some(&args.output_dir.join("predict_results.jsonl")),
-        )?;
+        let set = read_unlabelled(test, &cols, &loaded.tokenizer, max_len)?;
+        let output = args.output_dir.join("predict_results.jsonl");
+        predict_and_write(&backend, &model, &mut acts, &set, batch_size, Some(&output))?;
     }
     Ok(())
 }
