@@ -28,7 +28,7 @@
 // Scores are kept in log2 units internally (q or k pre-multiplied by scale·log2(e), exp2f), and
 // lse is converted back to natural log on output, so lse matches the CPU reference's.
 //
-// ---- Work decomposition (all kernels: 128 threads = 4 warps per block) --------------------------
+// ---- Work decomposition (block of exactly 128 threads = 4 warps, except delta) -----------------
 // A "row group" is G consecutive lanes that own one row (a query in forward/dq, a key in dkdv);
 // lane g of a group owns the float4 column groups c = 4·(g + G·t) .. +3, t < NT, so a row of
 // up to DMAX = 4·G·NT columns lives in registers (fp32), and a dot product is a partial sum per
@@ -52,10 +52,13 @@
 // (dq_d64, generic on sm_80); delta 28 registers.
 //
 // ---- Kernels and launch configurations (S = max_b rows[b], B = batch) --------------------------
+// Parameter types: T* out / dqkv; float* lse (forward) / delta (delta kernel); const T* qkv, dout,
+// out; const float* lse, delta (dq, dkdv); const unsigned* starts, rows, valid; unsigned heads,
+// head_dim, total_rows; float p (dropout probability); unsigned long long seed, stream.
 // attention_forward_<T>_<v>(out, lse, qkv, starts, rows, valid, heads, head_dim, p, seed, stream)
 //     grid (ceil(S/ROWS), heads, B), block 128. Online softmax over key tiles (running max m and
 //     sum l per query; o rescaled by e^(m_old − m_new) per chunk); writes out and lse of every
-//     query i < rows[b]; blocks past rows[b] exit.
+//     query i < rows[b]; blocks past rows[b] exit. (valid = 0 would give out = 0, lse = −∞.)
 // attention_backward_delta_<T>(delta, dout, out, total_rows, heads, head_dim)
 //     grid ceil(total_rows·heads/8), block 256 (any multiple of 32 up to 256 works: one warp per
 //     (row, head), grid = ceil(total_rows·heads / warps per block)), any d. delta[r·heads + h] =
@@ -285,7 +288,7 @@ __device__ __forceinline__ void forward(T* __restrict__ out, float* __restrict__
     const float scale = 1.f / sqrtf((float)d);
     const bool dropping = p > 0.f;
     const float rp = keep_factor(p);
-    const u64 head_base = (u64)(b * heads + h) << 32;
+    const u64 head_base = ((u64)b * heads + h) << 32;
 
     float q[C::NT][4], o[C::NT][4];
     load_row<T, C>(q, qkv + (start + i) * stride + (u64)h * d, g, d, live, scale * LOG2E);
@@ -384,7 +387,7 @@ __device__ __forceinline__ void backward_dq(T* __restrict__ dqkv, const T* __res
     const float scale = 1.f / sqrtf((float)d);
     const bool dropping = p > 0.f;
     const float rp = keep_factor(p);
-    const u64 head_base = (u64)(b * heads + h) << 32;
+    const u64 head_base = ((u64)b * heads + h) << 32;
 
     float q[C::NT][4], dO[C::NT][4], dq[C::NT][4];
     load_row<T, C>(q, qkv + (start + i) * stride + (u64)h * d, g, d, live, scale * LOG2E);
@@ -466,7 +469,7 @@ __device__ __forceinline__ void backward_dkdv(T* __restrict__ dqkv, const T* __r
     const float scale = 1.f / sqrtf((float)d);
     const bool dropping = p > 0.f;
     const float rp = keep_factor(p);
-    const u64 head_base = (u64)(b * heads + h) << 32;
+    const u64 head_base = ((u64)b * heads + h) << 32;
     // Philox: lane L draws (query chunk + L / NKB, keys jw + 4·(L % NKB) .. +3), jw = the warp's
     // first key (a multiple of 4); this lane's key kl = L / G of the warp is bit kl & 3 of block
     // kl >> 2, so its bit of query ic is bit ic·NKB + (kl >> 2) of ballot word kl & 3.
