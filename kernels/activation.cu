@@ -146,40 +146,40 @@ __device__ __forceinline__ void bias_act_rows(T* __restrict__ out, T* __restrict
 // Launch (bias_activation_forward_*): block (B, 1, 1), grid (ceil(cols / N / B), min(rows, 65535), 1)
 // with B = min(256, cols / N rounded up to 32) (any grid; grid-stride in both dimensions).
 #define ACTIVATION_KERNELS(T, SUFFIX)                                                                              \
-    extern "C" __global__ void activation_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,          \
+    extern "C" __global__ void activation_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,           \
                                                            unsigned long long n, int act) {                        \
         switch (act) {                                                                                             \
             case 0: map1(out, x, n, ActForward<0>()); break;                                                       \
             case 1: map1(out, x, n, ActForward<1>()); break;                                                       \
             case 2: map1(out, x, n, ActForward<2>()); break;                                                       \
-            default: fill_nan(out, n); break;                                                                       \
+            default: fill_nan(out, n); break;                                                                      \
         }                                                                                                          \
     }                                                                                                              \
-    extern "C" __global__ void activation_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,       \
+    extern "C" __global__ void activation_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,        \
                                                             const T* __restrict__ x, unsigned long long n, int act) { \
         switch (act) {                                                                                             \
             case 0: map2(dx, dout, x, n, ActBackward<0>()); break;                                                 \
             case 1: map2(dx, dout, x, n, ActBackward<1>()); break;                                                 \
             case 2: map2(dx, dout, x, n, ActBackward<2>()); break;                                                 \
-            default: fill_nan(dx, n); break;                                                                        \
+            default: fill_nan(dx, n); break;                                                                       \
         }                                                                                                          \
     }                                                                                                              \
-    extern "C" __global__ void bias_activation_forward_##SUFFIX(T* __restrict__ out, T* __restrict__ pre,         \
-                                                                const T* __restrict__ x,                          \
+    extern "C" __global__ void bias_activation_forward_##SUFFIX(T* __restrict__ out, T* __restrict__ pre,          \
+                                                                const T* __restrict__ x,                           \
                                                                 const float* __restrict__ bias, unsigned int rows, \
                                                                 unsigned int cols, int act) {                      \
         switch (act) {                                                                                             \
             case 0: bias_act_rows<T, 0>(out, pre, x, bias, rows, cols); break;                                     \
             case 1: bias_act_rows<T, 1>(out, pre, x, bias, rows, cols); break;                                     \
             case 2: bias_act_rows<T, 2>(out, pre, x, bias, rows, cols); break;                                     \
-            default: fill_nan(out, (unsigned long long)rows * cols); break;                                                    \
+            default: fill_nan(out, (unsigned long long)rows * cols); break;                                        \
         }                                                                                                          \
     }                                                                                                              \
-    extern "C" __global__ void tanh_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,                \
+    extern "C" __global__ void tanh_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,                 \
                                                      unsigned long long n) {                                       \
         map1(out, x, n, TanhForward());                                                                            \
     }                                                                                                              \
-    extern "C" __global__ void tanh_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,             \
+    extern "C" __global__ void tanh_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,              \
                                                       const T* __restrict__ y, unsigned long long n) {             \
         map2(dx, dout, y, n, TanhBackward());                                                                      \
     }

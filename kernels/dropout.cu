@@ -56,12 +56,12 @@ __device__ __forceinline__ void dropout_apply(T* __restrict__ out, const T* __re
 }
 
 #define DROPOUT_KERNELS(T, SUFFIX)                                                                                 \
-    extern "C" __global__ void dropout_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,             \
+    extern "C" __global__ void dropout_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,              \
                                                         unsigned long long n, float p, unsigned long long seed,    \
                                                         unsigned long long stream) {                               \
         dropout_apply(out, x, n, p, seed, stream);                                                                 \
     }                                                                                                              \
-    extern "C" __global__ void dropout_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,          \
+    extern "C" __global__ void dropout_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,           \
                                                          unsigned long long n, float p, unsigned long long seed,   \
                                                          unsigned long long stream) {                              \
         dropout_apply(dx, dout, n, p, seed, stream);                                                               \

@@ -75,7 +75,7 @@ struct EmbRun {
     }
 };
 
-// Launch: block (256, 1, 1) (any blockDim.x); grid (ceil(hidden / blockDim.x), ceil(rows / 32), 1)
+// Launch: block (256, 1, 1) (any blockDim.x); grid (ceil(hidden / 256), min(ceil(rows / 32), 65535), 1)
 // — both dimensions grid-stride, so any grid is correct. Thread (x) owns column
 // c = blockIdx.x·blockDim.x + threadIdx.x (consecutive lanes: consecutive columns, coalesced
 // loads and atomics); blockIdx.y selects a chunk of EMB_BWD_ROWS = 32 rows.
@@ -108,17 +108,17 @@ __device__ __forceinline__ void embeddings_backward_impl(float* __restrict__ dwo
 
 #define EMBEDDING_KERNELS(T, SUFFIX)                                                                               \
     extern "C" __global__ void embeddings_forward_##SUFFIX(                                                        \
-        T* __restrict__ out, const float* __restrict__ word, const float* __restrict__ position,                  \
-        const float* __restrict__ token_type, const unsigned int* __restrict__ ids,                               \
+        T* __restrict__ out, const float* __restrict__ word, const float* __restrict__ position,                   \
+        const float* __restrict__ token_type, const unsigned int* __restrict__ ids,                                \
         const unsigned int* __restrict__ positions, const unsigned int* __restrict__ type_ids, unsigned int rows,  \
         unsigned int hidden) {                                                                                     \
-        embeddings_forward_impl<T>(out, word, position, token_type, ids, positions, type_ids, rows, hidden);      \
+        embeddings_forward_impl<T>(out, word, position, token_type, ids, positions, type_ids, rows, hidden);       \
     }                                                                                                              \
     extern "C" __global__ void embeddings_backward_##SUFFIX(                                                       \
-        float* __restrict__ dword, float* __restrict__ dposition, float* __restrict__ dtoken_type,                \
+        float* __restrict__ dword, float* __restrict__ dposition, float* __restrict__ dtoken_type,                 \
         const T* __restrict__ dout, const unsigned int* __restrict__ ids, const unsigned int* __restrict__ positions, \
         const unsigned int* __restrict__ type_ids, unsigned int rows, unsigned int hidden, int padding_idx) {      \
-        embeddings_backward_impl<T>(dword, dposition, dtoken_type, dout, ids, positions, type_ids, rows, hidden,  \
+        embeddings_backward_impl<T>(dword, dposition, dtoken_type, dout, ids, positions, type_ids, rows, hidden,   \
                                     padding_idx);                                                                  \
     }
 

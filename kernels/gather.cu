@@ -57,8 +57,8 @@ __device__ __forceinline__ void scatter_first_tokens_backward_impl(T* __restrict
 }
 
 #define GATHER_KERNELS(T, SUFFIX)                                                                                  \
-    extern "C" __global__ void gather_first_tokens_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,         \
-                                                            const unsigned int* __restrict__ starts,              \
+    extern "C" __global__ void gather_first_tokens_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,          \
+                                                            const unsigned int* __restrict__ starts,               \
                                                             unsigned int batch, unsigned int hidden) {             \
         gather_first_tokens_impl(out, x, starts, batch, hidden);                                                   \
     }                                                                                                              \

@@ -220,16 +220,16 @@ __device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, floa
 
 #define LAYERNORM_KERNELS(T, SUFFIX)                                                                               \
     extern "C" __global__ void layernorm_forward_##SUFFIX(                                                         \
-        T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd, const T* __restrict__ x,        \
-        const T* __restrict__ residual, T* __restrict__ sum, const float* __restrict__ gamma,                     \
-        const float* __restrict__ beta, unsigned int rows, unsigned int cols, float eps) {                        \
-        layernorm_forward_impl<T>(out, mean, rstd, x, residual, sum, gamma, beta, rows, cols, eps);               \
+        T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd, const T* __restrict__ x,          \
+        const T* __restrict__ residual, T* __restrict__ sum, const float* __restrict__ gamma,                      \
+        const float* __restrict__ beta, unsigned int rows, unsigned int cols, float eps) {                         \
+        layernorm_forward_impl<T>(out, mean, rstd, x, residual, sum, gamma, beta, rows, cols, eps);                \
     }                                                                                                              \
     extern "C" __global__ void layernorm_backward_##SUFFIX(                                                        \
-        T* __restrict__ dx, float* __restrict__ partials, const T* __restrict__ dout, const T* __restrict__ x,    \
-        const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ gamma,          \
+        T* __restrict__ dx, float* __restrict__ partials, const T* __restrict__ dout, const T* __restrict__ x,     \
+        const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ gamma,           \
         unsigned int rows, unsigned int cols) {                                                                    \
-        layernorm_backward_impl<T>(dx, partials, dout, x, mean, rstd, gamma, rows, cols);                         \
+        layernorm_backward_impl<T>(dx, partials, dout, x, mean, rstd, gamma, rows, cols);                          \
     }
 
 LAYERNORM_KERNELS(float, f32)
@@ -251,7 +251,8 @@ extern "C" __global__ void layernorm_backward_reduce(float* __restrict__ dgamma,
         const unsigned int c = c0 + threadIdx.x;
         float s = 0.0f;
         if (c < width)
-            for (unsigned int p = threadIdx.y; p < parts; p += blockDim.y) s += partials[(unsigned long long)p * width + c];
+            for (unsigned int p = threadIdx.y; p < parts; p += blockDim.y)
+                s += partials[(unsigned long long)p * width + c];
         tile[threadIdx.y][threadIdx.x] = s;
         __syncthreads();
         if (threadIdx.y == 0 && c < width) {

@@ -3,8 +3,8 @@
 // Global norm: sumsq = Σ g² over the flat fp32 gradient buffer (sum_squares_partial, then
 // sum_squares_finalize: fp32 per-thread and per-block sums, the block partials added in fp64 in a
 // fixed order — deterministic for a given grid and block).
-// Clipping, as clip_grad_norm_: coef = min(1, max_norm / (√sumsq + 1e-6)) (computed in f64 from the
-// device scalar sumsq, as the CPU does; a NaN coef counts as 1); g *= coef when coef < 1.
+// Clipping, as clip_grad_norm_: coef = min(1, max_norm / (√sumsq + 1e-6)) (computed in f64 from
+// the device scalar sumsq, as the CPU does; a NaN coef counts as 1); g *= coef when coef < 1.
 // No host synchronization: the scalar stays on the device.
 // AdamW as torch.optim.AdamW (single-tensor path), step t (1-based), per element, in fp32:
 //   θ *= 1 − lr·λ (when λ ≠ 0; the factor computed in f64 and rounded to fp32);
