@@ -1,0 +1,189 @@
+// activation.cu — element-wise activations (cpu/activation.rs).
+//
+// act = 0  gelu (exact, erf): y = 0.5·x·(1 + erf(x/√2)),   y' = Φ(x) + x·φ(x),
+//                             Φ(x) = 0.5·(1 + erf(x/√2)), φ(x) = e^(−x²/2)/√(2π)
+// act = 1  gelu (tanh):       y = 0.5·x·(1 + tanh u), u = √(2/π)·(x + 0.044715·x³),
+//                             y' = 0.5·(1 + tanh u) + 0.5·x·(1 − tanh²u)·√(2/π)·(1 + 3·0.044715·x²)
+// act = 2  relu:              y = max(x, 0), y' = [x > 0]
+// (the order of the Activation enum; any other value fills the output with NaN: a bad launch is loud)
+// tanh (the pooler):          y = tanh x, y' = 1 − y² (backward reads the forward output y).
+// Backward: dx = dout·y'(x) (overwrites dx). Fused bias_activation_forward (optional):
+//   pre[r, c] = x[r, c] + bias[c] (rounded to T), out = act(pre): the same values as a separate
+//   bias add followed by activation_forward, and `pre` is what activation_backward reads.
+// Layout: all tensors T, flat (n elements), except bias: fp32 [cols] and x/pre/out [rows, cols].
+// Math in fp32 with the CPU's constants and order of operations; erff/expf/tanhf are CUDA's
+// full-precision functions (the launcher must not compile with --use_fast_math).
+#include "common.cuh"
+
+#define SQRT_2_OVER_PI 0.7978846f
+#define INV_SQRT_2 0.70710678118654752f
+#define INV_SQRT_2PI 0.3989423f
+
+template <int ACT> __device__ __forceinline__ float act_value(float x) {
+    if (ACT == 0) return 0.5f * x * (1.0f + erff(x * INV_SQRT_2));
+    if (ACT == 1) {
+        const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+        return 0.5f * x * (1.0f + tanhf(u));
+    }
+    return fmaxf(x, 0.0f);
+}
+
+template <int ACT> __device__ __forceinline__ float act_derivative(float x) {
+    if (ACT == 0) {
+        const float cdf = 0.5f * (1.0f + erff(x * INV_SQRT_2));
+        return cdf + x * INV_SQRT_2PI * expf(-0.5f * x * x);
+    }
+    if (ACT == 1) {
+        const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+        const float t = tanhf(u);
+        return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
+    }
+    return x > 0.0f ? 1.0f : 0.0f;
+}
+
+template <int ACT> struct ActForward {
+    __device__ __forceinline__ float operator()(float x) const { return act_value<ACT>(x); }
+};
+template <int ACT> struct ActBackward {
+    __device__ __forceinline__ float operator()(float g, float x) const { return g * act_derivative<ACT>(x); }
+};
+struct TanhForward {
+    __device__ __forceinline__ float operator()(float x) const { return tanhf(x); }
+};
+struct TanhBackward {
+    __device__ __forceinline__ float operator()(float g, float y) const { return g * (1.0f - y * y); }
+};
+
+// An unknown `act`: out is filled with NaN, so that a bad launch cannot pass unnoticed.
+template <typename T> __device__ __forceinline__ void fill_nan(T* __restrict__ out, unsigned long long n) {
+    const T nan = from_f32<T>(__int_as_float(0x7fffffff));
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = nan;
+}
+
+// out[i] = f(a[i]) and out[i] = f(a[i], b[i]) over n elements. Grid-stride: packs of N = Pack<T>::N
+// elements with 128-bit accesses when every pointer is 16-byte aligned, then the tail (or, when
+// unaligned, everything) one element at a time.
+template <typename T, typename F>
+__device__ __forceinline__ void map1(T* __restrict__ out, const T* __restrict__ a, unsigned long long n, F f) {
+    constexpr int N = Pack<T>::N;
+    const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    unsigned long long done = 0;
+    if (is_aligned16(out) && is_aligned16(a)) {
+        const unsigned long long packs = n / N;
+        for (unsigned long long k = tid; k < packs; k += stride) {
+            float v[N];
+            ld_pack_f32(a + k * N, v);
+#pragma unroll
+            for (int j = 0; j < N; ++j) v[j] = f(v[j]);
+            st_pack_f32(out + k * N, v);
+        }
+        done = packs * N;
+    }
+    for (unsigned long long i = done + tid; i < n; i += stride) out[i] = from_f32<T>(f(to_f32(a[i])));
+}
+
+template <typename T, typename F>
+__device__ __forceinline__ void map2(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b,
+                                     unsigned long long n, F f) {
+    constexpr int N = Pack<T>::N;
+    const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    unsigned long long done = 0;
+    if (is_aligned16(out) && is_aligned16(a) && is_aligned16(b)) {
+        const unsigned long long packs = n / N;
+        for (unsigned long long k = tid; k < packs; k += stride) {
+            float u[N], v[N];
+            ld_pack_f32(a + k * N, u);
+            ld_pack_f32(b + k * N, v);
+#pragma unroll
+            for (int j = 0; j < N; ++j) u[j] = f(u[j], v[j]);
+            st_pack_f32(out + k * N, u);
+        }
+        done = packs * N;
+    }
+    for (unsigned long long i = done + tid; i < n; i += stride) out[i] = from_f32<T>(f(to_f32(a[i]), to_f32(b[i])));
+}
+
+// pre = x + bias (rounded to T; skipped when pre is null), out = act(pre).
+// blockIdx.y walks rows (grid-stride), x the columns of a row (grid-stride).
+template <typename T, int ACT>
+__device__ __forceinline__ void bias_act_rows(T* __restrict__ out, T* __restrict__ pre, const T* __restrict__ x,
+                                              const float* __restrict__ bias, unsigned int rows, unsigned int cols) {
+    constexpr int N = Pack<T>::N;
+    const bool vec = cols % N == 0 && is_aligned16(out) && is_aligned16(x) && is_aligned16(bias) &&
+                     (pre == nullptr || is_aligned16(pre));
+    const unsigned int step = (vec ? N : 1) * gridDim.x * blockDim.x;
+    const unsigned int c0 = (vec ? N : 1) * (blockIdx.x * blockDim.x + threadIdx.x);
+    for (unsigned int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const unsigned long long base = (unsigned long long)r * cols;
+        if (vec) {
+            for (unsigned int c = c0; c < cols; c += step) {
+                float v[N], b[N];
+                ld_pack_f32(x + base + c, v);
+                ld_f32xN(bias + c, b);
+#pragma unroll
+                for (int j = 0; j < N; ++j) v[j] = round_to<T>(v[j] + b[j]);
+                if (pre != nullptr) st_pack_f32(pre + base + c, v);
+#pragma unroll
+                for (int j = 0; j < N; ++j) v[j] = act_value<ACT>(v[j]);
+                st_pack_f32(out + base + c, v);
+            }
+        } else {
+            for (unsigned int c = c0; c < cols; c += step) {
+                const float v = round_to<T>(to_f32(x[base + c]) + bias[c]);
+                if (pre != nullptr) pre[base + c] = from_f32<T>(v);
+                out[base + c] = from_f32<T>(act_value<ACT>(v));
+            }
+        }
+    }
+}
+
+// Launch (activation_*, tanh_*): block 256 (any), grid min(ceil(n / N / 256), 16·SMs) (any grid;
+// grid-stride), N = Pack<T>::N (4 fp32, 8 16-bit). No shared memory.
+// Launch (bias_activation_forward_*): block (B, 1, 1), grid (ceil(cols / N / B), min(rows, 65535), 1)
+// with B = min(256, cols / N rounded up to 32) (any grid; grid-stride in both dimensions).
+#define ACTIVATION_KERNELS(T, SUFFIX)                                                                              \
+    extern "C" __global__ void activation_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,           \
+                                                           unsigned long long n, int act) {                        \
+        switch (act) {                                                                                             \
+            case 0: map1(out, x, n, ActForward<0>()); break;                                                       \
+            case 1: map1(out, x, n, ActForward<1>()); break;                                                       \
+            case 2: map1(out, x, n, ActForward<2>()); break;                                                       \
+            default: fill_nan(out, n); break;                                                                      \
+        }                                                                                                          \
+    }                                                                                                              \
+    extern "C" __global__ void activation_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,        \
+                                                            const T* __restrict__ x, unsigned long long n, int act) { \
+        switch (act) {                                                                                             \
+            case 0: map2(dx, dout, x, n, ActBackward<0>()); break;                                                 \
+            case 1: map2(dx, dout, x, n, ActBackward<1>()); break;                                                 \
+            case 2: map2(dx, dout, x, n, ActBackward<2>()); break;                                                 \
+            default: fill_nan(dx, n); break;                                                                       \
+        }                                                                                                          \
+    }                                                                                                              \
+    extern "C" __global__ void bias_activation_forward_##SUFFIX(T* __restrict__ out, T* __restrict__ pre,          \
+                                                                const T* __restrict__ x,                           \
+                                                                const float* __restrict__ bias, unsigned int rows, \
+                                                                unsigned int cols, int act) {                      \
+        switch (act) {                                                                                             \
+            case 0: bias_act_rows<T, 0>(out, pre, x, bias, rows, cols); break;                                     \
+            case 1: bias_act_rows<T, 1>(out, pre, x, bias, rows, cols); break;                                     \
+            case 2: bias_act_rows<T, 2>(out, pre, x, bias, rows, cols); break;                                     \
+            default: fill_nan(out, (unsigned long long)rows * cols); break;                                        \
+        }                                                                                                          \
+    }                                                                                                              \
+    extern "C" __global__ void tanh_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,                 \
+                                                     unsigned long long n) {                                       \
+        map1(out, x, n, TanhForward());                                                                            \
+    }                                                                                                              \
+    extern "C" __global__ void tanh_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,              \
+                                                      const T* __restrict__ y, unsigned long long n) {             \
+        map2(dx, dout, y, n, TanhBackward());                                                                      \
+    }
+
+ACTIVATION_KERNELS(float, f32)
+ACTIVATION_KERNELS(__half, f16)
+ACTIVATION_KERNELS(__nv_bfloat16, bf16)

@@ -1,0 +1,268 @@
+// layernorm.cu — LayerNorm over the last dimension, optionally fused with the residual add before
+// it (cpu/layernorm.rs).
+//
+// Forward (per row of `cols`):
+//   s = x (+ residual)            — with a residual, s is rounded to T and stored in `sum`, and the
+//                                   statistics are taken of the stored (rounded) s, so that backward,
+//                                   which reads `sum`, sees exactly the normalized values;
+//   mean = Σs/cols, var = Σ(s − mean)²/cols (biased, two passes over the row, as PyTorch),
+//   rstd = 1/√(var + eps), out = (s − mean)·rstd·gamma + beta; mean, rstd kept (fp32, [rows]).
+// Backward, with ŝ = (s − mean)·rstd and g = dout·gamma:
+//   ds = rstd·(g − mean(g) − ŝ·mean(g·ŝ))   (overwrites dx; for a fused residual it is the
+//                                             gradient of both x and residual),
+//   dgamma += Σ_rows dout·ŝ, dbeta += Σ_rows dout.
+// Layout: x, residual, sum, out, dout, dx are T [rows, cols] row-major; gamma, beta, dgamma, dbeta
+// fp32 [cols] (master weights and their gradients); mean, rstd fp32 [rows].
+// All statistics and accumulations are fp32 (the CPU reference uses f64).
+//
+// dgamma/dbeta reduction: deterministic, in two stages, no atomics.
+//   1. layernorm_backward_<T>: each warp accumulates Σ dout·ŝ and Σ dout of its rows, per column, in
+//      its own slice of shared memory; at the end the block adds its warps' slices in warp order and
+//      writes one partial per block: partials[blockIdx.x][0][c] (dgamma), [1][c] (dbeta).
+//   2. layernorm_backward_reduce: adds the gridDim.x partials of stage 1 in a fixed order and adds
+//      the result into dgamma/dbeta (+=).
+// The result is bit-identical from run to run for the same launch configuration (grid, block).
+#include "common.cuh"
+
+// ---- forward ----
+// Launch: one warp per row. block (256, 1, 1) (any multiple of 32, ≤ 1024), grid
+// (ceil(rows / (blockDim.x/32)), 1, 1); grid-stride over rows, so any grid is correct. No shared
+// memory. `residual` and `sum` are both null (plain LayerNorm of x) or both non-null (s = x +
+// residual, written to sum).
+// Fast path: cols % N == 0 (N = Pack<T>::N: 4 fp32, 8 16-bit), cols ≤ 1024, all tensors 16-byte
+// aligned: the row is loaded once with 128-bit accesses and kept in registers (≤ 32 floats per
+// lane). Otherwise a scalar path reads the row three times (L1/L2 hits after the first).
+template <typename T>
+__device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, float* __restrict__ mean,
+                                                       float* __restrict__ rstd, const T* __restrict__ x,
+                                                       const T* __restrict__ residual, T* __restrict__ sum,
+                                                       const float* __restrict__ gamma,
+                                                       const float* __restrict__ beta, unsigned int rows,
+                                                       unsigned int cols, float eps) {
+    constexpr int N = Pack<T>::N;
+    constexpr int KP = 32 / N;  // packs cached per lane
+    const unsigned int lane = threadIdx.x & 31u, warps = blockDim.x >> 5;
+    const bool res = residual != nullptr;
+    const bool vec = cols % N == 0 && cols <= 32u * KP * N && is_aligned16(out) && is_aligned16(x) &&
+                     is_aligned16(gamma) && is_aligned16(beta) &&
+                     (!res || (is_aligned16(residual) && is_aligned16(sum)));
+    const float fcols = (float)cols;
+    for (unsigned int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+        const unsigned long long base = (unsigned long long)row * cols;
+        float mu, rs;
+        if (vec) {
+            float v[KP][N];
+            float s = 0.0f;
+#pragma unroll
+            for (int k = 0; k < KP; ++k) {
+                const unsigned int c = (lane + 32u * k) * N;
+#pragma unroll
+                for (int j = 0; j < N; ++j) v[k][j] = 0.0f;
+                if (c < cols) {
+                    ld_pack_f32(x + base + c, v[k]);
+                    if (res) {
+                        float b[N];
+                        ld_pack_f32(residual + base + c, b);
+#pragma unroll
+                        for (int j = 0; j < N; ++j) v[k][j] = round_to<T>(v[k][j] + b[j]);
+                        st_pack_f32(sum + base + c, v[k]);
+                    }
+#pragma unroll
+                    for (int j = 0; j < N; ++j) s += v[k][j];
+                }
+            }
+            mu = warp_sum(s) / fcols;
+            float q = 0.0f;
+#pragma unroll
+            for (int k = 0; k < KP; ++k) {
+                const unsigned int c = (lane + 32u * k) * N;
+                if (c < cols) {
+#pragma unroll
+                    for (int j = 0; j < N; ++j) {
+                        const float d = v[k][j] - mu;
+                        q += d * d;
+                    }
+                }
+            }
+            rs = 1.0f / sqrtf(warp_sum(q) / fcols + eps);
+#pragma unroll
+            for (int k = 0; k < KP; ++k) {
+                const unsigned int c = (lane + 32u * k) * N;
+                if (c < cols) {
+                    float g[N], b[N], o[N];
+                    ld_f32xN(gamma + c, g);
+                    ld_f32xN(beta + c, b);
+#pragma unroll
+                    for (int j = 0; j < N; ++j) o[j] = (v[k][j] - mu) * rs * g[j] + b[j];
+                    st_pack_f32(out + base + c, o);
+                }
+            }
+        } else {
+            // Pass 1 (and the residual add), pass 2 (variance), pass 3 (output); each lane always
+            // touches the same columns, so it re-reads only what it wrote itself into `sum`.
+            float s = 0.0f;
+            for (unsigned int c = lane; c < cols; c += 32u) {
+                float v = to_f32(x[base + c]);
+                if (res) {
+                    v = round_to<T>(v + to_f32(residual[base + c]));
+                    sum[base + c] = from_f32<T>(v);
+                }
+                s += v;
+            }
+            mu = warp_sum(s) / fcols;
+            const T* src = res ? (const T*)sum : x;
+            float q = 0.0f;
+            for (unsigned int c = lane; c < cols; c += 32u) {
+                const float d = to_f32(src[base + c]) - mu;
+                q += d * d;
+            }
+            rs = 1.0f / sqrtf(warp_sum(q) / fcols + eps);
+            for (unsigned int c = lane; c < cols; c += 32u)
+                out[base + c] = from_f32<T>((to_f32(src[base + c]) - mu) * rs * gamma[c] + beta[c]);
+        }
+        if (lane == 0) {
+            mean[row] = mu;
+            rstd[row] = rs;
+        }
+    }
+}
+
+// ---- backward, stage 1 ----
+// Launch: one warp per row. block (128, 1, 1) (any multiple of 32, ≤ 1024), grid (P, 1, 1) with
+// P ≈ 2–4 × SMs (at most ceil(rows / warps)); grid-stride over rows, so any grid is correct.
+// Dynamic shared memory: (blockDim.x/32)·2·cols·4 bytes (24 KiB for 4 warps, cols 768; above
+// 48 KiB the launcher must raise cudaFuncAttributeMaxDynamicSharedMemorySize).
+// `partials`: fp32 scratch [gridDim.x][2][cols], fully overwritten (blocks without rows write 0);
+// pass it with P to layernorm_backward_reduce.
+// Vector path when cols % N == 0 and dx, dout, x, gamma are 16-byte aligned; otherwise scalar.
+template <typename T>
+__device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, float* __restrict__ partials,
+                                                        const T* __restrict__ dout, const T* __restrict__ x,
+                                                        const float* __restrict__ mean,
+                                                        const float* __restrict__ rstd,
+                                                        const float* __restrict__ gamma, unsigned int rows,
+                                                        unsigned int cols) {
+    constexpr int N = Pack<T>::N;
+    extern __shared__ float4 ln_smem4[];  // float4: 16-byte aligned
+    float* smem = reinterpret_cast<float*>(ln_smem4);
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    float* dg = smem + (unsigned long long)warp * 2u * cols;  // this warp's Σ dout·ŝ per column
+    float* db = dg + cols;                                     // this warp's Σ dout per column
+    for (unsigned int c = lane; c < 2u * cols; c += 32u) dg[c] = 0.0f;
+    __syncwarp();  // the loop below gives the columns to other lanes
+    // With cols % N == 0 (N ≥ 4) every slice offset is a multiple of 16 bytes.
+    const bool vec = cols % N == 0 && is_aligned16(dx) && is_aligned16(dout) && is_aligned16(x) &&
+                     is_aligned16(gamma);
+    const float fcols = (float)cols;
+    for (unsigned int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
+        const unsigned long long base = (unsigned long long)row * cols;
+        const float mu = mean[row], rs = rstd[row];
+        float sg = 0.0f, sgx = 0.0f;
+        if (vec) {
+            for (unsigned int c = lane * N; c < cols; c += 32u * N) {
+                float dy[N], xv[N], gm[N];
+                ld_pack_f32(dout + base + c, dy);
+                ld_pack_f32(x + base + c, xv);
+                ld_f32xN(gamma + c, gm);
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    const float g = dy[j] * gm[j];
+                    sg += g;
+                    sgx += g * ((xv[j] - mu) * rs);
+                }
+            }
+        } else {
+            for (unsigned int c = lane; c < cols; c += 32u) {
+                const float g = to_f32(dout[base + c]) * gamma[c];
+                sg += g;
+                sgx += g * ((to_f32(x[base + c]) - mu) * rs);
+            }
+        }
+        const float mean_g = warp_sum(sg) / fcols, mean_gx = warp_sum(sgx) / fcols;
+        if (vec) {
+            for (unsigned int c = lane * N; c < cols; c += 32u * N) {
+                float dy[N], xv[N], gm[N], d[N], ag[N], ab[N];
+                ld_pack_f32(dout + base + c, dy);
+                ld_pack_f32(x + base + c, xv);
+                ld_f32xN(gamma + c, gm);
+                ld_f32xN(dg + c, ag);
+                ld_f32xN(db + c, ab);
+#pragma unroll
+                for (int j = 0; j < N; ++j) {
+                    const float xhat = (xv[j] - mu) * rs;
+                    d[j] = rs * (dy[j] * gm[j] - mean_g - xhat * mean_gx);
+                    ag[j] += dy[j] * xhat;
+                    ab[j] += dy[j];
+                }
+                st_pack_f32(dx + base + c, d);
+                st_f32xN(dg + c, ag);
+                st_f32xN(db + c, ab);
+            }
+        } else {
+            for (unsigned int c = lane; c < cols; c += 32u) {
+                const float dy = to_f32(dout[base + c]);
+                const float xhat = (to_f32(x[base + c]) - mu) * rs;
+                dx[base + c] = from_f32<T>(rs * (dy * gamma[c] - mean_g - xhat * mean_gx));
+                dg[c] += dy * xhat;
+                db[c] += dy;
+            }
+        }
+    }
+    __syncthreads();
+    // The block's partial: its warps' slices added in warp order.
+    float* part = partials + (unsigned long long)blockIdx.x * 2u * cols;
+    for (unsigned int c = threadIdx.x; c < 2u * cols; c += blockDim.x) {
+        float s = 0.0f;
+        for (unsigned int w = 0; w < warps; ++w) s += smem[(unsigned long long)w * 2u * cols + c];
+        part[c] = s;
+    }
+}
+
+#define LAYERNORM_KERNELS(T, SUFFIX)                                                                               \
+    extern "C" __global__ void layernorm_forward_##SUFFIX(                                                         \
+        T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd, const T* __restrict__ x,          \
+        const T* __restrict__ residual, T* __restrict__ sum, const float* __restrict__ gamma,                      \
+        const float* __restrict__ beta, unsigned int rows, unsigned int cols, float eps) {                         \
+        layernorm_forward_impl<T>(out, mean, rstd, x, residual, sum, gamma, beta, rows, cols, eps);                \
+    }                                                                                                              \
+    extern "C" __global__ void layernorm_backward_##SUFFIX(                                                        \
+        T* __restrict__ dx, float* __restrict__ partials, const T* __restrict__ dout, const T* __restrict__ x,     \
+        const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ gamma,           \
+        unsigned int rows, unsigned int cols) {                                                                    \
+        layernorm_backward_impl<T>(dx, partials, dout, x, mean, rstd, gamma, rows, cols);                          \
+    }
+
+LAYERNORM_KERNELS(float, f32)
+LAYERNORM_KERNELS(__half, f16)
+LAYERNORM_KERNELS(__nv_bfloat16, bf16)
+
+// ---- backward, stage 2 ----
+// dgamma[c] += Σ_p partials[p][0][c], dbeta[c] += Σ_p partials[p][1][c], p = 0 .. parts−1.
+// Launch: block (32, 32, 1) (blockDim.x must be 32, blockDim.y ≤ 32), grid (ceil(2·cols / 32), 1, 1);
+// grid-stride over 32-column tiles, so any grid is correct. Static shared memory 32·33·4 bytes.
+// Thread (x, y) adds parts y, y + blockDim.y, … of column tile·32 + x in order; then thread (x, 0)
+// adds the blockDim.y sums in y order: a fixed order, deterministic.
+extern "C" __global__ void layernorm_backward_reduce(float* __restrict__ dgamma, float* __restrict__ dbeta,
+                                                     const float* __restrict__ partials, unsigned int parts,
+                                                     unsigned int cols) {
+    __shared__ float tile[32][33];
+    const unsigned int width = 2u * cols;
+    for (unsigned int c0 = blockIdx.x * 32u; c0 < width; c0 += gridDim.x * 32u) {
+        const unsigned int c = c0 + threadIdx.x;
+        float s = 0.0f;
+        if (c < width)
+            for (unsigned int p = threadIdx.y; p < parts; p += blockDim.y)
+                s += partials[(unsigned long long)p * width + c];
+        tile[threadIdx.y][threadIdx.x] = s;
+        __syncthreads();
+        if (threadIdx.y == 0 && c < width) {
+            float t = 0.0f;
+            for (unsigned int y = 0; y < blockDim.y; ++y) t += tile[y][threadIdx.x];
+            if (c < cols)
+                dgamma[c] += t;
+            else
+                dbeta[c - cols] += t;
+        }
+        __syncthreads();
+    }
+}

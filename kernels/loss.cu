@@ -1,0 +1,97 @@
+// loss.cu — softmax cross-entropy with label smoothing ε, per row of [rows, classes] logits
+// (cpu/loss.rs).
+//
+// lse = logsumexp(z) = max + log Σ_c exp(z_c − max),  log p_c = z_c − lse,
+// loss = (1−ε)·(−log p_y) + ε·mean_c(−log p_c) = (1−ε)·(lse − z_y) + ε·(lse − Σ_c z_c / C)
+//        (= PyTorch's cross_entropy(label_smoothing=ε)),
+// dz_c = scale·(p_c − (1−ε)·[c = y] − ε/C)   (overwrites dlogits).
+// The caller reduces `losses` (the mean over rows) and passes scale = 1/rows to backward.
+// A label ≥ classes (the CPU reference panics) gives a NaN loss and a NaN gradient row.
+// Layout: logits, dlogits T [rows, classes] (use _f32 for fp32 logits); labels u32 [rows];
+// losses fp32 [rows]. Math in fp32 (the CPU reference uses f64).
+#include "common.cuh"
+
+// Launch (both): one warp per row. block (256, 1, 1) (any multiple of 32, ≤ 1024), grid
+// (ceil(rows / (blockDim.x/32)), 1, 1); grid-stride over rows, so any grid is correct. No shared
+// memory. The lanes stride over the classes (any number of classes).
+
+// max, Σ z and lse of row z, on every lane of the warp.
+template <typename T>
+__device__ __forceinline__ float row_lse(const T* __restrict__ z, unsigned int classes, unsigned int lane,
+                                         float* sum_z) {
+    float m = -__int_as_float(0x7f800000), s = 0.0f;  // −inf
+    for (unsigned int c = lane; c < classes; c += 32u) {
+        const float v = to_f32(z[c]);
+        m = fmaxf(m, v);
+        s += v;
+    }
+    m = warp_max(m);
+    *sum_z = warp_sum(s);
+    float e = 0.0f;
+    for (unsigned int c = lane; c < classes; c += 32u) e += expf(to_f32(z[c]) - m);
+    return m + logf(warp_sum(e));
+}
+
+template <typename T>
+__device__ __forceinline__ void cross_entropy_forward_impl(float* __restrict__ losses, const T* __restrict__ logits,
+                                                           const unsigned int* __restrict__ labels,
+                                                           unsigned int rows, unsigned int classes, float smoothing) {
+    const unsigned int lane = threadIdx.x & 31u, warps = blockDim.x >> 5;
+    for (unsigned int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+        const T* __restrict__ z = logits + (unsigned long long)row * classes;
+        float sum_z;
+        const float lse = row_lse(z, classes, lane, &sum_z);
+        if (lane == 0) {
+            const unsigned int y = labels[row];
+            float loss = __int_as_float(0x7fffffff);  // NaN: label out of range
+            if (y < classes) {
+                const float nll_y = lse - to_f32(z[y]);
+                const float mean_nll = lse - sum_z / (float)classes;
+                loss = (1.0f - smoothing) * nll_y + smoothing * mean_nll;
+            }
+            losses[row] = loss;
+        }
+    }
+}
+
+template <typename T>
+__device__ __forceinline__ void cross_entropy_backward_impl(T* __restrict__ dlogits, const T* __restrict__ logits,
+                                                            const unsigned int* __restrict__ labels,
+                                                            unsigned int rows, unsigned int classes, float smoothing,
+                                                            float scale) {
+    const unsigned int lane = threadIdx.x & 31u, warps = blockDim.x >> 5;
+    const float uniform = smoothing / (float)classes, on = 1.0f - smoothing;
+    for (unsigned int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
+        const unsigned long long base = (unsigned long long)row * classes;
+        float sum_z;
+        const float lse = row_lse(logits + base, classes, lane, &sum_z);
+        const unsigned int y = labels[row];
+        for (unsigned int c = lane; c < classes; c += 32u) {
+            float d = __int_as_float(0x7fffffff);  // NaN: label out of range
+            if (y < classes) {
+                const float target = (c == y ? on : 0.0f) + uniform;
+                d = scale * (expf(to_f32(logits[base + c]) - lse) - target);
+            }
+            dlogits[base + c] = from_f32<T>(d);
+        }
+    }
+}
+
+#define LOSS_KERNELS(T, SUFFIX)                                                                                    \
+    extern "C" __global__ void cross_entropy_forward_##SUFFIX(float* __restrict__ losses,                          \
+                                                              const T* __restrict__ logits,                        \
+                                                              const unsigned int* __restrict__ labels,             \
+                                                              unsigned int rows, unsigned int classes,             \
+                                                              float smoothing) {                                   \
+        cross_entropy_forward_impl(losses, logits, labels, rows, classes, smoothing);                              \
+    }                                                                                                              \
+    extern "C" __global__ void cross_entropy_backward_##SUFFIX(T* __restrict__ dlogits, const T* __restrict__ logits, \
+                                                               const unsigned int* __restrict__ labels,            \
+                                                               unsigned int rows, unsigned int classes,            \
+                                                               float smoothing, float scale) {                     \
+        cross_entropy_backward_impl(dlogits, logits, labels, rows, classes, smoothing, scale);                     \
+    }
+
+LOSS_KERNELS(float, f32)
+LOSS_KERNELS(__half, f16)
+LOSS_KERNELS(__nv_bfloat16, bf16)
