@@ -99,14 +99,7 @@ typedef unsigned long long u64;
 // −∞ (NVRTC has no <cmath>/INFINITY).
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u); }
 
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float x);
-template <> __device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+// to_f32 / from_f32<T> (fp32 math, round-to-nearest-even stores) come from common.cuh.
 
 // Tiling of one variant (see the table in the header).
 template <int G_, int NT_, int TILE_, bool FIXED_>
