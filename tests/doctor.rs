@@ -119,7 +119,10 @@ fn doctor_without_arch_uses_the_gpu_or_asks_for_arch() {
         }
         _ => {
             assert!(!ok, "{stdout}");
-            assert!(stdout.contains("GPU: no CUDA"), "{stdout}");
+            assert!(
+                stdout.contains("GPU: no CUDA driver/GPU found: "),
+                "{stdout}"
+            );
             let last = stderr.lines().last().unwrap_or_default();
             assert!(
                 last.starts_with("error: ") && last.contains("--arch"),

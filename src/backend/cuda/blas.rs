@@ -1,14 +1,15 @@
-//! cuBLAS and cuBLASLt: found in `libs`' folders, opened by full path and checked before cudarc
-//! touches them (see `libs` for why).
+//! cuBLAS and cuBLASLt: found in `libs`' folders and opened by full path, then what cudarc
+//! opened is checked (its functions and its major version) before anything calls into it (see
+//! `libs` for why).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::sys::{self as cublas, cublasStatus_t, libraryPropertyType};
 use cudarc::cublaslt::sys as cublaslt;
 
-use super::libs::{OpenLib, Search, SearchEnv, CUDA_MAJOR};
+use super::libs::{check_cudarc_library, OpenLib, Search, SearchEnv, CUDA_MAJOR};
 
 /// The cuBLAS functions this crate calls through cudarc, checked before the first call.
 const CUBLAS_SYMBOLS: &[&str] = &[
@@ -38,8 +39,11 @@ const CUBLASLT_SYMBOLS: &[&str] = &[
 /// cuBLAS and cuBLASLt, opened and checked.
 #[derive(Debug)]
 pub struct Cublas {
-    cublas: OpenLib,
-    cublaslt: OpenLib,
+    /// Held so that the libraries cudarc uses are never unloaded.
+    _opened: [OpenLib; 2],
+    /// The files cudarc loaded.
+    path: PathBuf,
+    lt_path: PathBuf,
     version: (u32, u32, u32),
 }
 
@@ -60,12 +64,21 @@ impl Cublas {
         let path = search.find_lib("cuBLAS", &format!("libcublas.so.{CUDA_MAJOR}"))?;
         // cuBLASLt first: libcublas needs it by soname, and finds it loaded.
         let cublaslt = OpenLib::open("cuBLASLt", &lt_path)?;
-        cublaslt.require_symbols("cuBLASLt", CUBLASLT_SYMBOLS)?;
         let cublas = OpenLib::open("cuBLAS", &path)?;
-        cublas.require_symbols("cuBLAS", CUBLAS_SYMBOLS)?;
-        // SAFETY: culib() opens by soname; both are loaded, so neither comes up empty.
-        cublaslt.ensure_same_as("cuBLASLt", unsafe { cublaslt::culib() }, "cublasLtCreate")?;
-        cublas.ensure_same_as("cuBLAS", unsafe { cublas::culib() }, "cublasCreate_v2")?;
+        // SAFETY: culib() opens by soname; both are loaded, so neither comes up empty (and
+        // panics).
+        let lt_path = check_cudarc_library(
+            "cuBLASLt",
+            "cublasLt",
+            unsafe { cublaslt::culib() },
+            CUBLASLT_SYMBOLS,
+        )?;
+        let path = check_cudarc_library(
+            "cuBLAS",
+            "cublas",
+            unsafe { cublas::culib() },
+            CUBLAS_SYMBOLS,
+        )?;
 
         let property = |p: libraryPropertyType| -> Result<u32> {
             let mut v = 0;
@@ -81,9 +94,19 @@ impl Cublas {
             property(libraryPropertyType::MINOR_VERSION)?,
             property(libraryPropertyType::PATCH_LEVEL)?,
         );
+        if version.0 != CUDA_MAJOR {
+            bail!(
+                "cuBLAS at {} is version {}.{}, these bindings need {CUDA_MAJOR}.x (another cuBLAS \
+                 is first on the dynamic loader's path: point CUDA_HOME at it or remove it)",
+                path.display(),
+                version.0,
+                version.1
+            );
+        }
         Ok(Cublas {
-            cublas,
-            cublaslt,
+            _opened: [cublaslt, cublas],
+            path,
+            lt_path,
             version,
         })
     }
@@ -94,10 +117,10 @@ impl Cublas {
     }
 
     pub fn path(&self) -> &Path {
-        self.cublas.path()
+        &self.path
     }
 
     pub fn lt_path(&self) -> &Path {
-        self.cublaslt.path()
+        &self.lt_path
     }
 }

@@ -1,17 +1,18 @@
 //! The CUDA driver (`libcuda.so.1`) and the GPUs it sees.
 //!
 //! The driver is not found through `libs`' folders: it belongs to the GPU driver's installation,
-//! which puts it on the dynamic loader's path. It is opened here before cudarc opens it, and
-//! checked, for the same reason as the other libraries (see `libs`): cudarc panics when it is
-//! missing.
+//! which puts it on the dynamic loader's path. It is opened here first, so that a machine
+//! without one gets an error rather than cudarc's panic, and then what cudarc opened is checked
+//! for every function called through it (see `libs`).
 
 use std::ffi::CStr;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::sys::{self, CUdevice_attribute, CUresult};
 
-use super::libs::OpenLib;
+use super::libs::{check_cudarc_library, OpenLib};
 use super::nvrtc::Arch;
 
 /// The driver functions called through cudarc, checked before the first call.
@@ -47,14 +48,17 @@ impl Gpu {
 /// The CUDA driver, opened and initialized.
 #[derive(Debug)]
 pub struct Driver {
-    lib: OpenLib,
+    /// Held so the library cudarc uses is never unloaded.
+    _lib: OpenLib,
+    /// The file cudarc loaded.
+    path: PathBuf,
     version: (u32, u32),
 }
 
 static PROCESS_DRIVER: OnceLock<std::result::Result<Driver, String>> = OnceLock::new();
 
-/// This process's CUDA driver, initialized on first use. The error says why there is none
-/// ("no CUDA driver …" or "no CUDA GPU …").
+/// This process's CUDA driver, initialized on first use. The error ("no CUDA driver/GPU found:
+/// …") says why there is none.
 pub fn driver() -> Result<&'static Driver> {
     PROCESS_DRIVER
         .get_or_init(|| Driver::load().map_err(|e| format!("{e:#}")))
@@ -65,10 +69,15 @@ pub fn driver() -> Result<&'static Driver> {
 impl Driver {
     fn load() -> Result<Self> {
         let lib = OpenLib::open_soname("libcuda.so.1")
-            .map_err(|e| anyhow!("no CUDA driver found ({e:#})"))?;
-        lib.require_symbols("the CUDA driver", DRIVER_SYMBOLS)?;
-        // SAFETY: culib() opens by soname; libcuda.so.1 is loaded, so it cannot come up empty.
-        lib.ensure_same_as("CUDA driver", unsafe { sys::culib() }, "cuInit")?;
+            .map_err(|e| anyhow!("no CUDA driver/GPU found: no driver ({e:#})"))?;
+        // SAFETY: culib() opens by soname, trying libcuda.so.1 among others; it is loaded, so
+        // culib() cannot come up empty (and panic).
+        let path = check_cudarc_library(
+            "the CUDA driver",
+            "cuda",
+            unsafe { sys::culib() },
+            DRIVER_SYMBOLS,
+        )?;
         let mut v = 0;
         // SAFETY: an out-parameter; callable before cuInit.
         call("cuDriverGetVersion", unsafe {
@@ -78,12 +87,16 @@ impl Driver {
         // SAFETY: flags must be 0.
         if let Err(e) = check(unsafe { sys::cuInit(0) }) {
             bail!(
-                "no CUDA GPU found (driver for CUDA {}.{} present; cuInit: {e})",
+                "no CUDA driver/GPU found: the driver (for CUDA {}.{}) sees no GPU (cuInit: {e})",
                 version.0,
                 version.1
             );
         }
-        Ok(Driver { lib, version })
+        Ok(Driver {
+            _lib: lib,
+            path,
+            version,
+        })
     }
 
     /// The newest CUDA version the driver supports, (major, minor).
@@ -91,8 +104,8 @@ impl Driver {
         self.version
     }
 
-    pub fn path(&self) -> &std::path::Path {
-        self.lib.path()
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Every GPU the driver sees, in ordinal order.

@@ -12,20 +12,28 @@
 //! 4. the directories of `LD_LIBRARY_PATH`, then the system's (`/usr/lib/x86_64-linux-gnu`, …,
 //!    headers in `/usr/include`).
 //!
-//! cudarc, built with `dynamic-loading`, opens each library by soname (`libnvrtc.so.13`, …) the
-//! first time one of its functions is called, and panics when it finds none or a symbol is
-//! missing. So each library is first opened here by full path and kept open for the life of the
-//! process: the dynamic loader then answers cudarc's open-by-soname with the library already
-//! loaded. Before anything calls into cudarc, [`OpenLib::require_symbols`] checks that every
-//! symbol it will look up exists, and [`OpenLib::ensure_same_as`] that cudarc got this very
-//! library (and not, say, an unversioned `libnvrtc.so` of another toolkit on the loader's path),
-//! so a missing or mismatched piece is a one-line error, never a panic.
+//! cudarc, built with `dynamic-loading`, opens each library itself the first time one of its
+//! functions is called, trying a list of names in order (`libcublas.so`, …, `libcublas.so.13`,
+//! …), and panics when none opens or a symbol is missing. So:
+//! - each library found here is opened by full path first and kept open for the life of the
+//!   process, so that cudarc's open by soname finds it already loaded even when it is in no
+//!   folder the dynamic loader searches (pip wheels, a toolkit not on `LD_LIBRARY_PATH`);
+//! - cudarc's list starts with the unversioned name, which the loader may resolve to another
+//!   copy (a toolkit's `libcublas.so` in the loader's cache while ours came from the wheels), so
+//!   what cudarc actually opened is then checked ([`check_cudarc_library`]): every symbol it will
+//!   look up must be there (its major version is checked by the caller), and its real path is
+//!   what gets reported;
+//! - NVRTC is not called through cudarc at all (see `nvrtc`), so the one compiling is exactly
+//!   the one found here.
+//!
+//! Either way, a missing or unusable piece is a one-line error, never a panic.
 
-use std::ffi::OsString;
+use std::ffi::{c_char, c_int, c_void, OsString};
 use std::fmt::Write as _;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 /// The CUDA major version of the libraries looked for; cudarc's bindings are pinned to 13.0.
 pub const CUDA_MAJOR: u32 = 13;
@@ -34,8 +42,10 @@ pub const CUDA_MAJOR: u32 = 13;
 const LOCATION_VARS: [&str; 3] = ["BERTFT_CUDA_WHEELS", "CUDA_HOME", "CUDA_PATH"];
 
 /// The advice appended to every "not found" error.
-pub const INSTALL_HINT: &str = "set CUDA_HOME to a CUDA 13 toolkit, or BERTFT_CUDA_WHEELS to a folder holding \
-nvidia/cu13 from the unzipped nvidia-cuda-nvrtc and nvidia-cuda-runtime wheels (tests/run.sh fetches them)";
+pub const INSTALL_HINT: &str =
+    "set CUDA_HOME to a CUDA 13 toolkit, or BERTFT_CUDA_WHEELS to a folder holding \
+nvidia/cu13 from unzipped NVIDIA wheels: nvidia-cuda-nvrtc, nvidia-cuda-runtime, nvidia-cublas \
+(tests/run.sh fetches the first two)";
 
 /// One place CUDA may be installed: its library and header folders, and how it was found.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -291,8 +301,8 @@ impl<'a> Search<'a> {
     }
 }
 
-/// A shared library opened by full path, kept open for the rest of the process (its handle is
-/// never closed: cudarc holds function pointers into it).
+/// A shared library opened by full path, kept open for as long as this value lives (the
+/// process-wide ones live in statics, for cudarc's sake).
 #[derive(Debug)]
 pub struct OpenLib {
     path: PathBuf,
@@ -319,65 +329,112 @@ impl OpenLib {
     /// in the system's library folders, placed there by the GPU driver's installer).
     pub fn open_soname(soname: &str) -> Result<Self> {
         // SAFETY: as above.
-        match unsafe { libloading::Library::new(soname) } {
-            Ok(lib) => Ok(OpenLib {
-                path: PathBuf::from(soname),
-                lib,
-            }),
-            Err(e) => bail!("{}", dl_error(&e)),
-        }
+        let lib =
+            unsafe { libloading::Library::new(soname) }.map_err(|e| anyhow!("{}", dl_error(&e)))?;
+        Ok(OpenLib {
+            path: PathBuf::from(soname),
+            lib,
+        })
     }
 
     pub fn path(&self) -> &Path {
         &self.path
     }
 
-    /// The address of `name`, if the library exports it.
-    pub fn symbol(&self, name: &str) -> Option<*const std::ffi::c_void> {
-        // SAFETY: only the address is read, nothing is called.
-        unsafe {
-            self.lib
-                .get::<*const std::ffi::c_void>(name.as_bytes())
-                .ok()
-                .map(|s| *s)
-        }
+    pub fn library(&self) -> &libloading::Library {
+        &self.lib
     }
 
-    /// Fails (naming the first missing one) unless every one of `names` is exported: cudarc
-    /// panics on a missing symbol, so each one it will look up is checked here first.
-    pub fn require_symbols(&self, what: &str, names: &[&str]) -> Result<()> {
-        if let Some(missing) = names.iter().find(|n| self.symbol(n).is_none()) {
-            bail!(
-                "{what} at {} lacks the function {missing} (too old for these CUDA {CUDA_MAJOR}.0 bindings?)",
-                self.path.display()
-            );
+    /// The function `name`, typed as `F` (an `unsafe extern "C" fn` type).
+    ///
+    /// # Safety
+    /// `F` must be the function's true signature. The pointer is valid while `self` lives.
+    pub unsafe fn function<F: Copy>(&self, what: &str, name: &str) -> Result<F> {
+        match self.lib.get::<F>(name.as_bytes()) {
+            Ok(f) => Ok(*f),
+            Err(_) => bail!("{}", missing_function(what, &self.path, name)),
         }
-        Ok(())
     }
+}
 
-    /// Fails unless `other` (the library cudarc opened by soname) resolves `symbol` to the same
-    /// address as this one, i.e. is this very library.
-    pub fn ensure_same_as(
-        &self,
-        what: &str,
-        other: &libloading::Library,
-        symbol: &str,
-    ) -> Result<()> {
+fn missing_function(what: &str, path: &Path, name: &str) -> String {
+    format!(
+        "{what} at {} lacks the function {name} (older than CUDA {CUDA_MAJOR}.0, or not {what}?)",
+        path.display()
+    )
+}
+
+/// Checks the library cudarc opened (`lib`, from its `sys::culib()`, for cudarc's library name
+/// `cudarc_name`, e.g. "cublas"): fails naming the first of `symbols` it lacks, else returns
+/// its real path. Every symbol cudarc will be asked for must be in `symbols`, since cudarc
+/// panics on a missing one.
+pub fn check_cudarc_library(
+    what: &str,
+    cudarc_name: &str,
+    lib: &libloading::Library,
+    symbols: &[&str],
+) -> Result<PathBuf> {
+    let path = library_path(lib, symbols).unwrap_or_else(|| {
+        // No symbol to ask the loader about: name the file cudarc opened by the first of its
+        // candidate names that opens, as cudarc did.
+        let opened = cudarc::get_lib_name_candidates(cudarc_name)
+            .into_iter()
+            // SAFETY: opening an already-loaded library only bumps its count.
+            .find(|n| unsafe { libloading::Library::new(n) }.is_ok())
+            .unwrap_or_else(|| cudarc_name.to_string());
+        PathBuf::from(opened)
+    });
+    for name in symbols {
         // SAFETY: only the address is read.
-        let theirs = unsafe {
-            other
-                .get::<*const std::ffi::c_void>(symbol.as_bytes())
-                .ok()
-                .map(|s| *s)
-        };
-        if theirs.is_none() || theirs != self.symbol(symbol) {
+        if unsafe { lib.get::<*const c_void>(name.as_bytes()) }.is_err() {
             bail!(
-                "cudarc opened another {what} than {} (another one is on the dynamic loader's path: \
-                 remove it from LD_LIBRARY_PATH or point CUDA_HOME at it)",
-                self.path.display()
+                "{}; cudarc opens it by name, so the first of that name on the dynamic loader's \
+                 path is used",
+                missing_function(what, &path, name)
             );
         }
-        Ok(())
+    }
+    Ok(path)
+}
+
+#[repr(C)]
+struct DlInfo {
+    dli_fname: *const c_char,
+    dli_fbase: *mut c_void,
+    dli_sname: *const c_char,
+    dli_saddr: *mut c_void,
+}
+
+// libloading links the loader library (libdl) already; this is one more function of it.
+#[cfg_attr(all(target_os = "linux", target_env = "gnu"), link(name = "dl"))]
+extern "C" {
+    fn dladdr(addr: *const c_void, info: *mut DlInfo) -> c_int;
+}
+
+/// The file `lib` was loaded from, found through the address of one of its `symbols` (a
+/// handle does not say; the loader does, given an address inside the library).
+fn library_path(lib: &libloading::Library, symbols: &[&str]) -> Option<PathBuf> {
+    let addr = symbols
+        .iter()
+        // SAFETY: only the address is read.
+        .find_map(|n| {
+            unsafe { lib.get::<*const c_void>(n.as_bytes()) }
+                .ok()
+                .map(|s| *s)
+        })?;
+    let mut info = std::mem::MaybeUninit::<DlInfo>::uninit();
+    // SAFETY: `addr` is inside a loaded library; dladdr fills `info` when it returns non-zero,
+    // and dli_fname then points to the loader's own copy of the path.
+    unsafe {
+        if dladdr(addr, info.as_mut_ptr()) == 0 {
+            return None;
+        }
+        let info = info.assume_init();
+        if info.dli_fname.is_null() {
+            return None;
+        }
+        let name = std::ffi::CStr::from_ptr(info.dli_fname);
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(name.to_bytes())))
     }
 }
 

@@ -15,25 +15,78 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::nvrtc::sys::{self, nvrtcResult};
+use cudarc::nvrtc::sys::nvrtcProgram;
 
 use super::libs::{OpenLib, Search, SearchEnv, CUDA_MAJOR};
 
-/// The NVRTC functions called through cudarc; checked to exist before the first call, since
-/// cudarc panics on a missing one.
-const NVRTC_SYMBOLS: &[&str] = &[
-    "nvrtcVersion",
-    "nvrtcGetNumSupportedArchs",
-    "nvrtcGetSupportedArchs",
-    "nvrtcCreateProgram",
-    "nvrtcCompileProgram",
-    "nvrtcGetProgramLogSize",
-    "nvrtcGetProgramLog",
-    "nvrtcGetCUBINSize",
-    "nvrtcGetCUBIN",
-    "nvrtcDestroyProgram",
-    "nvrtcGetErrorString",
-];
+/// NVRTC's functions, taken from the library found here (not through cudarc: cudarc opens
+/// `libnvrtc.so` first when the loader has one, which may be another copy than the one found;
+/// see `libs`). Results are plain ints (0 = NVRTC_SUCCESS) so that a code newer than these
+/// bindings is still just an error.
+#[derive(Debug)]
+struct Fns {
+    version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> c_int,
+    get_num_supported_archs: unsafe extern "C" fn(*mut c_int) -> c_int,
+    get_supported_archs: unsafe extern "C" fn(*mut c_int) -> c_int,
+    create_program: unsafe extern "C" fn(
+        *mut nvrtcProgram,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> c_int,
+    compile_program: unsafe extern "C" fn(nvrtcProgram, c_int, *const *const c_char) -> c_int,
+    get_program_log_size: unsafe extern "C" fn(nvrtcProgram, *mut usize) -> c_int,
+    get_program_log: unsafe extern "C" fn(nvrtcProgram, *mut c_char) -> c_int,
+    get_cubin_size: unsafe extern "C" fn(nvrtcProgram, *mut usize) -> c_int,
+    get_cubin: unsafe extern "C" fn(nvrtcProgram, *mut c_char) -> c_int,
+    destroy_program: unsafe extern "C" fn(*mut nvrtcProgram) -> c_int,
+    get_error_string: unsafe extern "C" fn(c_int) -> *const c_char,
+}
+
+impl Fns {
+    fn load(lib: &OpenLib) -> Result<Self> {
+        // SAFETY: each type is the function's signature in nvrtc.h (CUDA 11 to 13); the
+        // pointers are used only while `lib` (kept beside them in Nvrtc) is open.
+        unsafe {
+            Ok(Fns {
+                version: lib.function("NVRTC", "nvrtcVersion")?,
+                get_num_supported_archs: lib.function("NVRTC", "nvrtcGetNumSupportedArchs")?,
+                get_supported_archs: lib.function("NVRTC", "nvrtcGetSupportedArchs")?,
+                create_program: lib.function("NVRTC", "nvrtcCreateProgram")?,
+                compile_program: lib.function("NVRTC", "nvrtcCompileProgram")?,
+                get_program_log_size: lib.function("NVRTC", "nvrtcGetProgramLogSize")?,
+                get_program_log: lib.function("NVRTC", "nvrtcGetProgramLog")?,
+                get_cubin_size: lib.function("NVRTC", "nvrtcGetCUBINSize")?,
+                get_cubin: lib.function("NVRTC", "nvrtcGetCUBIN")?,
+                destroy_program: lib.function("NVRTC", "nvrtcDestroyProgram")?,
+                get_error_string: lib.function("NVRTC", "nvrtcGetErrorString")?,
+            })
+        }
+    }
+
+    /// NVRTC's result as a Result, in NVRTC's own words.
+    fn check(&self, r: c_int) -> std::result::Result<(), String> {
+        if r == 0 {
+            return Ok(());
+        }
+        // SAFETY: NVRTC returns a static string for any code ("NVRTC_ERROR unknown" for one it
+        // does not know).
+        let msg = unsafe { (self.get_error_string)(r) };
+        if msg.is_null() {
+            return Err(format!("NVRTC error {r}"));
+        }
+        Err(unsafe { CStr::from_ptr(msg) }
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    /// [`Fns::check`] for calls whose failure ends the operation: an error naming the call.
+    fn call(&self, what: &str, r: c_int) -> Result<()> {
+        self.check(r).map_err(|e| anyhow!("{what}: {e}"))
+    }
+}
 
 /// The headers every kernel may include from the toolkit.
 pub const CUDA_HEADERS: [&str; 2] = ["cuda_fp16.h", "cuda_bf16.h"];
@@ -139,6 +192,7 @@ pub fn file_options(file: &str, source: &str) -> Result<Vec<String>> {
 /// NVRTC, opened and checked: the library, its builtins, the CUDA headers, its version.
 #[derive(Debug)]
 pub struct Nvrtc {
+    fns: Fns,
     lib: OpenLib,
     builtins: OpenLib,
     include_dir: PathBuf,
@@ -164,15 +218,12 @@ impl Nvrtc {
         let path = search.find_lib("NVRTC", &soname)?;
         let include_dir = search.find_include_dir(&CUDA_HEADERS)?;
         let lib = OpenLib::open("NVRTC", &path)?;
-        lib.require_symbols("NVRTC", NVRTC_SYMBOLS)?;
-        // SAFETY: culib() opens by soname; `libnvrtc.so.13` is loaded, so it cannot come up
-        // empty (and panic).
-        lib.ensure_same_as("NVRTC", unsafe { sys::culib() }, "nvrtcVersion")?;
+        let fns = Fns::load(&lib)?;
 
         let (mut major, mut minor) = (0, 0);
         // SAFETY: two out-parameters.
-        call("nvrtcVersion", unsafe {
-            sys::nvrtcVersion(&mut major, &mut minor)
+        fns.call("nvrtcVersion", unsafe {
+            (fns.version)(&mut major, &mut minor)
         })?;
         let version = (major as u32, minor as u32);
 
@@ -191,15 +242,16 @@ impl Nvrtc {
 
         let mut n = 0;
         // SAFETY: out-parameter, then a buffer of the size it gave.
-        call("nvrtcGetNumSupportedArchs", unsafe {
-            sys::nvrtcGetNumSupportedArchs(&mut n)
+        fns.call("nvrtcGetNumSupportedArchs", unsafe {
+            (fns.get_num_supported_archs)(&mut n)
         })?;
         let mut archs = vec![0 as c_int; n.max(0) as usize];
-        call("nvrtcGetSupportedArchs", unsafe {
-            sys::nvrtcGetSupportedArchs(archs.as_mut_ptr())
+        fns.call("nvrtcGetSupportedArchs", unsafe {
+            (fns.get_supported_archs)(archs.as_mut_ptr())
         })?;
 
         Ok(Nvrtc {
+            fns,
             lib,
             builtins,
             include_dir,
@@ -286,11 +338,12 @@ impl Nvrtc {
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let option_ptrs: Vec<*const c_char> = c_options.iter().map(|o| o.as_ptr()).collect();
 
-        let mut prog: sys::nvrtcProgram = std::ptr::null_mut();
+        let f = &self.fns;
+        let mut prog: nvrtcProgram = std::ptr::null_mut();
         // SAFETY: every pointer is to a live NUL-terminated string; the arrays have the length
         // given; NVRTC copies what it keeps.
-        check(unsafe {
-            sys::nvrtcCreateProgram(
+        f.check(unsafe {
+            (f.create_program)(
                 &mut prog,
                 c_source.as_ptr(),
                 c_name.as_ptr(),
@@ -300,11 +353,11 @@ impl Nvrtc {
             )
         })
         .map_err(|e| fail(format!("nvrtcCreateProgram: {e}")))?;
-        let prog = Program(prog);
+        let prog = Program { fns: f, prog };
 
         // SAFETY: a program created above; the option array outlives the call.
-        let compiled = check(unsafe {
-            sys::nvrtcCompileProgram(prog.0, option_ptrs.len() as c_int, option_ptrs.as_ptr())
+        let compiled = f.check(unsafe {
+            (f.compile_program)(prog.prog, option_ptrs.len() as c_int, option_ptrs.as_ptr())
         });
         if let Err(e) = compiled {
             let log = prog.log().unwrap_or_default();
@@ -312,58 +365,42 @@ impl Nvrtc {
         }
         let mut size = 0usize;
         // SAFETY: a compiled program; the buffer has the size NVRTC gave.
-        check(unsafe { sys::nvrtcGetCUBINSize(prog.0, &mut size) })
+        f.check(unsafe { (f.get_cubin_size)(prog.prog, &mut size) })
             .map_err(|e| fail(format!("nvrtcGetCUBINSize: {e}")))?;
         let mut cubin = vec![0u8; size];
-        check(unsafe { sys::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()) })
+        f.check(unsafe { (f.get_cubin)(prog.prog, cubin.as_mut_ptr().cast()) })
             .map_err(|e| fail(format!("nvrtcGetCUBIN: {e}")))?;
         Ok(cubin)
     }
 }
 
 /// An NVRTC program, destroyed on drop.
-struct Program(sys::nvrtcProgram);
+struct Program<'a> {
+    fns: &'a Fns,
+    prog: nvrtcProgram,
+}
 
-impl Program {
+impl Program<'_> {
     fn log(&self) -> std::result::Result<String, String> {
+        let f = self.fns;
         let mut size = 0usize;
         // SAFETY: a live program; the buffer has the size NVRTC gave.
-        check(unsafe { sys::nvrtcGetProgramLogSize(self.0, &mut size) })?;
+        f.check(unsafe { (f.get_program_log_size)(self.prog, &mut size) })?;
         let mut buf = vec![0u8; size.max(1)];
-        check(unsafe { sys::nvrtcGetProgramLog(self.0, buf.as_mut_ptr().cast()) })?;
+        f.check(unsafe { (f.get_program_log)(self.prog, buf.as_mut_ptr().cast()) })?;
         Ok(CStr::from_bytes_until_nul(&buf)
             .map(|c| c.to_string_lossy().into_owned())
             .unwrap_or_default())
     }
 }
 
-impl Drop for Program {
+impl Drop for Program<'_> {
     fn drop(&mut self) {
         // SAFETY: created by nvrtcCreateProgram, destroyed once.
         unsafe {
-            sys::nvrtcDestroyProgram(&mut self.0);
+            (self.fns.destroy_program)(&mut self.prog);
         }
     }
-}
-
-/// NVRTC's result as a Result, with NVRTC's own words for the error.
-fn check(r: nvrtcResult) -> std::result::Result<(), String> {
-    if r == nvrtcResult::NVRTC_SUCCESS {
-        return Ok(());
-    }
-    // SAFETY: NVRTC returns a static string for every result code.
-    let msg = unsafe { sys::nvrtcGetErrorString(r) };
-    if msg.is_null() {
-        return Err(format!("{r:?}"));
-    }
-    Err(unsafe { CStr::from_ptr(msg) }
-        .to_string_lossy()
-        .into_owned())
-}
-
-/// [`check`] for calls whose failure ends the operation: an error naming the call.
-fn call(what: &str, r: nvrtcResult) -> Result<()> {
-    check(r).map_err(|e| anyhow!("{what}: {e}"))
 }
 
 #[cfg(test)]

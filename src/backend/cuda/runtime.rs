@@ -32,12 +32,9 @@ impl Runtime {
         let path =
             Search::new(env).find_lib("CUDA runtime", &format!("libcudart.so.{CUDA_MAJOR}"))?;
         let lib = OpenLib::open("CUDA runtime", &path)?;
-        lib.require_symbols("CUDA runtime", &["cudaRuntimeGetVersion"])?;
-        let f = lib
-            .symbol("cudaRuntimeGetVersion")
-            .expect("checked just above");
         // SAFETY: cudaRuntimeGetVersion(int*) -> cudaError_t, callable without a GPU.
-        let get: unsafe extern "C" fn(*mut c_int) -> c_int = unsafe { std::mem::transmute(f) };
+        let get: unsafe extern "C" fn(*mut c_int) -> c_int =
+            unsafe { lib.function("CUDA runtime", "cudaRuntimeGetVersion")? };
         let mut v = 0;
         let status = unsafe { get(&mut v) };
         if status != 0 {
