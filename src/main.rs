@@ -28,6 +28,8 @@ enum Command {
     Predict(PredictArgs),
     /// Load a model folder, report its shape and, given a text, its prediction (CPU).
     Inspect(cli::inspect::InspectArgs),
+    /// Check the CUDA setup (driver, GPUs, NVRTC, cuBLAS) and compile every kernel.
+    Doctor(cli::doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Command::Evaluate(args) => cli::evaluate::run(&args),
         Command::Predict(args) => cli::predict::run(&args),
         Command::Inspect(args) => cli::inspect::run(&args),
+        Command::Doctor(args) => cli::doctor::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,6 +17,7 @@
 //!   are the same thing with different row counts.
 
 pub mod cpu;
+pub mod cuda;
 pub mod kernel_sources;
 pub mod philox;
 

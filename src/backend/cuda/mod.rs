@@ -1,0 +1,23 @@
+//! The CUDA side: finding and opening the CUDA libraries, compiling the kernels of `kernels/`
+//! to CUBIN with NVRTC through an on-disk cache, and describing the driver and GPUs.
+//!
+//! Nothing here is needed to build the crate: cudarc loads every library at run time, and each
+//! is first found and checked here (`libs`), so a machine without CUDA gets one-line errors
+//! ("NVRTC not found: …", "no CUDA driver found …"), never a panic.
+
+pub mod blas;
+pub mod cubin;
+pub mod driver;
+pub mod kernel_cache;
+pub mod libs;
+pub mod nvrtc;
+pub mod runtime;
+
+pub use blas::{cublas, Cublas};
+pub use driver::{driver, Driver, Gpu};
+pub use kernel_cache::{
+    kernel_files, kernel_headers, CompiledKernels, KernelCache, KernelCompiler,
+};
+pub use libs::{SearchEnv, SearchRoot};
+pub use nvrtc::{nvrtc, Arch, CompileError, Nvrtc};
+pub use runtime::{runtime, Runtime};
