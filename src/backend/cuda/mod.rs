@@ -5,6 +5,7 @@
 //! is first found and checked here (`libs`), so a machine without CUDA gets one-line errors
 //! ("NVRTC not found: …", "no CUDA driver found …"), never a panic.
 
+pub mod backend;
 pub mod blas;
 pub mod cubin;
 pub mod driver;
@@ -13,6 +14,7 @@ pub mod libs;
 pub mod nvrtc;
 pub mod runtime;
 
+pub use backend::{CudaBackend, CudaIds, CudaTensor};
 pub use blas::{cublas, Cublas};
 pub use driver::{driver, Driver, Gpu};
 pub use kernel_cache::{

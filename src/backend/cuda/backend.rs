@@ -1,0 +1,1745 @@
+//! `CudaBackend`: the fp32 [`Backend`] on one GPU, with the kernels of `kernels/` (compiled to
+//! CUBIN by NVRTC through the on-disk cache) and cuBLAS for the dense layers.
+//!
+//! # Memory, views and pointers
+//! A [`CudaTensor`] is a cheap handle: an `Arc` of one device allocation (a `CudaSlice<f32>` and
+//! its base address), an element offset and a length. Views share the allocation; a kernel is
+//! given the raw address `base + 4·offset` (`u64`). cudarc's per-slice event tracking is turned
+//! off: everything runs in order on the backend's single stream, so no cross-stream
+//! synchronization is needed, and the raw pointers bypass cudarc's borrow rules anyway. The
+//! trait's aliasing rule is what makes this sound: an op's outputs never overlap its inputs or
+//! each other (the kernels take `__restrict__` pointers); it is the caller's contract, as on the
+//! CPU backend. Allocations are freed stream-ordered (`cuMemFreeAsync`) when the last handle
+//! drops, so a buffer dropped while a kernel still reads it stays valid for that kernel.
+//!
+//! # Dense layers (cuBLAS, row-major through column-major)
+//! A row-major `[r, c]` matrix is, as cuBLAS sees the same memory, the column-major `[c, r]`
+//! matrix (its transpose) with leading dimension `c`. So each row-major product `C = A·B` is
+//! computed as the column-major `Cᵀ = Bᵀ·Aᵀ`, i.e. with the operands swapped:
+//! - forward `out[rows,n] = x·wᵀ`: `outᵀ(n×rows) = op(w)·xᵀ` with `w` (col-major `k×n`) transposed:
+//!   `gemm(T, N, m=n, n=rows, k, A=w lda=k, B=x ldb=k, C=out ldc=n)`, after `out` is set to the
+//!   bias by a rank-1 product `outᵀ = bias(n×1)·ones(1×rows)` (beta 0), then beta 1.
+//! - `dx[rows,k] (=|+=) dout·w`: `dxᵀ(k×rows) = wᵀ(k×n)·doutᵀ(n×rows)`:
+//!   `gemm(N, N, m=k, n=rows, k=n, A=w lda=k, B=dout ldb=n, C=dx ldc=k)`, beta 0 or 1.
+//! - `dw[n,k] += doutᵀ·x`: `dwᵀ(k×n) = xᵀ(k×rows)·dout(rows×n)`:
+//!   `gemm(N, T, m=k, n=n, k=rows, A=x lda=k, B=dout ldb=n, C=dw ldc=k)`, beta 1.
+//! - `dbias[n] += Σ_rows dout`: `dbias(n×1) = doutᵀ(n×rows)·ones(rows×1)`, beta 1.
+//!
+//! All GEMMs are `cublasGemmEx` with fp32 data and `CUBLAS_COMPUTE_32F` under
+//! `CUBLAS_DEFAULT_MATH` (no TF32), so results match the CPU up to fp32 summation order.
+//!
+//! # Scratch
+//! Per-call scratch (LayerNorm's dgamma/dbeta partials, Σx² partials, attention's `delta`, the
+//! AdamW segment table) is allocated stream-ordered per call (`cuMemAllocAsync`, pooled by the
+//! driver) and freed stream-ordered when dropped. The `ones` vector of the bias GEMMs is kept and
+//! grown on demand; the `SeqLayout` arrays (starts, rows, valid) are uploaded once per distinct
+//! layout and kept in a small cache (forward and backward of every layer share one layout).
+
+use std::collections::HashMap;
+use std::ffi::c_void;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, bail, ensure, Result};
+use cudarc::cublas::sys as blas;
+use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::{result as dres, sys as dsys};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::Ptx;
+
+use super::libs::check_cudarc_library;
+use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
+use crate::backend::{
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout,
+};
+
+/// The driver functions cudarc calls for this backend (cudarc panics on a missing one, so they
+/// are checked first).
+const DRIVER_SYMBOLS: &[&str] = &[
+    "cuInit",
+    "cuDeviceGet",
+    "cuDeviceGetAttribute",
+    "cuDevicePrimaryCtxRetain",
+    "cuDevicePrimaryCtxRelease_v2",
+    "cuCtxGetCurrent",
+    "cuCtxSetCurrent",
+    "cuCtxSynchronize",
+    "cuStreamCreate",
+    "cuStreamDestroy_v2",
+    "cuStreamSynchronize",
+    "cuMemAllocAsync",
+    "cuMemFreeAsync",
+    "cuMemAlloc_v2",
+    "cuMemFree_v2",
+    "cuMemsetD8Async",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemcpyDtoDAsync_v2",
+    "cuModuleLoadData",
+    "cuModuleUnload",
+    "cuModuleGetFunction",
+    "cuFuncSetAttribute",
+    "cuLaunchKernel",
+    "cuGetErrorString",
+    "cuGetErrorName",
+];
+
+/// The kernels this backend launches (all must be in the compiled modules).
+const REQUIRED_KERNELS: &[&str] = &[
+    "embeddings_forward_f32",
+    "embeddings_backward_f32",
+    "layernorm_forward_f32",
+    "layernorm_backward_f32",
+    "layernorm_backward_reduce",
+    "activation_forward_f32",
+    "activation_backward_f32",
+    "tanh_forward_f32",
+    "tanh_backward_f32",
+    "dropout_forward_f32",
+    "dropout_backward_f32",
+    "gather_first_tokens_f32",
+    "scatter_first_tokens_backward_f32",
+    "cross_entropy_forward_f32",
+    "cross_entropy_backward_f32",
+    "sum_squares_partial",
+    "sum_squares_finalize",
+    "clip_by_global_norm",
+    "adamw_update",
+    "attention_forward_f32_d32",
+    "attention_forward_f32_d64",
+    "attention_forward_f32_generic",
+    "attention_backward_delta_f32",
+    "attention_backward_dq_f32_d32",
+    "attention_backward_dq_f32_d64",
+    "attention_backward_dq_f32_generic",
+    "attention_backward_dkdv_f32_d32",
+    "attention_backward_dkdv_f32_d64",
+    "attention_backward_dkdv_f32_generic",
+];
+
+/// Warps per block of `layernorm_backward_f32` (block 128), fewer for very wide rows.
+const LN_BWD_WARPS: u32 = 4;
+
+/// One device allocation with its base address.
+struct Buffer<T> {
+    /// Owns the allocation (freed stream-ordered on drop).
+    _slice: CudaSlice<T>,
+    ptr: u64,
+}
+
+impl<T> Buffer<T> {
+    fn new(slice: CudaSlice<T>, stream: &CudaStream) -> Self {
+        // With event tracking off, device_ptr only reads the address.
+        let (ptr, _sync) = slice.device_ptr(stream);
+        let ptr = ptr as u64;
+        drop(_sync);
+        Buffer { _slice: slice, ptr }
+    }
+}
+
+/// An fp32 tensor on the GPU, or a view into one (see the module header).
+#[derive(Clone)]
+pub struct CudaTensor {
+    buf: Arc<Buffer<f32>>,
+    offset: usize,
+    len: usize,
+}
+
+impl CudaTensor {
+    /// The device address of the first element.
+    pub fn device_ptr(&self) -> u64 {
+        self.buf.ptr + (self.offset * 4) as u64
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Whether `self` and `other` are views of one allocation.
+    fn same_storage(&self, other: &CudaTensor) -> bool {
+        Arc::ptr_eq(&self.buf, &other.buf)
+    }
+}
+
+/// `u32` indices on the GPU, with the host copy they were uploaded from (for range checks the
+/// kernels do not make).
+#[derive(Clone)]
+pub struct CudaIds {
+    buf: Arc<Buffer<u32>>,
+    host: Arc<Vec<u32>>,
+}
+
+impl CudaIds {
+    pub fn device_ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+    pub fn host(&self) -> &[u32] {
+        &self.host
+    }
+}
+
+/// A kernel argument, passed by address to `cuLaunchKernel`.
+enum Arg {
+    /// A device pointer (0: null).
+    P(u64),
+    U32(u32),
+    I32(i32),
+    U64(u64),
+    F32(f32),
+    F64(f64),
+}
+
+impl Arg {
+    fn addr(&self) -> *mut c_void {
+        match self {
+            Arg::P(v) | Arg::U64(v) => v as *const u64 as *mut c_void,
+            Arg::U32(v) => v as *const u32 as *mut c_void,
+            Arg::I32(v) => v as *const i32 as *mut c_void,
+            Arg::F32(v) => v as *const f32 as *mut c_void,
+            Arg::F64(v) => v as *const f64 as *mut c_void,
+        }
+    }
+}
+
+/// The segment table entry of `adamw_update` (optim.cu's `AdamWSegment`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct AdamWSegment {
+    offset: u64,
+    length: u64,
+    weight_decay: f64,
+}
+
+/// A cuBLAS handle, destroyed on drop.
+struct BlasHandle(blas::cublasHandle_t);
+
+// SAFETY: the handle is only used under the backend's Mutex, one thread at a time.
+unsafe impl Send for BlasHandle {}
+
+impl Drop for BlasHandle {
+    fn drop(&mut self) {
+        // SAFETY: created by cublasCreate_v2, destroyed once.
+        unsafe {
+            blas::cublasDestroy_v2(self.0);
+        }
+    }
+}
+
+/// The uploaded arrays of one [`SeqLayout`]: starts | rows | valid, `batch` u32 each.
+struct LayoutBuf {
+    layout: SeqLayout,
+    buf: Arc<Buffer<u32>>,
+}
+
+impl LayoutBuf {
+    fn starts(&self) -> u64 {
+        self.buf.ptr
+    }
+    fn rows(&self) -> u64 {
+        self.buf.ptr + 4 * self.layout.batch() as u64
+    }
+    fn valid(&self) -> u64 {
+        self.buf.ptr + 8 * self.layout.batch() as u64
+    }
+}
+
+const LAYOUT_CACHE: usize = 8;
+
+/// The fp32 CUDA backend on one GPU.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    /// Kept alive for the functions' sake.
+    _modules: Vec<Arc<CudaModule>>,
+    functions: HashMap<String, CudaFunction>,
+    blas: Mutex<BlasHandle>,
+    ones: Mutex<Option<CudaTensor>>,
+    layouts: Mutex<Vec<Arc<LayoutBuf>>>,
+    name: String,
+    sms: u32,
+    /// Max dynamic shared memory per block (opt-in).
+    max_smem_optin: u32,
+}
+
+fn grid_1d(n: usize, per_thread: usize, block: u32, cap: u32) -> u32 {
+    let blocks = n.div_ceil(per_thread).div_ceil(block as usize);
+    blocks.clamp(1, cap as usize) as u32
+}
+
+fn u32_of(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| anyhow!("{what} = {v} does not fit the kernels' 32-bit sizes"))
+}
+
+fn i32_of(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| anyhow!("{what} = {v} is too large for cuBLAS"))
+}
+
+fn blas_check(what: &str, s: blas::cublasStatus_t) -> Result<()> {
+    if s == blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+        Ok(())
+    } else {
+        bail!("{what}: {s:?}")
+    }
+}
+
+impl CudaBackend {
+    /// Opens GPU `device_index`: checks the driver and cuBLAS (one-line errors, no panics),
+    /// compiles (or reads from the kernel cache) every kernel file for the GPU's architecture,
+    /// loads them and creates the stream and cuBLAS handle.
+    pub fn new(device_index: usize) -> Result<Self> {
+        let drv = driver()?;
+        let gpus = drv.gpus()?;
+        if gpus.is_empty() {
+            bail!("no CUDA driver/GPU found: the driver sees no GPU");
+        }
+        let gpu = gpus.get(device_index).ok_or_else(|| {
+            anyhow!(
+                "no GPU {device_index}: the driver sees {} (0..{})",
+                gpus.len(),
+                gpus.len()
+            )
+        })?;
+        // SAFETY: the driver is loaded (driver() succeeded), so culib() does not come up empty.
+        check_cudarc_library(
+            "the CUDA driver",
+            "cuda",
+            unsafe { dsys::culib() },
+            DRIVER_SYMBOLS,
+        )?;
+        let cublas_lib = cublas()?;
+        let nvrtc = nvrtc().map_err(|e| anyhow!("cannot compile the kernels: {e:#}"))?;
+        let arch = gpu.arch();
+        if !nvrtc.supported_archs().contains(&arch.number) {
+            bail!(
+                "NVRTC {}.{} does not compile for {arch} (GPU {device_index}: {})",
+                nvrtc.version().0,
+                nvrtc.version().1,
+                gpu.name
+            );
+        }
+        let compiler = KernelCompiler::new(nvrtc, KernelCache::open_default()?);
+        let mut compiled = Vec::new();
+        for (file, _) in kernel_files() {
+            compiled.push(compiler.compile_kernel_file(file, arch)?);
+        }
+
+        let ctx = CudaContext::new(device_index)
+            .map_err(|e| anyhow!("cannot open GPU {device_index}: {e}"))?;
+        // SAFETY: everything runs on one stream, in order (see the module header).
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow!("cannot create a CUDA stream: {e}"))?;
+
+        let mut modules = Vec::new();
+        let mut functions = HashMap::new();
+        for k in compiled {
+            let module = ctx
+                .load_module(Ptx::from_binary(k.cubin))
+                .map_err(|e| anyhow!("cannot load the CUBIN of {} ({}): {e}", k.file, arch))?;
+            for name in &k.kernels {
+                let f = module
+                    .load_function(name)
+                    .map_err(|e| anyhow!("{}: no kernel {name}: {e}", k.file))?;
+                functions.insert(name.clone(), f);
+            }
+            modules.push(module);
+        }
+        for name in REQUIRED_KERNELS {
+            ensure!(
+                functions.contains_key(*name),
+                "the compiled kernels lack {name} (kernels/ out of date?)"
+            );
+        }
+        let attr = |a: CUdevice_attribute| -> Result<u32> {
+            Ok(ctx
+                .attribute(a)
+                .map_err(|e| anyhow!("cuDeviceGetAttribute({a:?}): {e}"))? as u32)
+        };
+        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?.max(1);
+        let max_smem_optin =
+            attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?
+                .max(48 * 1024);
+        // layernorm_backward's dynamic shared memory may exceed the default 48 KiB.
+        functions["layernorm_backward_f32"]
+            .set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                max_smem_optin as i32,
+            )
+            .map_err(|e| anyhow!("cuFuncSetAttribute(layernorm_backward_f32): {e}"))?;
+
+        let mut handle: blas::cublasHandle_t = std::ptr::null_mut();
+        // SAFETY: out-parameter; the context is current (bound by new_stream).
+        blas_check("cublasCreate", unsafe {
+            blas::cublasCreate_v2(&mut handle)
+        })?;
+        let handle = BlasHandle(handle);
+        // SAFETY: a live handle and stream.
+        blas_check("cublasSetStream", unsafe {
+            blas::cublasSetStream_v2(handle.0, stream.cu_stream() as _)
+        })?;
+        // No TF32: fp32 GEMMs match the CPU to fp32 rounding.
+        blas_check("cublasSetMathMode", unsafe {
+            blas::cublasSetMathMode(handle.0, blas::cublasMath_t::CUBLAS_DEFAULT_MATH)
+        })?;
+
+        let v = cublas_lib.version();
+        let name = format!(
+            "cuda:{device_index} ({}, {arch}, {} SMs, cuBLAS {}.{}.{}, fp32)",
+            gpu.name, sms, v.0, v.1, v.2
+        );
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            _modules: modules,
+            functions,
+            blas: Mutex::new(handle),
+            ones: Mutex::new(None),
+            layouts: Mutex::new(Vec::new()),
+            name,
+            sms,
+            max_smem_optin,
+        })
+    }
+
+    /// Waits for every queued operation; reports an asynchronous kernel failure.
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| anyhow!("CUDA stream: {e}"))
+    }
+
+    fn bind(&self) -> Result<()> {
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| anyhow!("cannot bind the CUDA context: {e}"))
+    }
+
+    fn alloc_raw<T: cudarc::driver::DeviceRepr>(&self, len: usize) -> Result<Arc<Buffer<T>>> {
+        self.bind()?;
+        // At least one element: a zero-byte allocation is not portable.
+        // SAFETY: the contents are written before being read (or zeroed by the caller).
+        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }
+            .map_err(|e| anyhow!("cannot allocate {len} elements on the GPU: {e}"))?;
+        Ok(Arc::new(Buffer::new(slice, &self.stream)))
+    }
+
+    fn scratch(&self, len: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            buf: self.alloc_raw::<f32>(len)?,
+            offset: 0,
+            len,
+        })
+    }
+
+    fn upload_raw<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<Arc<Buffer<T>>> {
+        let buf = self.alloc_raw::<T>(data.len())?;
+        if !data.is_empty() {
+            // SAFETY: the allocation holds data.len() elements; a pageable source is staged
+            // before the call returns.
+            unsafe { dres::memcpy_htod_async(buf.ptr, data, self.stream.cu_stream()) }
+                .map_err(|e| anyhow!("host-to-device copy: {e}"))?;
+        }
+        Ok(buf)
+    }
+
+    fn func(&self, name: &str) -> Result<&CudaFunction> {
+        self.functions
+            .get(name)
+            .ok_or_else(|| anyhow!("no kernel {name} loaded"))
+    }
+
+    fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> Result<()> {
+        let f = self.func(name)?;
+        self.bind()?;
+        let mut params: Vec<*mut c_void> = args.iter().map(Arg::addr).collect();
+        // SAFETY: the arguments match the kernel's parameter list (see kernels/*.cu) and live
+        // until cuLaunchKernel returns (it copies them); pointers are into live allocations.
+        unsafe {
+            dres::launch_kernel(
+                f.cu_function(),
+                grid,
+                block,
+                smem,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .map_err(|e| anyhow!("launching {name}: {e}"))
+    }
+
+    /// Launch of an element-wise kernel over `n` elements (block 256, grid-stride).
+    fn elementwise_grid(&self, n: usize) -> (u32, u32, u32) {
+        (grid_1d(n, 4, 256, 16 * self.sms), 1, 1)
+    }
+
+    /// A ones vector of at least `len` elements.
+    fn ones(&self, len: usize) -> Result<CudaTensor> {
+        let mut ones = self.ones.lock().unwrap();
+        if let Some(t) = ones.as_ref() {
+            if t.len >= len {
+                return Ok(t.clone());
+            }
+        }
+        let cap = len.max(1024).next_power_of_two();
+        let t = CudaTensor {
+            buf: self.upload_raw(&vec![1.0f32; cap])?,
+            offset: 0,
+            len: cap,
+        };
+        *ones = Some(t.clone());
+        Ok(t)
+    }
+
+    fn layout(&self, layout: &SeqLayout) -> Result<Arc<LayoutBuf>> {
+        let mut cache = self.layouts.lock().unwrap();
+        if let Some(i) = cache.iter().position(|l| &l.layout == layout) {
+            let l = cache.remove(i);
+            cache.push(l.clone());
+            return Ok(l);
+        }
+        ensure!(
+            layout.rows.len() == layout.batch() && layout.valid.len() == layout.batch(),
+            "a SeqLayout's starts, rows and valid differ in length"
+        );
+        let mut data = Vec::with_capacity(3 * layout.batch());
+        data.extend_from_slice(&layout.starts);
+        data.extend_from_slice(&layout.rows);
+        data.extend_from_slice(&layout.valid);
+        let l = Arc::new(LayoutBuf {
+            layout: layout.clone(),
+            buf: self.upload_raw(&data)?,
+        });
+        if cache.len() >= LAYOUT_CACHE {
+            cache.remove(0);
+        }
+        cache.push(l.clone());
+        Ok(l)
+    }
+
+    /// `C = alpha·op(A)·op(B) + beta·C`, column-major, fp32 (see the module header).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        m: usize,
+        n: usize,
+        k: usize,
+        a: u64,
+        lda: usize,
+        b: u64,
+        ldb: usize,
+        beta: f32,
+        c: u64,
+        ldc: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        let op = |t: bool| {
+            if t {
+                blas::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let alpha = 1.0f32;
+        let handle = self.blas.lock().unwrap();
+        self.bind()?;
+        // SAFETY: the pointers address matrices of the given shapes (lengths checked by the
+        // callers); alpha/beta are host scalars (the default pointer mode).
+        let status = unsafe {
+            blas::cublasGemmEx(
+                handle.0,
+                op(trans_a),
+                op(trans_b),
+                i32_of(m, "m")?,
+                i32_of(n, "n")?,
+                i32_of(k, "k")?,
+                &alpha as *const f32 as *const c_void,
+                a as *const c_void,
+                blas::cudaDataType::CUDA_R_32F,
+                i32_of(lda.max(1), "lda")?,
+                b as *const c_void,
+                blas::cudaDataType::CUDA_R_32F,
+                i32_of(ldb.max(1), "ldb")?,
+                &beta as *const f32 as *const c_void,
+                c as *mut c_void,
+                blas::cudaDataType::CUDA_R_32F,
+                i32_of(ldc.max(1), "ldc")?,
+                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        blas_check("cublasGemmEx", status)
+    }
+
+    fn check_ids(&self, ids: &CudaIds, entries: usize, what: &str) -> Result<()> {
+        if let Some(&bad) = ids.host.iter().find(|&&i| i as usize >= entries) {
+            bail!("{what} index {bad} out of range (the table has {entries} rows)");
+        }
+        Ok(())
+    }
+
+    fn check_layout(&self, layout: &SeqLayout) -> Result<()> {
+        for b in 0..layout.batch() {
+            let (r, v) = (layout.rows[b], layout.valid[b]);
+            ensure!(
+                r < 1 << 16,
+                "sequences are limited to 65535 rows (sequence {b} has {r})"
+            );
+            ensure!(
+                v >= 1 && v <= r,
+                "sequence {b} has {v} valid rows out of {r} (needs 1 ≤ valid ≤ rows)"
+            );
+        }
+        ensure!(
+            layout.batch() < 1 << 16,
+            "batches are limited to 65535 sequences"
+        );
+        Ok(())
+    }
+
+    /// The attention variant suffix and its rows per block for `head_dim`.
+    fn attention_variant(head_dim: usize) -> Result<(&'static str, usize)> {
+        Ok(match head_dim {
+            32 => ("d32", 64),
+            64 => ("d64", 32),
+            1..=128 => ("generic", 16),
+            _ => bail!("attention head_dim {head_dim} is not supported (1..=128)"),
+        })
+    }
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Ids = CudaIds;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    // ---- memory ----
+    fn zeros(&self, len: usize) -> Result<CudaTensor> {
+        let t = self.scratch(len)?;
+        self.fill_zero(&t)?;
+        Ok(t)
+    }
+
+    fn upload(&self, data: &[f32]) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            buf: self.upload_raw(data)?,
+            offset: 0,
+            len: data.len(),
+        })
+    }
+
+    fn upload_ids(&self, data: &[u32]) -> Result<CudaIds> {
+        Ok(CudaIds {
+            buf: self.upload_raw(data)?,
+            host: Arc::new(data.to_vec()),
+        })
+    }
+
+    fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; t.len];
+        self.bind()?;
+        if t.len > 0 {
+            // SAFETY: t addresses t.len elements; the stream is synchronized before `out` is
+            // read or dropped.
+            unsafe { dres::memcpy_dtoh_async(&mut out, t.device_ptr(), self.stream.cu_stream()) }
+                .map_err(|e| anyhow!("device-to-host copy: {e}"))?;
+        }
+        self.synchronize()?;
+        Ok(out)
+    }
+
+    fn view(&self, t: &CudaTensor, offset: usize, len: usize) -> CudaTensor {
+        assert!(
+            offset + len <= t.len,
+            "view {offset}+{len} out of a tensor of {}",
+            t.len
+        );
+        CudaTensor {
+            buf: t.buf.clone(),
+            offset: t.offset + offset,
+            len,
+        }
+    }
+
+    fn len(&self, t: &CudaTensor) -> usize {
+        t.len
+    }
+
+    fn fill_zero(&self, t: &CudaTensor) -> Result<()> {
+        if t.len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: t addresses t.len elements.
+        unsafe { dres::memset_d8_async(t.device_ptr(), 0, t.len * 4, self.stream.cu_stream()) }
+            .map_err(|e| anyhow!("cuMemsetD8Async: {e}"))
+    }
+
+    fn copy(&self, dst: &CudaTensor, src: &CudaTensor) -> Result<()> {
+        ensure!(
+            dst.len == src.len,
+            "copy of {} elements into {}",
+            src.len,
+            dst.len
+        );
+        if src.len == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: both address len elements and do not overlap (the trait's rule).
+        unsafe {
+            dres::memcpy_dtod_async(
+                dst.device_ptr(),
+                src.device_ptr(),
+                src.len * 4,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(|e| anyhow!("device-to-device copy: {e}"))
+    }
+
+    // ---- dense layers ----
+    fn linear_forward(
+        &self,
+        out: &CudaTensor,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        bias: &CudaTensor,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        ensure!(
+            (out.len, x.len, w.len, bias.len) == (rows * n, rows * k, n * k, n),
+            "linear_forward: lengths (out {}, x {}, w {}, bias {}) for rows {rows}, k {k}, n {n}",
+            out.len,
+            x.len,
+            w.len,
+            bias.len
+        );
+        if rows == 0 || n == 0 {
+            return Ok(());
+        }
+        let ones = self.ones(rows)?;
+        // outᵀ(n×rows) = bias(n×1)·ones(1×rows)
+        self.gemm(
+            false,
+            false,
+            n,
+            rows,
+            1,
+            bias.device_ptr(),
+            n,
+            ones.device_ptr(),
+            1,
+            0.0,
+            out.device_ptr(),
+            n,
+        )?;
+        if k == 0 {
+            return Ok(());
+        }
+        // outᵀ(n×rows) += op(w)·xᵀ, w col-major k×n transposed.
+        self.gemm(
+            true,
+            false,
+            n,
+            rows,
+            k,
+            w.device_ptr(),
+            k,
+            x.device_ptr(),
+            k,
+            1.0,
+            out.device_ptr(),
+            n,
+        )
+    }
+
+    fn linear_backward(
+        &self,
+        dx: Option<&CudaTensor>,
+        dx_accumulate: bool,
+        dw: &CudaTensor,
+        dbias: &CudaTensor,
+        dout: &CudaTensor,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        ensure!(
+            (dw.len, dbias.len, dout.len, x.len, w.len) == (n * k, n, rows * n, rows * k, n * k),
+            "linear_backward: lengths (dw {}, dbias {}, dout {}, x {}, w {}) for rows {rows}, \
+             k {k}, n {n}",
+            dw.len,
+            dbias.len,
+            dout.len,
+            x.len,
+            w.len
+        );
+        if let Some(dx) = dx {
+            ensure!(
+                dx.len == rows * k,
+                "linear_backward: dx has {} elements, not {}",
+                dx.len,
+                rows * k
+            );
+            if n == 0 {
+                if !dx_accumulate {
+                    self.fill_zero(dx)?;
+                }
+            } else {
+                // dxᵀ(k×rows) = wᵀ(k×n)·doutᵀ(n×rows)
+                self.gemm(
+                    false,
+                    false,
+                    k,
+                    rows,
+                    n,
+                    w.device_ptr(),
+                    k,
+                    dout.device_ptr(),
+                    n,
+                    if dx_accumulate { 1.0 } else { 0.0 },
+                    dx.device_ptr(),
+                    k,
+                )?;
+            }
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        // dwᵀ(k×n) += xᵀ(k×rows)·dout(rows×n)
+        self.gemm(
+            false,
+            true,
+            k,
+            n,
+            rows,
+            x.device_ptr(),
+            k,
+            dout.device_ptr(),
+            n,
+            1.0,
+            dw.device_ptr(),
+            k,
+        )?;
+        // dbias(n×1) += doutᵀ(n×rows)·ones(rows×1)
+        let ones = self.ones(rows)?;
+        self.gemm(
+            false,
+            false,
+            n,
+            1,
+            rows,
+            dout.device_ptr(),
+            n,
+            ones.device_ptr(),
+            rows,
+            1.0,
+            dbias.device_ptr(),
+            n,
+        )
+    }
+
+    // ---- embeddings ----
+    fn embeddings_forward(
+        &self,
+        out: &CudaTensor,
+        word: &CudaTensor,
+        position: &CudaTensor,
+        token_type: &CudaTensor,
+        ids: &CudaIds,
+        positions: &CudaIds,
+        type_ids: &CudaIds,
+        hidden: usize,
+    ) -> Result<()> {
+        let rows = ids.len();
+        ensure!(
+            (out.len, positions.len(), type_ids.len()) == (rows * hidden, rows, rows),
+            "embeddings_forward: lengths (out {}, positions {}, type_ids {}) for {rows} ids of \
+             hidden {hidden}",
+            out.len,
+            positions.len(),
+            type_ids.len()
+        );
+        if rows == 0 || hidden == 0 {
+            return Ok(());
+        }
+        self.check_ids(ids, word.len / hidden, "word")?;
+        self.check_ids(positions, position.len / hidden, "position")?;
+        self.check_ids(type_ids, token_type.len / hidden, "token type")?;
+        let block = (hidden.div_ceil(4).div_ceil(32) * 32).min(256) as u32;
+        let grid = (
+            hidden.div_ceil(4).div_ceil(block as usize) as u32,
+            rows.min(65535) as u32,
+            1,
+        );
+        self.launch(
+            "embeddings_forward_f32",
+            grid,
+            (block, 1, 1),
+            0,
+            &[
+                Arg::P(out.device_ptr()),
+                Arg::P(word.device_ptr()),
+                Arg::P(position.device_ptr()),
+                Arg::P(token_type.device_ptr()),
+                Arg::P(ids.device_ptr()),
+                Arg::P(positions.device_ptr()),
+                Arg::P(type_ids.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(hidden, "hidden")?),
+            ],
+        )
+    }
+
+    fn embeddings_backward(
+        &self,
+        dword: &CudaTensor,
+        dposition: &CudaTensor,
+        dtoken_type: &CudaTensor,
+        dout: &CudaTensor,
+        ids: &CudaIds,
+        positions: &CudaIds,
+        type_ids: &CudaIds,
+        hidden: usize,
+        padding_idx: Option<u32>,
+    ) -> Result<()> {
+        let rows = ids.len();
+        ensure!(
+            (dout.len, positions.len(), type_ids.len()) == (rows * hidden, rows, rows),
+            "embeddings_backward: lengths (dout {}, positions {}, type_ids {}) for {rows} ids of \
+             hidden {hidden}",
+            dout.len,
+            positions.len(),
+            type_ids.len()
+        );
+        if rows == 0 || hidden == 0 {
+            return Ok(());
+        }
+        self.check_ids(ids, dword.len / hidden, "word")?;
+        self.check_ids(positions, dposition.len / hidden, "position")?;
+        self.check_ids(type_ids, dtoken_type.len / hidden, "token type")?;
+        let padding = match padding_idx {
+            Some(p) => i32::try_from(p).map_err(|_| anyhow!("padding_idx {p} too large"))?,
+            None => -1,
+        };
+        let grid = (
+            hidden.div_ceil(256) as u32,
+            rows.div_ceil(32).min(65535) as u32,
+            1,
+        );
+        self.launch(
+            "embeddings_backward_f32",
+            grid,
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(dword.device_ptr()),
+                Arg::P(dposition.device_ptr()),
+                Arg::P(dtoken_type.device_ptr()),
+                Arg::P(dout.device_ptr()),
+                Arg::P(ids.device_ptr()),
+                Arg::P(positions.device_ptr()),
+                Arg::P(type_ids.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(hidden, "hidden")?),
+                Arg::I32(padding),
+            ],
+        )
+    }
+
+    // ---- LayerNorm ----
+    fn layernorm_forward(
+        &self,
+        out: &CudaTensor,
+        mean: &CudaTensor,
+        rstd: &CudaTensor,
+        x: &CudaTensor,
+        residual: Option<(&CudaTensor, &CudaTensor)>,
+        gamma: &CudaTensor,
+        beta: &CudaTensor,
+        rows: usize,
+        cols: usize,
+        eps: f32,
+    ) -> Result<()> {
+        ensure!(
+            (out.len, x.len, mean.len, rstd.len, gamma.len, beta.len)
+                == (rows * cols, rows * cols, rows, rows, cols, cols),
+            "layernorm_forward: lengths (out {}, x {}, mean {}, rstd {}, gamma {}, beta {}) for \
+             rows {rows}, cols {cols}",
+            out.len,
+            x.len,
+            mean.len,
+            rstd.len,
+            gamma.len,
+            beta.len
+        );
+        let (res, sum) = match residual {
+            Some((b, s)) => {
+                ensure!(
+                    (b.len, s.len) == (rows * cols, rows * cols),
+                    "layernorm_forward: residual {} and sum {} elements, not {}",
+                    b.len,
+                    s.len,
+                    rows * cols
+                );
+                (b.device_ptr(), s.device_ptr())
+            }
+            None => (0, 0),
+        };
+        if rows == 0 {
+            return Ok(());
+        }
+        let warps = 8usize; // block 256
+        let grid = rows.div_ceil(warps).min(65535) as u32;
+        self.launch(
+            "layernorm_forward_f32",
+            (grid, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(out.device_ptr()),
+                Arg::P(mean.device_ptr()),
+                Arg::P(rstd.device_ptr()),
+                Arg::P(x.device_ptr()),
+                Arg::P(res),
+                Arg::P(sum),
+                Arg::P(gamma.device_ptr()),
+                Arg::P(beta.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(cols, "cols")?),
+                Arg::F32(eps),
+            ],
+        )
+    }
+
+    fn layernorm_backward(
+        &self,
+        dx: &CudaTensor,
+        dgamma: &CudaTensor,
+        dbeta: &CudaTensor,
+        dout: &CudaTensor,
+        x: &CudaTensor,
+        mean: &CudaTensor,
+        rstd: &CudaTensor,
+        gamma: &CudaTensor,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        ensure!(
+            (dx.len, dout.len, x.len, mean.len, rstd.len)
+                == (rows * cols, rows * cols, rows * cols, rows, rows)
+                && (dgamma.len, dbeta.len, gamma.len) == (cols, cols, cols),
+            "layernorm_backward: lengths (dx {}, dout {}, x {}, mean {}, rstd {}, dgamma {}, \
+             dbeta {}, gamma {}) for rows {rows}, cols {cols}",
+            dx.len,
+            dout.len,
+            x.len,
+            mean.len,
+            rstd.len,
+            dgamma.len,
+            dbeta.len,
+            gamma.len
+        );
+        if rows == 0 || cols == 0 {
+            return Ok(());
+        }
+        // Stage 1: per-block partials of Σ dout·ŝ and Σ dout, in dynamic shared memory of
+        // warps·2·cols floats; fewer warps per block for rows too wide for 4.
+        let mut warps = LN_BWD_WARPS;
+        while warps > 1 && warps as usize * 8 * cols > self.max_smem_optin as usize {
+            warps /= 2;
+        }
+        let smem = warps as usize * 8 * cols;
+        ensure!(
+            smem <= self.max_smem_optin as usize,
+            "layernorm_backward: {cols} columns need {smem} bytes of shared memory, the GPU \
+             allows {}",
+            self.max_smem_optin
+        );
+        let parts = rows
+            .div_ceil(warps as usize)
+            .min(2 * self.sms as usize)
+            .max(1);
+        let partials = self.scratch(parts * 2 * cols)?;
+        self.launch(
+            "layernorm_backward_f32",
+            (parts as u32, 1, 1),
+            (32 * warps, 1, 1),
+            smem as u32,
+            &[
+                Arg::P(dx.device_ptr()),
+                Arg::P(partials.device_ptr()),
+                Arg::P(dout.device_ptr()),
+                Arg::P(x.device_ptr()),
+                Arg::P(mean.device_ptr()),
+                Arg::P(rstd.device_ptr()),
+                Arg::P(gamma.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(cols, "cols")?),
+            ],
+        )?;
+        // Stage 2: dgamma/dbeta += Σ over the partials (fixed order).
+        let grid = (2 * cols).div_ceil(32).min(65535) as u32;
+        self.launch(
+            "layernorm_backward_reduce",
+            (grid, 1, 1),
+            (32, 32, 1),
+            0,
+            &[
+                Arg::P(dgamma.device_ptr()),
+                Arg::P(dbeta.device_ptr()),
+                Arg::P(partials.device_ptr()),
+                Arg::U32(parts as u32),
+                Arg::U32(u32_of(cols, "cols")?),
+            ],
+        )
+    }
+
+    // ---- activations ----
+    fn activation_forward(&self, out: &CudaTensor, x: &CudaTensor, act: Activation) -> Result<()> {
+        ensure!(
+            out.len == x.len,
+            "activation_forward: out {} elements, x {}",
+            out.len,
+            x.len
+        );
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "activation_forward_f32",
+            self.elementwise_grid(x.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(out.device_ptr()),
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+                Arg::I32(act_code(act)),
+            ],
+        )
+    }
+
+    fn activation_backward(
+        &self,
+        dx: &CudaTensor,
+        dout: &CudaTensor,
+        x: &CudaTensor,
+        act: Activation,
+    ) -> Result<()> {
+        ensure!(
+            dx.len == x.len && dout.len == x.len,
+            "activation_backward: dx {}, dout {}, x {} elements",
+            dx.len,
+            dout.len,
+            x.len
+        );
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "activation_backward_f32",
+            self.elementwise_grid(x.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(dx.device_ptr()),
+                Arg::P(dout.device_ptr()),
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+                Arg::I32(act_code(act)),
+            ],
+        )
+    }
+
+    fn tanh_forward(&self, out: &CudaTensor, x: &CudaTensor) -> Result<()> {
+        ensure!(
+            out.len == x.len,
+            "tanh_forward: out {} elements, x {}",
+            out.len,
+            x.len
+        );
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "tanh_forward_f32",
+            self.elementwise_grid(x.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(out.device_ptr()),
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+            ],
+        )
+    }
+
+    fn tanh_backward(&self, dx: &CudaTensor, dout: &CudaTensor, y: &CudaTensor) -> Result<()> {
+        ensure!(
+            dx.len == y.len && dout.len == y.len,
+            "tanh_backward: dx {}, dout {}, y {} elements",
+            dx.len,
+            dout.len,
+            y.len
+        );
+        if y.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "tanh_backward_f32",
+            self.elementwise_grid(y.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(dx.device_ptr()),
+                Arg::P(dout.device_ptr()),
+                Arg::P(y.device_ptr()),
+                Arg::U64(y.len as u64),
+            ],
+        )
+    }
+
+    // ---- dropout ----
+    fn dropout_forward(&self, out: &CudaTensor, x: &CudaTensor, d: Dropout) -> Result<()> {
+        self.dropout("dropout_forward_f32", out, x, d)
+    }
+
+    fn dropout_backward(&self, dx: &CudaTensor, dout: &CudaTensor, d: Dropout) -> Result<()> {
+        self.dropout("dropout_backward_f32", dx, dout, d)
+    }
+
+    // ---- rows of sequences ----
+    fn gather_first_tokens(
+        &self,
+        out: &CudaTensor,
+        x: &CudaTensor,
+        layout: &SeqLayout,
+        hidden: usize,
+    ) -> Result<()> {
+        self.first_tokens("gather_first_tokens_f32", out, x, layout, hidden, true)
+    }
+
+    fn scatter_first_tokens_backward(
+        &self,
+        dx: &CudaTensor,
+        dout: &CudaTensor,
+        layout: &SeqLayout,
+        hidden: usize,
+    ) -> Result<()> {
+        self.first_tokens(
+            "scatter_first_tokens_backward_f32",
+            dx,
+            dout,
+            layout,
+            hidden,
+            false,
+        )
+    }
+
+    // ---- attention ----
+    fn attention_forward(
+        &self,
+        out: &CudaTensor,
+        lse: &CudaTensor,
+        qkv: &CudaTensor,
+        layout: &SeqLayout,
+        dims: AttentionDims,
+        dropout: Dropout,
+    ) -> Result<()> {
+        let AttentionDims { heads, head_dim } = dims;
+        let hidden = heads * head_dim;
+        let rows = layout.total_rows();
+        ensure!(
+            (out.len, lse.len, qkv.len) == (rows * hidden, rows * heads, rows * 3 * hidden),
+            "attention_forward: lengths (out {}, lse {}, qkv {}) for {rows} rows, {heads} heads \
+             of {head_dim}",
+            out.len,
+            lse.len,
+            qkv.len
+        );
+        self.check_layout(layout)?;
+        let (variant, block_rows) = Self::attention_variant(head_dim)?;
+        let s = layout.max_rows();
+        if layout.batch() == 0 || s == 0 || heads == 0 {
+            return Ok(());
+        }
+        ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
+        let l = self.layout(layout)?;
+        self.launch(
+            &format!("attention_forward_f32_{variant}"),
+            (
+                s.div_ceil(block_rows) as u32,
+                heads as u32,
+                layout.batch() as u32,
+            ),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::P(out.device_ptr()),
+                Arg::P(lse.device_ptr()),
+                Arg::P(qkv.device_ptr()),
+                Arg::P(l.starts()),
+                Arg::P(l.rows()),
+                Arg::P(l.valid()),
+                Arg::U32(heads as u32),
+                Arg::U32(head_dim as u32),
+                Arg::F32(dropout_p(dropout)),
+                Arg::U64(dropout.seed),
+                Arg::U64(dropout.stream),
+            ],
+        )
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: &CudaTensor,
+        dout: &CudaTensor,
+        qkv: &CudaTensor,
+        out: &CudaTensor,
+        lse: &CudaTensor,
+        layout: &SeqLayout,
+        dims: AttentionDims,
+        dropout: Dropout,
+    ) -> Result<()> {
+        let AttentionDims { heads, head_dim } = dims;
+        let hidden = heads * head_dim;
+        let rows = layout.total_rows();
+        ensure!(
+            (dqkv.len, dout.len, out.len, qkv.len, lse.len)
+                == (
+                    rows * 3 * hidden,
+                    rows * hidden,
+                    rows * hidden,
+                    rows * 3 * hidden,
+                    rows * heads
+                ),
+            "attention_backward: lengths (dqkv {}, dout {}, out {}, qkv {}, lse {}) for {rows} \
+             rows, {heads} heads of {head_dim}",
+            dqkv.len,
+            dout.len,
+            out.len,
+            qkv.len,
+            lse.len
+        );
+        self.check_layout(layout)?;
+        let (variant, block_rows) = Self::attention_variant(head_dim)?;
+        let s = layout.max_rows();
+        if layout.batch() == 0 || s == 0 || heads == 0 {
+            return Ok(());
+        }
+        ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
+        let l = self.layout(layout)?;
+        // delta[r·heads + h] = dO·o, one warp per (row, head), 8 warps per block.
+        let delta = self.scratch(rows * heads)?;
+        let pairs = rows * heads;
+        ensure!(
+            pairs.div_ceil(8) <= i32::MAX as usize,
+            "attention_backward: too many rows"
+        );
+        self.launch(
+            "attention_backward_delta_f32",
+            (pairs.div_ceil(8) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(delta.device_ptr()),
+                Arg::P(dout.device_ptr()),
+                Arg::P(out.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(heads as u32),
+                Arg::U32(head_dim as u32),
+            ],
+        )?;
+        let grid = (
+            s.div_ceil(block_rows) as u32,
+            heads as u32,
+            layout.batch() as u32,
+        );
+        for kind in ["dq", "dkdv"] {
+            self.launch(
+                &format!("attention_backward_{kind}_f32_{variant}"),
+                grid,
+                (128, 1, 1),
+                0,
+                &[
+                    Arg::P(dqkv.device_ptr()),
+                    Arg::P(dout.device_ptr()),
+                    Arg::P(qkv.device_ptr()),
+                    Arg::P(lse.device_ptr()),
+                    Arg::P(delta.device_ptr()),
+                    Arg::P(l.starts()),
+                    Arg::P(l.rows()),
+                    Arg::P(l.valid()),
+                    Arg::U32(heads as u32),
+                    Arg::U32(head_dim as u32),
+                    Arg::F32(dropout_p(dropout)),
+                    Arg::U64(dropout.seed),
+                    Arg::U64(dropout.stream),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    // ---- loss ----
+    fn cross_entropy_forward(
+        &self,
+        losses: &CudaTensor,
+        logits: &CudaTensor,
+        labels: &CudaIds,
+        classes: usize,
+        smoothing: f32,
+    ) -> Result<()> {
+        let rows = labels.len();
+        ensure!(
+            (losses.len, logits.len) == (rows, rows * classes),
+            "cross_entropy_forward: lengths (losses {}, logits {}) for {rows} labels of \
+             {classes} classes",
+            losses.len,
+            logits.len
+        );
+        self.check_labels(labels, classes)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "cross_entropy_forward_f32",
+            (rows.div_ceil(8).min(65535) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(losses.device_ptr()),
+                Arg::P(logits.device_ptr()),
+                Arg::P(labels.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(classes, "classes")?),
+                Arg::F32(smoothing),
+            ],
+        )
+    }
+
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &CudaTensor,
+        logits: &CudaTensor,
+        labels: &CudaIds,
+        classes: usize,
+        smoothing: f32,
+        scale: f32,
+    ) -> Result<()> {
+        let rows = labels.len();
+        ensure!(
+            (dlogits.len, logits.len) == (rows * classes, rows * classes),
+            "cross_entropy_backward: lengths (dlogits {}, logits {}) for {rows} labels of \
+             {classes} classes",
+            dlogits.len,
+            logits.len
+        );
+        self.check_labels(labels, classes)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "cross_entropy_backward_f32",
+            (rows.div_ceil(8).min(65535) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(dlogits.device_ptr()),
+                Arg::P(logits.device_ptr()),
+                Arg::P(labels.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(classes, "classes")?),
+                Arg::F32(smoothing),
+                Arg::F32(scale),
+            ],
+        )
+    }
+
+    // ---- optimizer ----
+    fn sum_squares(&self, out: &CudaTensor, x: &CudaTensor) -> Result<()> {
+        ensure!(out.len >= 1, "sum_squares: out is empty");
+        let parts = grid_1d(x.len, 4, 1024, 2 * self.sms);
+        let partials = self.scratch(parts as usize)?;
+        self.launch(
+            "sum_squares_partial",
+            (parts, 1, 1),
+            (1024, 1, 1),
+            0,
+            &[
+                Arg::P(partials.device_ptr()),
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+            ],
+        )?;
+        self.launch(
+            "sum_squares_finalize",
+            (1, 1, 1),
+            (1024, 1, 1),
+            0,
+            &[
+                Arg::P(out.device_ptr()),
+                Arg::P(partials.device_ptr()),
+                Arg::U32(parts),
+            ],
+        )
+    }
+
+    fn clip_by_global_norm(&self, x: &CudaTensor, sumsq: &CudaTensor, max_norm: f32) -> Result<()> {
+        ensure!(sumsq.len >= 1, "clip_by_global_norm: sumsq is empty");
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "clip_by_global_norm",
+            self.elementwise_grid(x.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+                Arg::P(sumsq.device_ptr()),
+                Arg::F32(max_norm),
+            ],
+        )
+    }
+
+    fn adamw_update(
+        &self,
+        tensors: &[AdamWTensor<'_, CudaTensor>],
+        step: &AdamWStep,
+    ) -> Result<()> {
+        for t in tensors {
+            ensure!(
+                t.grad.len == t.param.len
+                    && t.exp_avg.len == t.param.len
+                    && t.exp_avg_sq.len == t.param.len,
+                "adamw_update: param {}, grad {}, exp_avg {}, exp_avg_sq {} elements",
+                t.param.len,
+                t.grad.len,
+                t.exp_avg.len,
+                t.exp_avg_sq.len
+            );
+        }
+        // Group the tensors whose four views lie at one common offset in the same four
+        // allocations (the flat parameter, gradient and moment buffers): one launch per group,
+        // with segment offsets relative to the allocations' bases. Any other tensor is a group
+        // of its own, with its own pointers as bases.
+        struct Group<'t> {
+            bases: [&'t CudaTensor; 4],
+            shared: bool,
+            segments: Vec<AdamWSegment>,
+        }
+        let mut groups: Vec<Group<'_>> = Vec::new();
+        for t in tensors {
+            if t.param.len == 0 {
+                continue;
+            }
+            let four = [t.param, t.grad, t.exp_avg, t.exp_avg_sq];
+            let shared = four.iter().all(|v| v.offset == t.param.offset);
+            let push = |g: &mut Group<'_>, offset: usize| {
+                // ~64 Ki elements per segment balances the blocks.
+                const CHUNK: usize = 1 << 16;
+                let mut at = 0;
+                while at < t.param.len {
+                    let len = CHUNK.min(t.param.len - at);
+                    g.segments.push(AdamWSegment {
+                        offset: (offset + at) as u64,
+                        length: len as u64,
+                        weight_decay: t.weight_decay,
+                    });
+                    at += len;
+                }
+            };
+            if shared {
+                if let Some(g) = groups
+                    .iter_mut()
+                    .find(|g| g.shared && (0..4).all(|i| g.bases[i].same_storage(four[i])))
+                {
+                    push(g, t.param.offset);
+                    continue;
+                }
+            }
+            let mut g = Group {
+                bases: four,
+                shared,
+                segments: Vec::new(),
+            };
+            push(&mut g, if shared { t.param.offset } else { 0 });
+            groups.push(g);
+        }
+        let t = i32::try_from(step.step).unwrap_or(i32::MAX);
+        let step_size = (step.lr / (1.0 - step.beta1.powi(t))) as f32;
+        let bc2_sqrt = ((1.0 - step.beta2.powi(t)).sqrt()) as f32;
+        for g in &groups {
+            // Shared groups address from the allocations' bases, the others from the views.
+            let base = |v: &CudaTensor| {
+                if g.shared {
+                    v.buf.ptr
+                } else {
+                    v.device_ptr()
+                }
+            };
+            // SAFETY of the table upload: AdamWSegment is repr(C) plain data (24 bytes).
+            let bytes: Vec<u64> = g
+                .segments
+                .iter()
+                .flat_map(|s| [s.offset, s.length, s.weight_decay.to_bits()])
+                .collect();
+            let table = self.upload_raw(&bytes)?;
+            self.launch(
+                "adamw_update",
+                (g.segments.len().min(65535) as u32, 1, 1),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(base(g.bases[0])),
+                    Arg::P(base(g.bases[1])),
+                    Arg::P(base(g.bases[2])),
+                    Arg::P(base(g.bases[3])),
+                    Arg::P(table.ptr),
+                    Arg::U32(u32_of(g.segments.len(), "segments")?),
+                    Arg::F64(step.lr),
+                    Arg::F32(step_size),
+                    Arg::F32((1.0 - step.beta1) as f32),
+                    Arg::F32(step.beta2 as f32),
+                    Arg::F32((1.0 - step.beta2) as f32),
+                    Arg::F32(bc2_sqrt),
+                    Arg::F32(step.eps as f32),
+                    Arg::P(0),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl CudaBackend {
+    fn dropout(&self, name: &str, out: &CudaTensor, x: &CudaTensor, d: Dropout) -> Result<()> {
+        ensure!(
+            out.len == x.len,
+            "{name}: out {} elements, x {}",
+            out.len,
+            x.len
+        );
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            name,
+            self.elementwise_grid(x.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(out.device_ptr()),
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+                Arg::F32(d.p),
+                Arg::U64(d.seed),
+                Arg::U64(d.stream),
+            ],
+        )
+    }
+
+    /// gather (`gather` true: out[batch, hidden] from x[rows, hidden]) or scatter-add backward
+    /// (dx[rows, hidden] += dout[batch, hidden]).
+    fn first_tokens(
+        &self,
+        name: &str,
+        a: &CudaTensor,
+        b: &CudaTensor,
+        layout: &SeqLayout,
+        hidden: usize,
+        gather: bool,
+    ) -> Result<()> {
+        let batch = layout.batch();
+        let (small, big) = if gather { (a, b) } else { (b, a) };
+        ensure!(
+            small.len == batch * hidden,
+            "{name}: {} elements for {batch} sequences of hidden {hidden}",
+            small.len
+        );
+        for (i, &s) in layout.starts.iter().enumerate() {
+            ensure!(
+                (s as usize + 1) * hidden <= big.len,
+                "{name}: sequence {i} starts at row {s}, past the {} rows",
+                big.len / hidden.max(1)
+            );
+        }
+        if batch == 0 || hidden == 0 {
+            return Ok(());
+        }
+        let l = self.layout(layout)?;
+        let block = (hidden.div_ceil(4).div_ceil(32) * 32).min(256) as u32;
+        let grid = (
+            hidden.div_ceil(4).div_ceil(block as usize) as u32,
+            batch.min(65535) as u32,
+            1,
+        );
+        self.launch(
+            name,
+            grid,
+            (block, 1, 1),
+            0,
+            &[
+                Arg::P(a.device_ptr()),
+                Arg::P(b.device_ptr()),
+                Arg::P(l.starts()),
+                Arg::U32(u32_of(batch, "batch")?),
+                Arg::U32(u32_of(hidden, "hidden")?),
+            ],
+        )
+    }
+
+    fn check_labels(&self, labels: &CudaIds, classes: usize) -> Result<()> {
+        if let Some(&bad) = labels.host.iter().find(|&&l| l as usize >= classes) {
+            bail!("label {bad} out of range for {classes} classes");
+        }
+        Ok(())
+    }
+}
+
+/// The kernels' `act` code: the order of [`Activation`].
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::GeluErf => 0,
+        Activation::GeluTanh => 1,
+        Activation::Relu => 2,
+    }
+}
+
+/// The dropout probability the attention kernels get (0: none).
+fn dropout_p(d: Dropout) -> f32 {
+    if d.is_active() {
+        d.p
+    } else {
+        0.0
+    }
+}
