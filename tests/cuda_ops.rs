@@ -1,0 +1,860 @@
+//! The CUDA backend against the CPU reference: every op on the same random inputs through
+//! [`CpuBackend`] and [`CudaBackend`], then a whole model forward + backward and six AdamW
+//! training steps.
+//!
+//! Each test first opens GPU 0. Without a CUDA driver or GPU it prints exactly
+//! `skipped: no CUDA device` and returns (the only allowed skip); any other failure to open the
+//! backend fails the test.
+//!
+//! Tolerances (fp32, unit roundoff U = 2⁻²⁴ ≈ 6e-8): element-wise ops use the same formulas in
+//! fp32 on both sides, so they agree to a few ulps (rtol 1e-6, CUDA's erff/expf/tanhf are within
+//! 2 ulps of the correctly rounded values). Sums (GEMM, LayerNorm statistics, attention, the
+//! loss) are added in different orders (and the CPU adds some in f64), so they agree to about
+//! n·U relative to the sum of magnitudes: rtol 1e-5 relative to each element plus the same
+//! relative to the largest element of the output (`close`). Gradients that go through several
+//! sums get 5e-5. Dropout masks and gathers are compared exactly.
+
+mod common;
+
+use bertft_cuda::backend::cpu::CpuBackend;
+use bertft_cuda::backend::cuda::{driver, CudaBackend};
+use bertft_cuda::backend::philox::uniform;
+use bertft_cuda::backend::{
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout,
+};
+use bertft_cuda::model::bert::{Activations, Batch, LossSpec, Mode};
+use bertft_cuda::model::Classifier;
+use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
+use bertft_cuda::train::step::{train_step, StepScratch, StepSettings};
+use common::fixture::{has_zero_exact_gradient, max_abs_diff};
+use common::tiny::*;
+
+const CPU: CpuBackend = CpuBackend;
+
+/// GPU 0, or `None` (after printing `skipped: no CUDA device`) when there is no driver or no GPU.
+fn gpu() -> Option<CudaBackend> {
+    let no_device = match driver() {
+        Err(_) => true,
+        Ok(d) => d
+            .gpus()
+            .unwrap_or_else(|e| panic!("the CUDA driver cannot list its GPUs: {e:#}"))
+            .is_empty(),
+    };
+    if no_device {
+        eprintln!("skipped: no CUDA device");
+        return None;
+    }
+    Some(CudaBackend::new(0).unwrap_or_else(|e| panic!("CudaBackend::new(0): {e:#}")))
+}
+
+/// `|gpu − cpu| ≤ rtol·(|cpu| + max|cpu|)` element-wise, naming the worst element.
+fn close(what: &str, gpu: &[f32], cpu: &[f32], rtol: f64) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
+    let scale = cpu.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    let mut worst = None;
+    let mut worst_ratio = 0.0f64;
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        let err = (g as f64 - c as f64).abs();
+        let tol = rtol * (c.abs() as f64 + scale) + 1e-30;
+        let ratio = if err.is_nan() || g.is_nan() != c.is_nan() {
+            f64::INFINITY
+        } else {
+            err / tol
+        };
+        if ratio > worst_ratio {
+            worst_ratio = ratio;
+            worst = Some(i);
+        }
+    }
+    if let Some(i) = worst {
+        assert!(
+            worst_ratio <= 1.0,
+            "{what}: element {i} of {}: gpu {}, cpu {}, |diff| {:.3e} > tolerance {:.3e} \
+             (rtol {rtol:e}, max|cpu| {scale:.3e})",
+            gpu.len(),
+            gpu[i],
+            cpu[i],
+            (gpu[i] as f64 - cpu[i] as f64).abs(),
+            rtol * (cpu[i].abs() as f64 + scale)
+        );
+    }
+}
+
+/// Bit-for-bit equality.
+fn exact(what: &str, gpu: &[f32], cpu: &[f32]) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
+    if let Some(i) = (0..gpu.len()).find(|&i| gpu[i].to_bits() != cpu[i].to_bits()) {
+        panic!("{what}: element {i}: gpu {}, cpu {}", gpu[i], cpu[i]);
+    }
+}
+
+/// Compares named outputs of one case.
+fn compare(case: &str, gpu: &[(&str, Vec<f32>)], cpu: &[(&str, Vec<f32>)], rtol: f64) {
+    for ((name, g), (_, c)) in gpu.iter().zip(cpu) {
+        close(&format!("{case}: {name}"), g, c, rtol);
+    }
+}
+
+fn up<B: Backend>(be: &B, x: &[f32]) -> B::Tensor {
+    be.upload(x).unwrap()
+}
+
+fn down<B: Backend>(be: &B, t: &B::Tensor) -> Vec<f32> {
+    be.download(t).unwrap()
+}
+
+/// A tensor holding `x` at element offset `offset` of a larger buffer (an unaligned view when
+/// `offset % 4 != 0`, to reach the kernels' scalar paths).
+fn up_at<B: Backend>(be: &B, x: &[f32], offset: usize) -> B::Tensor {
+    let mut padded = random_vec(offset, 999, 1.0);
+    padded.extend_from_slice(x);
+    padded.extend(random_vec(3, 998, 1.0));
+    let t = be.upload(&padded).unwrap();
+    be.view(&t, offset, x.len())
+}
+
+fn random_ids(n: usize, seed: u64, below: u32) -> Vec<u32> {
+    (0..n as u64)
+        .map(|i| ((uniform(seed, 7, i) * below as f32) as u32).min(below - 1))
+        .collect()
+}
+
+// ---- dense layers ----
+
+fn linear_case<B: Backend>(
+    be: &B,
+    rows: usize,
+    k: usize,
+    n: usize,
+    with_dx: bool,
+    dx_accumulate: bool,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = (rows * 1000 + k * 10 + n) as u64;
+    let x = up(be, &random_vec(rows * k, s, 1.0));
+    let w = up(be, &random_vec(n * k, s + 1, 0.5));
+    let bias = up(be, &random_vec(n, s + 2, 0.5));
+    let out = up(be, &random_vec(rows * n, s + 3, 9.0));
+    be.linear_forward(&out, &x, &w, &bias, rows, k, n).unwrap();
+    let dout = up(be, &random_vec(rows * n, s + 4, 1.0));
+    let dx = up(be, &random_vec(rows * k, s + 5, 1.0));
+    let dw = up(be, &random_vec(n * k, s + 6, 1.0));
+    let dbias = up(be, &random_vec(n, s + 7, 1.0));
+    be.linear_backward(
+        with_dx.then_some(&dx),
+        dx_accumulate,
+        &dw,
+        &dbias,
+        &dout,
+        &x,
+        &w,
+        rows,
+        k,
+        n,
+    )
+    .unwrap();
+    vec![
+        ("out", down(be, &out)),
+        ("dx", down(be, &dx)),
+        ("dw", down(be, &dw)),
+        ("dbias", down(be, &dbias)),
+    ]
+}
+
+#[test]
+fn linear() {
+    let Some(g) = gpu() else { return };
+    for rows in [1, 7, 33] {
+        for (k, n) in [(5, 20), (20, 37), (37, 5), (64, 96), (1, 3)] {
+            for (with_dx, acc) in [(true, false), (true, true), (false, false)] {
+                let case = format!("rows {rows}, k {k}, n {n}, dx {with_dx}, accumulate {acc}");
+                compare(
+                    &case,
+                    &linear_case(&g, rows, k, n, with_dx, acc),
+                    &linear_case(&CPU, rows, k, n, with_dx, acc),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+// ---- embeddings ----
+
+fn embeddings_case<B: Backend>(
+    be: &B,
+    rows: usize,
+    hidden: usize,
+    padding_idx: Option<u32>,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let (vocab, maxpos, types) = (40, 16, 2);
+    let s = (rows * 100 + hidden) as u64;
+    let word = up(be, &random_vec(vocab * hidden, s, 1.0));
+    let position = up(be, &random_vec(maxpos * hidden, s + 1, 1.0));
+    let token_type = up(be, &random_vec(types * hidden, s + 2, 1.0));
+    let mut id_vals = random_ids(rows, s + 3, vocab as u32);
+    if rows > 2 {
+        id_vals[1] = 0; // the padding row
+        id_vals[2] = id_vals[0]; // a repeated token
+    }
+    let ids = be.upload_ids(&id_vals).unwrap();
+    let positions = be
+        .upload_ids(&(0..rows as u32).map(|r| r % maxpos as u32).collect::<Vec<_>>())
+        .unwrap();
+    let type_ids = be
+        .upload_ids(&random_ids(rows, s + 4, types as u32))
+        .unwrap();
+    let out = up(be, &random_vec(rows * hidden, s + 5, 9.0));
+    be.embeddings_forward(
+        &out,
+        &word,
+        &position,
+        &token_type,
+        &ids,
+        &positions,
+        &type_ids,
+        hidden,
+    )
+    .unwrap();
+    let dout = up(be, &random_vec(rows * hidden, s + 6, 1.0));
+    let dword = up(be, &random_vec(vocab * hidden, s + 7, 1.0));
+    let dposition = up(be, &random_vec(maxpos * hidden, s + 8, 1.0));
+    let dtoken_type = up(be, &random_vec(types * hidden, s + 9, 1.0));
+    be.embeddings_backward(
+        &dword,
+        &dposition,
+        &dtoken_type,
+        &dout,
+        &ids,
+        &positions,
+        &type_ids,
+        hidden,
+        padding_idx,
+    )
+    .unwrap();
+    vec![
+        ("out", down(be, &out)),
+        ("dword", down(be, &dword)),
+        ("dposition", down(be, &dposition)),
+        ("dtoken_type", down(be, &dtoken_type)),
+    ]
+}
+
+#[test]
+fn embeddings() {
+    let Some(g) = gpu() else { return };
+    for rows in [1, 7, 33, 100] {
+        for hidden in [5, 20, 37, 64] {
+            for padding in [None, Some(0)] {
+                let case = format!("rows {rows}, hidden {hidden}, padding {padding:?}");
+                let (gg, cc) = (
+                    embeddings_case(&g, rows, hidden, padding),
+                    embeddings_case(&CPU, rows, hidden, padding),
+                );
+                // Forward adds the same three fp32 numbers in the same order.
+                close(&format!("{case}: out"), &gg[0].1, &cc[0].1, 1e-6);
+                // Backward adds with atomics, in any order.
+                compare(&case, &gg[1..], &cc[1..], 1e-5);
+            }
+        }
+    }
+}
+
+// ---- LayerNorm ----
+
+fn layernorm_case<B: Backend>(
+    be: &B,
+    rows: usize,
+    cols: usize,
+    residual: bool,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = (rows * 10000 + cols * 10 + residual as usize) as u64;
+    // An offset and a spread per row, as real activations have.
+    let xv: Vec<f32> = random_vec(rows * cols, s, 2.0)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + 0.5 * ((i / cols) % 5) as f32)
+        .collect();
+    let x = up(be, &xv);
+    let b = up(be, &random_vec(rows * cols, s + 1, 1.0));
+    let sum = up(be, &random_vec(rows * cols, s + 2, 9.0));
+    let gamma_v: Vec<f32> = random_vec(cols, s + 3, 0.3).iter().map(|v| v + 1.0).collect();
+    let gamma = up(be, &gamma_v);
+    let beta = up(be, &random_vec(cols, s + 4, 0.3));
+    let out = up(be, &random_vec(rows * cols, s + 5, 9.0));
+    let mean = up(be, &random_vec(rows, s + 6, 9.0));
+    let rstd = up(be, &random_vec(rows, s + 7, 9.0));
+    be.layernorm_forward(
+        &out,
+        &mean,
+        &rstd,
+        &x,
+        residual.then_some((&b, &sum)),
+        &gamma,
+        &beta,
+        rows,
+        cols,
+        1e-12,
+    )
+    .unwrap();
+    let normalized = if residual { &sum } else { &x };
+    let dout = up(be, &random_vec(rows * cols, s + 8, 1.0));
+    let dx = up(be, &random_vec(rows * cols, s + 9, 9.0));
+    let dgamma = up(be, &random_vec(cols, s + 10, 1.0));
+    let dbeta = up(be, &random_vec(cols, s + 11, 1.0));
+    be.layernorm_backward(
+        &dx, &dgamma, &dbeta, &dout, normalized, &mean, &rstd, &gamma, rows, cols,
+    )
+    .unwrap();
+    let mut outs = vec![
+        ("out", down(be, &out)),
+        ("mean", down(be, &mean)),
+        ("rstd", down(be, &rstd)),
+        ("dx", down(be, &dx)),
+        ("dgamma", down(be, &dgamma)),
+        ("dbeta", down(be, &dbeta)),
+    ];
+    if residual {
+        outs.push(("sum", down(be, &sum)));
+    }
+    outs
+}
+
+#[test]
+fn layernorm() {
+    let Some(g) = gpu() else { return };
+    for rows in [1, 7, 33, 300] {
+        for cols in [5, 20, 37, 64, 768, 1030] {
+            for residual in [false, true] {
+                let case = format!("rows {rows}, cols {cols}, residual {residual}");
+                let (gg, cc) = (
+                    layernorm_case(&g, rows, cols, residual),
+                    layernorm_case(&CPU, rows, cols, residual),
+                );
+                compare(&case, &gg[..3], &cc[..3], 1e-5);
+                compare(&case, &gg[3..], &cc[3..], 5e-5);
+            }
+        }
+    }
+}
+
+// ---- activations ----
+
+fn activation_case<B: Backend>(
+    be: &B,
+    n: usize,
+    act: Activation,
+    offset: usize,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = n as u64 * 3 + offset as u64;
+    let x = up_at(be, &random_vec(n, s, 4.0), offset);
+    let dout = up_at(be, &random_vec(n, s + 1, 1.0), offset);
+    let out = up_at(be, &random_vec(n, s + 2, 9.0), offset);
+    let dx = up_at(be, &random_vec(n, s + 3, 9.0), offset);
+    be.activation_forward(&out, &x, act).unwrap();
+    be.activation_backward(&dx, &dout, &x, act).unwrap();
+    let y = up_at(be, &random_vec(n, s + 4, 9.0), offset);
+    let dy = up_at(be, &random_vec(n, s + 5, 9.0), offset);
+    be.tanh_forward(&y, &x).unwrap();
+    be.tanh_backward(&dy, &dout, &y).unwrap();
+    vec![
+        ("out", down(be, &out)),
+        ("dx", down(be, &dx)),
+        ("tanh", down(be, &y)),
+        ("tanh dx", down(be, &dy)),
+    ]
+}
+
+#[test]
+fn activations() {
+    let Some(g) = gpu() else { return };
+    for n in [1, 7, 33 * 37, 4099] {
+        for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+            for offset in [0, 1] {
+                let case = format!("n {n}, {act:?}, offset {offset}");
+                compare(
+                    &case,
+                    &activation_case(&g, n, act, offset),
+                    &activation_case(&CPU, n, act, offset),
+                    1e-6,
+                );
+            }
+        }
+    }
+}
+
+// ---- dropout ----
+
+fn dropout_case<B: Backend>(
+    be: &B,
+    n: usize,
+    d: Dropout,
+    offset: usize,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = n as u64 + 17;
+    // No zeros among the inputs, so a zero output is a dropped element.
+    let nonzero = |v: Vec<f32>| -> Vec<f32> {
+        v.into_iter()
+            .map(|x| if x.abs() < 1e-3 { 0.5 } else { x })
+            .collect()
+    };
+    let x = up_at(be, &nonzero(random_vec(n, s, 1.0)), offset);
+    let dout = up_at(be, &nonzero(random_vec(n, s + 1, 1.0)), offset);
+    let out = up_at(be, &random_vec(n, s + 2, 9.0), offset);
+    let dx = up_at(be, &random_vec(n, s + 3, 9.0), offset);
+    be.dropout_forward(&out, &x, d).unwrap();
+    be.dropout_backward(&dx, &dout, d).unwrap();
+    vec![("out", down(be, &out)), ("dx", down(be, &dx))]
+}
+
+#[test]
+fn dropout() {
+    let Some(g) = gpu() else { return };
+    for n in [1, 7, 33 * 37, 4101] {
+        for p in [0.0, 0.1, 0.5] {
+            for offset in [0, 3] {
+                let d = Dropout {
+                    p,
+                    seed: 1234,
+                    stream: 77 + n as u64,
+                };
+                let case = format!("n {n}, p {p}, offset {offset}");
+                let (gg, cc) = (dropout_case(&g, n, d, offset), dropout_case(&CPU, n, d, offset));
+                for ((name, gv), (_, cv)) in gg.iter().zip(&cc) {
+                    // The same mask and the same fp32 product x·(1/(1−p)).
+                    exact(&format!("{case}: {name}"), gv, cv);
+                }
+            }
+        }
+    }
+}
+
+// ---- first tokens ----
+
+fn layouts() -> Vec<(&'static str, SeqLayout)> {
+    vec![
+        ("padded", SeqLayout::padded(&[7, 3, 6, 1], 7)),
+        ("packed", SeqLayout::packed(&[7, 3, 6, 1])),
+        ("one row", SeqLayout::packed(&[1])),
+        ("long padded", SeqLayout::padded(&[70, 33], 70)),
+        ("long packed", SeqLayout::packed(&[33, 70, 5])),
+    ]
+}
+
+fn first_tokens_case<B: Backend>(
+    be: &B,
+    layout: &SeqLayout,
+    hidden: usize,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let (rows, batch) = (layout.total_rows(), layout.batch());
+    let s = (rows * 100 + hidden) as u64;
+    let x = up(be, &random_vec(rows * hidden, s, 1.0));
+    let out = up(be, &random_vec(batch * hidden, s + 1, 9.0));
+    be.gather_first_tokens(&out, &x, layout, hidden).unwrap();
+    let dout = up(be, &random_vec(batch * hidden, s + 2, 1.0));
+    let dx = up(be, &random_vec(rows * hidden, s + 3, 1.0));
+    be.scatter_first_tokens_backward(&dx, &dout, layout, hidden)
+        .unwrap();
+    vec![("out", down(be, &out)), ("dx", down(be, &dx))]
+}
+
+#[test]
+fn first_tokens() {
+    let Some(g) = gpu() else { return };
+    for (name, layout) in layouts() {
+        for hidden in [5, 20, 37, 64] {
+            let case = format!("{name}, hidden {hidden}");
+            let (gg, cc) = (
+                first_tokens_case(&g, &layout, hidden),
+                first_tokens_case(&CPU, &layout, hidden),
+            );
+            for ((n, gv), (_, cv)) in gg.iter().zip(&cc) {
+                exact(&format!("{case}: {n}"), gv, cv);
+            }
+        }
+    }
+}
+
+// ---- attention ----
+
+fn attention_case<B: Backend>(
+    be: &B,
+    layout: &SeqLayout,
+    dims: AttentionDims,
+    d: Dropout,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let rows = layout.total_rows();
+    let (heads, hidden) = (dims.heads, dims.heads * dims.head_dim);
+    let s = (rows * 1000 + hidden * 10 + heads) as u64;
+    let qkv = up(be, &random_vec(rows * 3 * hidden, s, 1.5));
+    let out = up(be, &random_vec(rows * hidden, s + 1, 9.0));
+    let lse = up(be, &random_vec(rows * heads, s + 2, 9.0));
+    be.attention_forward(&out, &lse, &qkv, layout, dims, d)
+        .unwrap();
+    let dout = up(be, &random_vec(rows * hidden, s + 3, 1.0));
+    let dqkv = up(be, &random_vec(rows * 3 * hidden, s + 4, 9.0));
+    be.attention_backward(&dqkv, &dout, &qkv, &out, &lse, layout, dims, d)
+        .unwrap();
+    vec![
+        ("out", down(be, &out)),
+        ("lse", down(be, &lse)),
+        ("dqkv", down(be, &dqkv)),
+    ]
+}
+
+#[test]
+fn attention() {
+    let Some(g) = gpu() else { return };
+    for (name, layout) in layouts() {
+        for (heads, head_dim) in [(2, 5), (3, 12), (2, 32), (1, 64), (2, 100)] {
+            for p in [0.0, 0.1, 0.5] {
+                let dims = AttentionDims { heads, head_dim };
+                let d = Dropout {
+                    p,
+                    seed: 42,
+                    stream: 9,
+                };
+                let case = format!("{name}, {heads} heads of {head_dim}, dropout {p}");
+                let (gg, cc) = (
+                    attention_case(&g, &layout, dims, d),
+                    attention_case(&CPU, &layout, dims, d),
+                );
+                compare(&case, &gg[..2], &cc[..2], 1e-5);
+                compare(&case, &gg[2..], &cc[2..], 5e-5);
+            }
+        }
+    }
+}
+
+// ---- loss ----
+
+fn loss_case<B: Backend>(
+    be: &B,
+    rows: usize,
+    classes: usize,
+    smoothing: f32,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = (rows * 100 + classes) as u64;
+    let logits = up(be, &random_vec(rows * classes, s, 3.0));
+    let labels = be
+        .upload_ids(&random_ids(rows, s + 1, classes as u32))
+        .unwrap();
+    let losses = up(be, &random_vec(rows, s + 2, 9.0));
+    be.cross_entropy_forward(&losses, &logits, &labels, classes, smoothing)
+        .unwrap();
+    let dlogits = up(be, &random_vec(rows * classes, s + 3, 9.0));
+    be.cross_entropy_backward(
+        &dlogits,
+        &logits,
+        &labels,
+        classes,
+        smoothing,
+        1.0 / rows as f32,
+    )
+    .unwrap();
+    vec![("losses", down(be, &losses)), ("dlogits", down(be, &dlogits))]
+}
+
+#[test]
+fn cross_entropy() {
+    let Some(g) = gpu() else { return };
+    for rows in [1, 7, 33] {
+        for classes in [2, 3, 37] {
+            for smoothing in [0.0, 0.1] {
+                let case = format!("rows {rows}, classes {classes}, smoothing {smoothing}");
+                compare(
+                    &case,
+                    &loss_case(&g, rows, classes, smoothing),
+                    &loss_case(&CPU, rows, classes, smoothing),
+                    1e-5,
+                );
+            }
+        }
+    }
+}
+
+// ---- optimizer ----
+
+fn norm_case<B: Backend>(be: &B, n: usize, max_norm: f32) -> Vec<(&'static str, Vec<f32>)> {
+    let xv = random_vec(n, n as u64, 1.0);
+    let x = up(be, &xv);
+    let sumsq = up(be, &[7.0, 8.0]);
+    be.sum_squares(&sumsq, &x).unwrap();
+    let computed = down(be, &sumsq);
+    // Clip both with the same Σx² (the CPU's, in f64), so that only the clipping is compared.
+    let exact_sumsq = xv.iter().map(|&v| v as f64 * v as f64).sum::<f64>() as f32;
+    let given = up(be, &[exact_sumsq]);
+    be.clip_by_global_norm(&x, &given, max_norm).unwrap();
+    vec![("sumsq", computed[..1].to_vec()), ("clipped", down(be, &x))]
+}
+
+#[test]
+fn sum_squares_and_clipping() {
+    let Some(g) = gpu() else { return };
+    for n in [1, 7, 5000, 100_003] {
+        for max_norm in [0.5, 1e6] {
+            let case = format!("n {n}, max_norm {max_norm}");
+            compare(
+                &case,
+                &norm_case(&g, n, max_norm),
+                &norm_case(&CPU, n, max_norm),
+                1e-5,
+            );
+        }
+    }
+}
+
+/// Three AdamW steps over: segments of one flat buffer (as the optimizer passes them, one
+/// shared launch), plus tensors in allocations of their own and views at different offsets of
+/// different buffers (the per-tensor fallback).
+fn adamw_case<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>)> {
+    let total = 70_000 + 300;
+    let params = up(be, &random_vec(total, 1, 1.0));
+    let m = up(be, &random_vec(total, 2, 0.1));
+    let v: Vec<f32> = random_vec(total, 3, 0.01).iter().map(|x| x.abs()).collect();
+    let v = up(be, &v);
+    let grads = up(be, &random_vec(total, 4, 1.0));
+    // Segments (offset, len, decay): odd offsets and lengths, one over 64 Ki elements.
+    let segs = [
+        (0usize, 7usize, 0.01f64),
+        (7, 13, 0.0),
+        (20, 70_000, 0.01),
+        (70_020, 280, 0.0),
+    ];
+    // Separate allocations.
+    let lone: Vec<B::Tensor> = (0..4)
+        .map(|i| up(be, &random_vec(37, 10 + i, 0.5).iter().map(|x| x.abs()).collect::<Vec<_>>()))
+        .collect();
+    // Views at different offsets of one buffer.
+    let mixed = up(be, &random_vec(400, 20, 0.5).iter().map(|x| x.abs()).collect::<Vec<_>>());
+    let mixed_views: Vec<B::Tensor> = [0, 101, 203, 305]
+        .iter()
+        .map(|&o| be.view(&mixed, o, 33))
+        .collect();
+    let seg_views: Vec<[B::Tensor; 4]> = segs
+        .iter()
+        .map(|&(o, l, _)| {
+            [
+                be.view(&params, o, l),
+                be.view(&grads, o, l),
+                be.view(&m, o, l),
+                be.view(&v, o, l),
+            ]
+        })
+        .collect();
+    for t in 1..=3u64 {
+        let mut tensors: Vec<AdamWTensor<'_, B::Tensor>> = seg_views
+            .iter()
+            .zip(&segs)
+            .map(|(vs, &(_, _, wd))| AdamWTensor {
+                param: &vs[0],
+                grad: &vs[1],
+                exp_avg: &vs[2],
+                exp_avg_sq: &vs[3],
+                weight_decay: wd,
+            })
+            .collect();
+        tensors.push(AdamWTensor {
+            param: &lone[0],
+            grad: &lone[1],
+            exp_avg: &lone[2],
+            exp_avg_sq: &lone[3],
+            weight_decay: 0.1,
+        });
+        tensors.push(AdamWTensor {
+            param: &mixed_views[0],
+            grad: &mixed_views[1],
+            exp_avg: &mixed_views[2],
+            exp_avg_sq: &mixed_views[3],
+            weight_decay: 0.0,
+        });
+        be.adamw_update(
+            &tensors,
+            &AdamWStep {
+                lr: 1e-3,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                step: t,
+            },
+        )
+        .unwrap();
+    }
+    vec![
+        ("params", down(be, &params)),
+        ("exp_avg", down(be, &m)),
+        ("exp_avg_sq", down(be, &v)),
+        ("lone param", down(be, &lone[0])),
+        ("lone exp_avg", down(be, &lone[2])),
+        ("lone exp_avg_sq", down(be, &lone[3])),
+        ("mixed", down(be, &mixed)),
+    ]
+}
+
+#[test]
+fn adamw_update() {
+    let Some(g) = gpu() else { return };
+    // The kernel rounds every operation explicitly, as the CPU does: equal to a few ulps at
+    // most (the CPU may contract to FMA).
+    compare("adamw", &adamw_case(&g), &adamw_case(&CPU), 1e-6);
+}
+
+// ---- the whole model ----
+
+fn tiny_batch_on<B: Backend>(be: &B, packed: bool) -> Batch<B> {
+    let (ids, types, labels) = tiny_batch();
+    let ids: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let types: Vec<&[u32]> = types.iter().map(|v| v.as_slice()).collect();
+    if packed {
+        Batch::packed(be, &ids, &types, Some(&labels)).unwrap()
+    } else {
+        Batch::padded(be, &ids, &types, Some(&labels), 0).unwrap()
+    }
+}
+
+/// Logits, per-row losses and the flat gradient of one forward + backward.
+fn model_case<B: Backend>(be: &B, act: &str, packed: bool, mode: Mode) -> [Vec<f32>; 3] {
+    let cfg = tiny_config(act);
+    let model = Classifier::new(be, cfg.clone(), &tiny_weights(&cfg, 1)).unwrap();
+    let batch = tiny_batch_on(be, packed);
+    let acts = Activations::new(be, &model.cfg, batch.rows(), batch.size()).unwrap();
+    let bert = model.bert(be);
+    model.zero_grads(be).unwrap();
+    bert.forward(&batch, &acts, mode).unwrap();
+    let losses = bert.losses(&batch, &acts, 0.1).unwrap();
+    bert.backward(
+        &model.grad_views,
+        &batch,
+        &acts,
+        mode,
+        LossSpec {
+            label_smoothing: 0.1,
+            normalizer: batch.size(),
+        },
+    )
+    .unwrap();
+    [
+        be.download(&acts.logits).unwrap(),
+        losses,
+        be.download(&model.grads).unwrap(),
+    ]
+}
+
+#[test]
+fn model_forward_backward() {
+    let Some(g) = gpu() else { return };
+    let layout = bertft_cuda::model::params::ParamLayout::new(&tiny_config("gelu"));
+    for act in ["gelu", "gelu_new", "relu"] {
+        for packed in [false, true] {
+            for mode in [Mode::Eval, Mode::Train { seed: 5, step: 2 }] {
+                let case = format!("{act}, packed {packed}, {mode:?}");
+                let [gl, gloss, ggrad] = model_case(&g, act, packed, mode);
+                let [cl, closs, cgrad] = model_case(&CPU, act, packed, mode);
+                close(&format!("{case}: logits"), &gl, &cl, 1e-5);
+                close(&format!("{case}: losses"), &gloss, &closs, 1e-5);
+                let global = cgrad.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
+                for s in &layout.specs {
+                    let r = s.offset..s.offset + s.len();
+                    if has_zero_exact_gradient(&s.name) {
+                        // Zero up to rounding on both sides: compare with the global scale.
+                        let d = max_abs_diff(&ggrad[r.clone()], &cgrad[r]);
+                        assert!(
+                            d <= 1e-5 * global,
+                            "{case}: {}: diff {d:.3e} (global max {global:.3e})",
+                            s.name
+                        );
+                    } else {
+                        close(
+                            &format!("{case}: grad {}", s.name),
+                            &ggrad[r.clone()],
+                            &cgrad[r],
+                            1e-4,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Weights and losses after `steps` AdamW steps with dropout, clipping and weight decay.
+fn training<B: Backend>(be: &B, steps: u64) -> (Vec<f32>, Vec<f64>) {
+    let cfg = tiny_config("gelu");
+    let model = Classifier::new(be, cfg.clone(), &tiny_weights(&cfg, 3)).unwrap();
+    let config = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(be, &model.layout, &model.params, &model.grads, config).unwrap();
+    let mut scratch = StepScratch::new(be).unwrap();
+    let settings = StepSettings {
+        max_grad_norm: 0.5,
+        label_smoothing: 0.1,
+        dropout_seed: Some(7),
+    };
+    let micro = [tiny_batch_on(be, false), tiny_batch_on(be, true)];
+    let losses = (0..steps)
+        .map(|s| {
+            train_step(
+                be,
+                &model,
+                &mut opt,
+                &mut scratch,
+                &micro,
+                2 * s,
+                1e-3,
+                &settings,
+            )
+            .unwrap()
+            .loss
+        })
+        .collect();
+    (be.download(&model.params).unwrap(), losses)
+}
+
+#[test]
+fn six_training_steps() {
+    let Some(g) = gpu() else { return };
+    let (gw, gl) = training(&g, 6);
+    let (cw, cl) = training(&CPU, 6);
+    let (start, _) = training(&CPU, 0);
+    assert!(
+        max_abs_diff(&cw, &start) > 1e-4,
+        "the steps must move the weights"
+    );
+    let d = max_abs_diff(&gw, &cw);
+    assert!(d <= 1e-4, "weights after 6 steps differ by {d:.3e}");
+    for (s, (a, b)) in gl.iter().zip(&cl).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "loss of step {s}: gpu {a}, cpu {b}"
+        );
+    }
+}
+
+#[test]
+fn views_upload_download_copy() {
+    let Some(g) = gpu() else { return };
+    let data = random_vec(1000, 5, 1.0);
+    let t = g.upload(&data).unwrap();
+    assert_eq!(g.download(&t).unwrap(), data);
+    let v = g.view(&t, 3, 500);
+    assert_eq!(g.len(&v), 500);
+    assert_eq!(g.download(&v).unwrap(), &data[3..503]);
+    let w = g.view(&v, 10, 7);
+    assert_eq!(g.download(&w).unwrap(), &data[13..20]);
+    let dst = g.zeros(7).unwrap();
+    assert_eq!(g.download(&dst).unwrap(), vec![0.0; 7]);
+    g.copy(&dst, &w).unwrap();
+    assert_eq!(g.download(&dst).unwrap(), &data[13..20]);
+    g.fill_zero(&w).unwrap();
+    let mut want = data.clone();
+    want[13..20].fill(0.0);
+    assert_eq!(g.download(&t).unwrap(), want);
+    let empty = g.upload(&[]).unwrap();
+    assert!(g.download(&empty).unwrap().is_empty());
+    assert!(
+        g.copy(&dst, &v).is_err(),
+        "a copy between different lengths"
+    );
+    assert!(!g.name().is_empty());
+}
