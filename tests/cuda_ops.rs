@@ -198,7 +198,11 @@ fn embeddings_case<B: Backend>(
     }
     let ids = be.upload_ids(&id_vals).unwrap();
     let positions = be
-        .upload_ids(&(0..rows as u32).map(|r| r % maxpos as u32).collect::<Vec<_>>())
+        .upload_ids(
+            &(0..rows as u32)
+                .map(|r| r % maxpos as u32)
+                .collect::<Vec<_>>(),
+        )
         .unwrap();
     let type_ids = be
         .upload_ids(&random_ids(rows, s + 4, types as u32))
@@ -277,7 +281,10 @@ fn layernorm_case<B: Backend>(
     let x = up(be, &xv);
     let b = up(be, &random_vec(rows * cols, s + 1, 1.0));
     let sum = up(be, &random_vec(rows * cols, s + 2, 9.0));
-    let gamma_v: Vec<f32> = random_vec(cols, s + 3, 0.3).iter().map(|v| v + 1.0).collect();
+    let gamma_v: Vec<f32> = random_vec(cols, s + 3, 0.3)
+        .iter()
+        .map(|v| v + 1.0)
+        .collect();
     let gamma = up(be, &gamma_v);
     let beta = up(be, &random_vec(cols, s + 4, 0.3));
     let out = up(be, &random_vec(rows * cols, s + 5, 9.0));
@@ -418,7 +425,10 @@ fn dropout() {
                     stream: 77 + n as u64,
                 };
                 let case = format!("n {n}, p {p}, offset {offset}");
-                let (gg, cc) = (dropout_case(&g, n, d, offset), dropout_case(&CPU, n, d, offset));
+                let (gg, cc) = (
+                    dropout_case(&g, n, d, offset),
+                    dropout_case(&CPU, n, d, offset),
+                );
                 for ((name, gv), (_, cv)) in gg.iter().zip(&cc) {
                     // The same mask and the same fp32 product x·(1/(1−p)).
                     exact(&format!("{case}: {name}"), gv, cv);
@@ -551,7 +561,10 @@ fn loss_case<B: Backend>(
         1.0 / rows as f32,
     )
     .unwrap();
-    vec![("losses", down(be, &losses)), ("dlogits", down(be, &dlogits))]
+    vec![
+        ("losses", down(be, &losses)),
+        ("dlogits", down(be, &dlogits)),
+    ]
 }
 
 #[test]
@@ -622,10 +635,24 @@ fn adamw_case<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>)> {
     ];
     // Separate allocations.
     let lone: Vec<B::Tensor> = (0..4)
-        .map(|i| up(be, &random_vec(37, 10 + i, 0.5).iter().map(|x| x.abs()).collect::<Vec<_>>()))
+        .map(|i| {
+            up(
+                be,
+                &random_vec(37, 10 + i, 0.5)
+                    .iter()
+                    .map(|x| x.abs())
+                    .collect::<Vec<_>>(),
+            )
+        })
         .collect();
     // Views at different offsets of one buffer.
-    let mixed = up(be, &random_vec(400, 20, 0.5).iter().map(|x| x.abs()).collect::<Vec<_>>());
+    let mixed = up(
+        be,
+        &random_vec(400, 20, 0.5)
+            .iter()
+            .map(|x| x.abs())
+            .collect::<Vec<_>>(),
+    );
     let mixed_views: Vec<B::Tensor> = [0, 101, 203, 305]
         .iter()
         .map(|&o| be.view(&mixed, o, 33))
@@ -857,4 +884,50 @@ fn views_upload_download_copy() {
         "a copy between different lengths"
     );
     assert!(!g.name().is_empty());
+}
+
+/// Runs every case above on the CPU only (no GPU needed): the cases' shapes, views and
+/// tolerances are exercised on every machine, so a GPU run fails only for the backend's sake.
+#[test]
+fn cases_run_on_the_cpu() {
+    for rows in [1, 33] {
+        for (k, n) in [(5, 20), (64, 96), (1, 3)] {
+            let c = linear_case(&CPU, rows, k, n, true, true);
+            compare("linear", &c, &c, 1e-5);
+            linear_case(&CPU, rows, k, n, false, false);
+        }
+        for hidden in [5, 64] {
+            embeddings_case(&CPU, rows, hidden, Some(0));
+            embeddings_case(&CPU, rows, hidden, None);
+        }
+        for cols in [5, 1030] {
+            layernorm_case(&CPU, rows, cols, true);
+            layernorm_case(&CPU, rows, cols, false);
+        }
+        for classes in [2, 37] {
+            loss_case(&CPU, rows, classes, 0.1);
+        }
+    }
+    for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+        activation_case(&CPU, 4099, act, 1);
+    }
+    let d = Dropout {
+        p: 0.5,
+        seed: 1,
+        stream: 2,
+    };
+    let c = dropout_case(&CPU, 4101, d, 3);
+    exact("dropout", &c[0].1, &c[0].1);
+    assert!(c[0].1.contains(&0.0) && c[0].1.iter().any(|&v| v != 0.0));
+    for (_, layout) in layouts() {
+        first_tokens_case(&CPU, &layout, 37);
+        for (heads, head_dim) in [(2, 5), (1, 64)] {
+            attention_case(&CPU, &layout, AttentionDims { heads, head_dim }, d);
+        }
+    }
+    norm_case(&CPU, 5000, 0.5);
+    adamw_case(&CPU);
+    model_case(&CPU, "gelu", true, Mode::Train { seed: 5, step: 2 });
+    let (w, _) = training(&CPU, 1);
+    assert!(w.iter().all(|v| v.is_finite()));
 }

@@ -129,9 +129,7 @@ struct Buffer<T> {
 impl<T> Buffer<T> {
     fn new(slice: CudaSlice<T>, stream: &CudaStream) -> Self {
         // With event tracking off, device_ptr only reads the address.
-        let (ptr, _sync) = slice.device_ptr(stream);
-        let ptr = ptr as u64;
-        drop(_sync);
+        let ptr = slice.device_ptr(stream).0;
         Buffer { _slice: slice, ptr }
     }
 }
