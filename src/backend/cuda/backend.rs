@@ -153,10 +153,6 @@ impl CudaTensor {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-    /// Whether `self` and `other` are views of one allocation.
-    fn same_storage(&self, other: &CudaTensor) -> bool {
-        Arc::ptr_eq(&self.buf, &other.buf)
-    }
 }
 
 /// `u32` indices on the GPU, with the host copy they were uploaded from (for range checks the
@@ -1546,58 +1542,25 @@ impl Backend for CudaBackend {
                 t.exp_avg_sq.len
             );
         }
-        // Group the tensors whose four views lie at one common offset in the same four
-        // allocations (the flat parameter, gradient and moment buffers): one launch per group,
-        // with segment offsets relative to the allocations' bases. Any other tensor is a group
-        // of its own, with its own pointers as bases.
-        struct Group<'t> {
-            bases: [&'t CudaTensor; 4],
-            shared: bool,
-            segments: Vec<AdamWSegment>,
-        }
-        let mut groups: Vec<Group<'_>> = Vec::new();
-        for t in tensors {
-            if t.param.len == 0 {
-                continue;
-            }
-            let four = [t.param, t.grad, t.exp_avg, t.exp_avg_sq];
-            let shared = four.iter().all(|v| v.offset == t.param.offset);
-            let push = |g: &mut Group<'_>, offset: usize| {
-                // ~64 Ki elements per segment balances the blocks.
-                const CHUNK: usize = 1 << 16;
-                let mut at = 0;
-                while at < t.param.len {
-                    let len = CHUNK.min(t.param.len - at);
-                    g.segments.push(AdamWSegment {
-                        offset: (offset + at) as u64,
-                        length: len as u64,
-                        weight_decay: t.weight_decay,
-                    });
-                    at += len;
+        let views: Vec<AdamWViews> = tensors
+            .iter()
+            .map(|t| {
+                let four = [t.param, t.grad, t.exp_avg, t.exp_avg_sq];
+                AdamWViews {
+                    storages: four.map(|v| Arc::as_ptr(&v.buf) as usize),
+                    offsets: four.map(|v| v.offset),
+                    len: t.param.len,
+                    weight_decay: t.weight_decay,
                 }
-            };
-            if shared {
-                if let Some(g) = groups
-                    .iter_mut()
-                    .find(|g| g.shared && (0..4).all(|i| g.bases[i].same_storage(four[i])))
-                {
-                    push(g, t.param.offset);
-                    continue;
-                }
-            }
-            let mut g = Group {
-                bases: four,
-                shared,
-                segments: Vec::new(),
-            };
-            push(&mut g, if shared { t.param.offset } else { 0 });
-            groups.push(g);
-        }
+            })
+            .collect();
+        let groups = plan_adamw(&views);
         let t = i32::try_from(step.step).unwrap_or(i32::MAX);
         let step_size = (step.lr / (1.0 - step.beta1.powi(t))) as f32;
         let bc2_sqrt = ((1.0 - step.beta2.powi(t)).sqrt()) as f32;
         for g in &groups {
             // Shared groups address from the allocations' bases, the others from the views.
+            let first = &tensors[g.first];
             let base = |v: &CudaTensor| {
                 if g.shared {
                     v.buf.ptr
@@ -1618,10 +1581,10 @@ impl Backend for CudaBackend {
                 (256, 1, 1),
                 0,
                 &[
-                    Arg::P(base(g.bases[0])),
-                    Arg::P(base(g.bases[1])),
-                    Arg::P(base(g.bases[2])),
-                    Arg::P(base(g.bases[3])),
+                    Arg::P(base(first.param)),
+                    Arg::P(base(first.grad)),
+                    Arg::P(base(first.exp_avg)),
+                    Arg::P(base(first.exp_avg_sq)),
                     Arg::P(table.ptr),
                     Arg::U32(u32_of(g.segments.len(), "segments")?),
                     Arg::F64(step.lr),
@@ -1724,6 +1687,83 @@ impl CudaBackend {
     }
 }
 
+/// Where one AdamW tensor's four views lie: their allocations (by identity), their element
+/// offsets in them, the length, and the weight decay.
+#[derive(Clone, Copy, Debug)]
+struct AdamWViews {
+    storages: [usize; 4],
+    offsets: [usize; 4],
+    len: usize,
+    weight_decay: f64,
+}
+
+/// One `adamw_update` launch: the segment table and where its base pointers come from.
+#[derive(Debug, PartialEq)]
+struct AdamWGroup {
+    /// The tensor whose four views give the base pointers.
+    first: usize,
+    /// `true`: the bases are the four allocations' starts, and segment offsets are offsets in
+    /// them (every member's four views share one offset in the same four allocations).
+    /// `false`: one tensor, the bases are its views, offsets start at 0.
+    shared: bool,
+    segments: Vec<AdamWSegment>,
+}
+
+impl PartialEq for AdamWSegment {
+    fn eq(&self, o: &Self) -> bool {
+        (self.offset, self.length, self.weight_decay.to_bits())
+            == (o.offset, o.length, o.weight_decay.to_bits())
+    }
+}
+
+/// Elements per segment of the table (~64 Ki balances the blocks, optim.cu).
+const ADAMW_CHUNK: usize = 1 << 16;
+
+/// Groups the tensors of one AdamW step into launches. Tensors whose four views lie at one
+/// common offset of the same four allocations (the flat parameter, gradient and moment
+/// buffers, as the optimizer passes them) share one launch, with segment offsets relative to
+/// the allocations' starts; any other tensor gets a launch of its own, from its own views.
+/// Empty tensors are left out; long ones are split into segments of [`ADAMW_CHUNK`].
+fn plan_adamw(tensors: &[AdamWViews]) -> Vec<AdamWGroup> {
+    let mut groups: Vec<AdamWGroup> = Vec::new();
+    for (i, t) in tensors.iter().enumerate() {
+        if t.len == 0 {
+            continue;
+        }
+        let shared = t.offsets.iter().all(|&o| o == t.offsets[0]);
+        let at = if shared { t.offsets[0] } else { 0 };
+        let existing = if shared {
+            groups
+                .iter()
+                .position(|g| g.shared && tensors[g.first].storages == t.storages)
+        } else {
+            None
+        };
+        let g = match existing {
+            Some(g) => g,
+            None => {
+                groups.push(AdamWGroup {
+                    first: i,
+                    shared,
+                    segments: Vec::new(),
+                });
+                groups.len() - 1
+            }
+        };
+        let mut done = 0;
+        while done < t.len {
+            let len = ADAMW_CHUNK.min(t.len - done);
+            groups[g].segments.push(AdamWSegment {
+                offset: (at + done) as u64,
+                length: len as u64,
+                weight_decay: t.weight_decay,
+            });
+            done += len;
+        }
+    }
+    groups
+}
+
 /// The kernels' `act` code: the order of [`Activation`].
 fn act_code(act: Activation) -> i32 {
     match act {
@@ -1739,5 +1779,102 @@ fn dropout_p(d: Dropout) -> f32 {
         d.p
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seg(offset: u64, length: u64, weight_decay: f64) -> AdamWSegment {
+        AdamWSegment {
+            offset,
+            length,
+            weight_decay,
+        }
+    }
+
+    fn views(storages: [usize; 4], offsets: [usize; 4], len: usize, wd: f64) -> AdamWViews {
+        AdamWViews {
+            storages,
+            offsets,
+            len,
+            weight_decay: wd,
+        }
+    }
+
+    #[test]
+    fn adamw_segments_of_flat_buffers_share_one_launch() {
+        let flat = [1, 2, 3, 4];
+        let plan = plan_adamw(&[
+            views(flat, [0; 4], 7, 0.01),
+            views(flat, [7; 4], 0, 0.0),
+            views(flat, [7; 4], 13, 0.0),
+            views(flat, [20; 4], ADAMW_CHUNK + 5, 0.01),
+        ]);
+        assert_eq!(
+            plan,
+            vec![AdamWGroup {
+                first: 0,
+                shared: true,
+                segments: vec![
+                    seg(0, 7, 0.01),
+                    seg(7, 13, 0.0),
+                    seg(20, ADAMW_CHUNK as u64, 0.01),
+                    seg(20 + ADAMW_CHUNK as u64, 5, 0.01),
+                ],
+            }]
+        );
+    }
+
+    #[test]
+    fn adamw_other_tensors_launch_on_their_own() {
+        let plan = plan_adamw(&[
+            views([1, 2, 3, 4], [5; 4], 10, 0.1),
+            // Same storages, different offsets: its own views as bases.
+            views([9, 9, 9, 9], [0, 100, 200, 300], 33, 0.0),
+            // Other allocations, equal offsets: a shared group of its own.
+            views([5, 6, 7, 8], [0; 4], 4, 0.0),
+            // Back to the first group.
+            views([1, 2, 3, 4], [15; 4], 2, 0.1),
+        ]);
+        assert_eq!(
+            plan,
+            vec![
+                AdamWGroup {
+                    first: 0,
+                    shared: true,
+                    segments: vec![seg(5, 10, 0.1), seg(15, 2, 0.1)],
+                },
+                AdamWGroup {
+                    first: 1,
+                    shared: false,
+                    segments: vec![seg(0, 33, 0.0)],
+                },
+                AdamWGroup {
+                    first: 2,
+                    shared: true,
+                    segments: vec![seg(0, 4, 0.0)],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn launch_grids() {
+        assert_eq!(grid_1d(0, 4, 256, 100), 1);
+        assert_eq!(grid_1d(1, 4, 256, 100), 1);
+        assert_eq!(grid_1d(1024, 4, 256, 100), 1);
+        assert_eq!(grid_1d(1025, 4, 256, 100), 2);
+        assert_eq!(grid_1d(1 << 30, 4, 256, 100), 100);
+        assert_eq!(CudaBackend::attention_variant(32).unwrap(), ("d32", 64));
+        assert_eq!(CudaBackend::attention_variant(64).unwrap(), ("d64", 32));
+        assert_eq!(CudaBackend::attention_variant(5).unwrap(), ("generic", 16));
+        assert_eq!(
+            CudaBackend::attention_variant(128).unwrap(),
+            ("generic", 16)
+        );
+        assert!(CudaBackend::attention_variant(0).is_err());
+        assert!(CudaBackend::attention_variant(129).is_err());
     }
 }
