@@ -84,7 +84,7 @@ const DRIVER_SYMBOLS: &[&str] = &[
 ];
 
 /// The kernels this backend launches (all must be in the compiled modules).
-const REQUIRED_KERNELS: &[&str] = &[
+pub const REQUIRED_KERNELS: &[&str] = &[
     "embeddings_forward_f32",
     "embeddings_backward_f32",
     "layernorm_forward_f32",
@@ -1568,7 +1568,7 @@ impl Backend for CudaBackend {
                     v.device_ptr()
                 }
             };
-            // SAFETY of the table upload: AdamWSegment is repr(C) plain data (24 bytes).
+            // The table in optim.cu's layout: {u64 offset, u64 length, f64 weight_decay}.
             let bytes: Vec<u64> = g
                 .segments
                 .iter()

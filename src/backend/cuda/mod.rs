@@ -14,7 +14,7 @@ pub mod libs;
 pub mod nvrtc;
 pub mod runtime;
 
-pub use backend::{CudaBackend, CudaIds, CudaTensor};
+pub use backend::{CudaBackend, CudaIds, CudaTensor, REQUIRED_KERNELS};
 pub use blas::{cublas, Cublas};
 pub use driver::{driver, Driver, Gpu};
 pub use kernel_cache::{
