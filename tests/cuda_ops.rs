@@ -12,7 +12,10 @@
 //! loss) are added in different orders (and the CPU adds some in f64), so they agree to about
 //! n·U relative to the sum of magnitudes: rtol 1e-5 relative to each element plus the same
 //! relative to the largest element of the output (`close`). Gradients that go through several
-//! sums get 5e-5. Dropout masks and gathers are compared exactly.
+//! sums get 5e-5. Dropout masks and gathers are compared exactly. The whole model: logits and
+//! losses 3e-5, every parameter's gradient 1e-4 (the attention key bias, whose gradient is zero
+//! up to rounding, against 1e-5 of the largest gradient). Training: weights within 1e-4 absolute
+//! after six AdamW steps (the key bias excepted, see `six_training_steps`).
 
 mod common;
 
@@ -778,8 +781,9 @@ fn model_forward_backward() {
                 let case = format!("{act}, packed {packed}, {mode:?}");
                 let [gl, gloss, ggrad] = model_case(&g, act, packed, mode);
                 let [cl, closs, cgrad] = model_case(&CPU, act, packed, mode);
-                close(&format!("{case}: logits"), &gl, &cl, 1e-5);
-                close(&format!("{case}: losses"), &gloss, &closs, 1e-5);
+                // Two layers of sums: a few 1e-6 relative at most.
+                close(&format!("{case}: logits"), &gl, &cl, 3e-5);
+                close(&format!("{case}: losses"), &gloss, &closs, 3e-5);
                 let global = cgrad.iter().map(|v| v.abs()).fold(0.0f32, f32::max);
                 for s in &layout.specs {
                     let r = s.offset..s.offset + s.len();
@@ -850,11 +854,22 @@ fn six_training_steps() {
         max_abs_diff(&cw, &start) > 1e-4,
         "the steps must move the weights"
     );
-    let d = max_abs_diff(&gw, &cw);
-    assert!(d <= 1e-4, "weights after 6 steps differ by {d:.3e}");
+    let layout = bertft_cuda::model::params::ParamLayout::new(&tiny_config("gelu"));
+    for s in &layout.specs {
+        let r = s.offset..s.offset + s.len();
+        let d = max_abs_diff(&gw[r.clone()], &cw[r]);
+        if has_zero_exact_gradient(&s.name) {
+            // Its gradient is zero up to rounding, so AdamW's first steps move it by ±lr in the
+            // direction of the rounding noise (different on each side): only bounded by
+            // 2 · 6 steps · lr (1e-3).
+            assert!(d <= 1.2e-2, "{} after 6 steps: diff {d:.3e}", s.name);
+        } else {
+            assert!(d <= 1e-4, "{} after 6 steps: diff {d:.3e}", s.name);
+        }
+    }
     for (s, (a, b)) in gl.iter().zip(&cl).enumerate() {
         assert!(
-            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            (a - b).abs() <= 3e-5 * b.abs().max(1.0),
             "loss of step {s}: gpu {a}, cpu {b}"
         );
     }
