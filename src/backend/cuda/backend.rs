@@ -1861,6 +1861,14 @@ mod tests {
     }
 
     #[test]
+    fn handles_cross_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<CudaBackend>();
+        send_sync::<CudaTensor>();
+        send_sync::<CudaIds>();
+    }
+
+    #[test]
     fn launch_grids() {
         assert_eq!(grid_1d(0, 4, 256, 100), 1);
         assert_eq!(grid_1d(1, 4, 256, 100), 1);
