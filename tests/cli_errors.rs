@@ -125,3 +125,39 @@ fn texts_longer_than_the_maximum_are_truncated_not_refused() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
 }
+
+#[test]
+fn device_cuda_without_a_gpu_is_a_one_line_error() {
+    let has_gpu = bertft_cuda::backend::cuda::driver()
+        .and_then(|d| d.gpus())
+        .is_ok_and(|g| !g.is_empty());
+    if has_gpu {
+        // This checks the machine-without-GPU behaviour only.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            b"skipped: a CUDA device is present\n",
+        );
+        return;
+    }
+    let root = scratch("err-device");
+    let model = tiny_model_dir(&root);
+    let f = root.join("test.tsv");
+    std::fs::write(&f, "sentence\nw5 w6\n").unwrap();
+    let e = run_err(
+        bin()
+            .args(["predict", "--device", "cuda", "--model"])
+            .arg(&model)
+            .arg("--test-file")
+            .arg(&f),
+    );
+    assert!(e.contains("--device cuda") && e.contains("driver"), "{e}");
+    // auto falls back to the CPU, saying why.
+    let out = run_ok(
+        bin()
+            .args(["predict", "--model"])
+            .arg(&model)
+            .arg("--test-file")
+            .arg(&f),
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("running on the CPU"));
+}

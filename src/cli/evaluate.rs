@@ -5,7 +5,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::backend::Backend;
-use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
+use crate::cli::load::{load_model, resolve_model_dir, select_backend, Selected};
 use crate::cli::train::columns;
 use crate::data::dataset::{read_dataset, Columns, LabelMap};
 use crate::data::encoded::EncodedSet;
@@ -54,7 +54,13 @@ pub fn print_and_save_metrics(metrics: &[(String, f64)], output_dir: Option<&Pat
 }
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
-    let backend = choose_backend(args.data.device, false, false)?;
+    match select_backend(args.data.device, false, false)? {
+        Selected::Cpu(b) => run_on(&b, args),
+        Selected::Cuda(b) => run_on(&*b, args),
+    }
+}
+
+fn run_on<B: Backend>(backend: &B, args: &EvaluateArgs) -> Result<()> {
     let dir = resolve_model_dir(&args.data.model)?;
     let loaded = load_model(&dir, None, 0)?;
     let labels = LabelMap {
@@ -71,7 +77,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         &loaded.tokenizer,
         max_len,
     )?;
-    let model = Classifier::new(&backend, loaded.cfg, &loaded.flat)?;
+    let model = Classifier::new(backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
     let batch_size = args.data.per_device_eval_batch_size;
     let report = EvalReport {
@@ -79,7 +85,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
         epoch: None,
         output_dir: args.output_dir.as_deref(),
     };
-    evaluate_and_report(&backend, &model, &mut acts, &set, batch_size, &report)
+    evaluate_and_report(backend, &model, &mut acts, &set, batch_size, &report)
 }
 
 /// How an evaluation is reported: the loss's label smoothing, the epoch (during training), and

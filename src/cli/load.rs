@@ -8,28 +8,38 @@ use anyhow::{bail, Context, Result};
 use crate::cli::hub;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 use crate::config::BertConfig;
 use crate::data::tokenize::TextTokenizer;
 use crate::model::params::ParamLayout;
 use crate::model::weights::load_weights;
 use crate::train::args::DeviceChoice;
 
-/// The backend for `--device`. This build has the CPU backend only: `auto` falls back to it
-/// with a notice, `cuda` is refused.
-pub fn choose_backend(device: DeviceChoice, fp16: bool, bf16: bool) -> Result<CpuBackend> {
-    match device {
+/// The backend `--device` selects: `cuda` requires a usable GPU, `auto` takes one when there
+/// is one and otherwise falls back to the CPU with a notice saying why.
+pub enum Selected {
+    Cpu(CpuBackend),
+    Cuda(Box<CudaBackend>),
+}
+
+pub fn select_backend(device: DeviceChoice, fp16: bool, bf16: bool) -> Result<Selected> {
+    let selected = match device {
+        DeviceChoice::Cpu => Selected::Cpu(CpuBackend),
         DeviceChoice::Cuda => {
-            bail!("--device cuda: this build has no CUDA backend yet; use --device cpu")
+            Selected::Cuda(Box::new(CudaBackend::new(0).context("--device cuda")?))
         }
-        DeviceChoice::Auto => {
-            eprintln!("notice: no CUDA backend in this build; running on the CPU")
-        }
-        DeviceChoice::Cpu => {}
-    }
+        DeviceChoice::Auto => match CudaBackend::new(0) {
+            Ok(b) => Selected::Cuda(Box::new(b)),
+            Err(e) => {
+                eprintln!("notice: no usable CUDA device ({e:#}); running on the CPU");
+                Selected::Cpu(CpuBackend)
+            }
+        },
+    };
     if fp16 || bf16 {
-        eprintln!("notice: --fp16/--bf16 apply to the GPU; the CPU computes in fp32");
+        eprintln!("notice: --fp16/--bf16 are not implemented yet; computing in fp32");
     }
-    Ok(CpuBackend)
+    Ok(selected)
 }
 
 /// A local model folder, or a hub repository id fetched into the local cache (see `hub`).

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use serde_json::json;
 
 use crate::backend::Backend;
-use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
+use crate::cli::load::{load_model, resolve_model_dir, select_backend, Selected};
 use crate::cli::train::columns;
 use crate::data::dataset::{read_dataset, Columns};
 use crate::data::encoded::EncodedSet;
@@ -42,7 +42,13 @@ pub fn write_predictions(
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
-    let backend = choose_backend(args.data.device, false, false)?;
+    match select_backend(args.data.device, false, false)? {
+        Selected::Cpu(b) => run_on(&b, args),
+        Selected::Cuda(b) => run_on(&*b, args),
+    }
+}
+
+fn run_on<B: Backend>(backend: &B, args: &PredictArgs) -> Result<()> {
     let dir = resolve_model_dir(&args.data.model)?;
     let loaded = load_model(&dir, None, 0)?;
     let max_len = args
@@ -55,11 +61,11 @@ pub fn run(args: &PredictArgs) -> Result<()> {
         &loaded.tokenizer,
         max_len,
     )?;
-    let model = Classifier::new(&backend, loaded.cfg, &loaded.flat)?;
+    let model = Classifier::new(backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
     let batch_size = args.data.per_device_eval_batch_size;
     predict_and_write(
-        &backend,
+        backend,
         &model,
         &mut acts,
         &set,

@@ -5,8 +5,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 
+use crate::backend::Backend;
 use crate::cli::evaluate::{evaluate_and_report, read_labelled, EvalReport};
-use crate::cli::load::{choose_backend, load_model, resolve_model_dir};
+use crate::cli::load::{load_model, resolve_model_dir, select_backend, Selected};
 use crate::cli::predict::{predict_and_write, read_unlabelled};
 use crate::data::dataset::{read_dataset, Columns, LabelMap};
 use crate::data::encoded::EncodedSet;
@@ -40,8 +41,14 @@ fn check_output_dir(args: &TrainArgs) -> Result<()> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
+    match select_backend(args.data.device, args.fp16, args.bf16)? {
+        Selected::Cpu(b) => run_on(&b, args),
+        Selected::Cuda(b) => run_on(&*b, args),
+    }
+}
+
+fn run_on<B: Backend>(backend: &B, args: &TrainArgs) -> Result<()> {
     check_output_dir(args)?;
-    let backend = choose_backend(args.data.device, args.fp16, args.bf16)?;
     let model_dir = resolve_model_dir(&args.data.model)?;
     let cols = columns(&args.data);
     let train_raw = read_dataset(&args.train_file, &cols, true)?;
@@ -91,7 +98,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             load_checkpoint(&dir, &loaded.cfg, &loaded.layout)
         })
         .transpose()?;
-    let model = Classifier::new(&backend, loaded.cfg.clone(), &loaded.flat)?;
+    let model = Classifier::new(backend, loaded.cfg.clone(), &loaded.flat)?;
     ctrlc::set_handler(|| {
         eprintln!("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)");
         if INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -100,7 +107,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     })
     .context("installing the Ctrl-C handler")?;
     let trainer = Trainer {
-        backend: &backend,
+        backend,
         args,
         model: &model,
         train: &train,
@@ -118,7 +125,7 @@ pub fn run(args: &TrainArgs) -> Result<()> {
     }
 
     // What trainer.save_model(), trainer.save_state() and run_glue's metric files leave.
-    let flat = backend_params(&backend, &model)?;
+    let flat = backend.download(&model.params)?;
     save_pretrained(
         &args.output_dir,
         &model.cfg,
@@ -148,19 +155,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             epoch: Some(outcome.state.epoch),
             output_dir: Some(&args.output_dir),
         };
-        evaluate_and_report(&backend, &model, &mut acts, eval, batch_size, &report)?;
+        evaluate_and_report(backend, &model, &mut acts, eval, batch_size, &report)?;
     }
     if let Some(test) = &args.test_file {
         let set = read_unlabelled(test, &cols, &loaded.tokenizer, max_len)?;
         let output = args.output_dir.join("predict_results.jsonl");
-        predict_and_write(&backend, &model, &mut acts, &set, batch_size, Some(&output))?;
+        predict_and_write(backend, &model, &mut acts, &set, batch_size, Some(&output))?;
     }
     Ok(())
-}
-
-fn backend_params<B: crate::backend::Backend>(
-    backend: &B,
-    model: &Classifier<B>,
-) -> Result<Vec<f32>> {
-    backend.download(&model.params)
 }
