@@ -62,7 +62,7 @@ pub fn run(args: &EvaluateArgs) -> Result<()> {
 
 fn run_on<B: Backend>(backend: &B, args: &EvaluateArgs) -> Result<()> {
     let dir = resolve_model_dir(&args.data.model)?;
-    let loaded = load_model(&dir, None, 0)?;
+    let loaded = load_model(&dir, 0)?;
     let labels = LabelMap {
         id2label: loaded.cfg.id2label.clone(),
     };

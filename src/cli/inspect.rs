@@ -35,7 +35,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
         flat,
         tokenizer,
         ..
-    } = load_model(&dir, None, args.seed)?;
+    } = load_model(&dir, args.seed)?;
     println!(
         "{}: {} layers, hidden {}, {} heads of {}, intermediate {}, {}, {} labels ({}), {} parameters",
         dir.display(),

@@ -69,13 +69,14 @@ pub struct LoadedModel {
     pub tokenizer: TextTokenizer,
 }
 
-/// Config, tokenizer and weights of `dir`, with `id2label` (when given) replacing the model's
-/// labels first, so a classifier of the right size is loaded or initialized.
-pub fn load_model(dir: &Path, id2label: Option<Vec<String>>, seed: u64) -> Result<LoadedModel> {
-    let mut cfg = BertConfig::from_file(&dir.join("config.json"))?;
-    if let Some(labels) = id2label {
-        cfg.set_labels(labels);
-    }
+/// Config, tokenizer and weights of `dir`.
+pub fn load_model(dir: &Path, seed: u64) -> Result<LoadedModel> {
+    load_model_with(dir, BertConfig::from_file(&dir.join("config.json"))?, seed)
+}
+
+/// Tokenizer and weights of `dir` under `cfg` (its config, possibly relabelled, so that a
+/// classifier of the right size is loaded or initialized).
+pub fn load_model_with(dir: &Path, cfg: BertConfig, seed: u64) -> Result<LoadedModel> {
     let tokenizer = TextTokenizer::from_dir(dir)?;
     let layout = ParamLayout::new(&cfg);
     let loaded = load_weights(dir, &cfg, &layout, seed)?;

@@ -50,7 +50,7 @@ pub fn run(args: &PredictArgs) -> Result<()> {
 
 fn run_on<B: Backend>(backend: &B, args: &PredictArgs) -> Result<()> {
     let dir = resolve_model_dir(&args.data.model)?;
-    let loaded = load_model(&dir, None, 0)?;
+    let loaded = load_model(&dir, 0)?;
     let max_len = args
         .data
         .max_seq_length

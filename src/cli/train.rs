@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::backend::Backend;
 use crate::cli::evaluate::{evaluate_and_report, read_labelled, EvalReport};
-use crate::cli::load::{load_model, resolve_model_dir, select_backend, Selected};
+use crate::cli::load::{load_model_with, resolve_model_dir, select_backend, Selected};
 use crate::cli::predict::{predict_and_write, read_unlabelled};
 use crate::data::dataset::{read_dataset, Columns, LabelMap};
 use crate::data::encoded::EncodedSet;
@@ -52,12 +52,13 @@ fn run_on<B: Backend>(backend: &B, args: &TrainArgs) -> Result<()> {
     let model_dir = resolve_model_dir(&args.data.model)?;
     let cols = columns(&args.data);
     let train_raw = read_dataset(&args.train_file, &cols, true)?;
-    let base_cfg = crate::config::BertConfig::from_file(&model_dir.join("config.json"))?;
+    let mut cfg = crate::config::BertConfig::from_file(&model_dir.join("config.json"))?;
     let label_map = LabelMap::from_training(
         train_raw.labels.as_deref().unwrap_or_default(),
-        &base_cfg.id2label,
+        &cfg.id2label,
     )?;
-    let loaded = load_model(&model_dir, Some(label_map.id2label.clone()), args.seed)?;
+    cfg.set_labels(label_map.id2label.clone());
+    let loaded = load_model_with(&model_dir, cfg, args.seed)?;
     let max_len = args
         .data
         .max_seq_length
