@@ -26,7 +26,7 @@ const BATCH: usize = 8;
 const SEQ: usize = 128;
 
 fn train_step_minilm(c: &mut Criterion) {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let dir = minilm_dir();
     let mut cfg = BertConfig::from_file(&dir.join("config.json")).unwrap();
     cfg.set_labels(vec!["negative".into(), "positive".into()]);

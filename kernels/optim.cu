@@ -98,12 +98,13 @@ extern "C" __global__ void clip_by_global_norm(float* __restrict__ x, unsigned l
 }
 
 // ---- loss scaling ----
-// g *= inv_scale (in place); *found_inf = 1 if any result is inf or NaN (the caller zeroes the flag
-// before; it is never cleared here). As torch's _amp_foreach_non_finite_check_and_unscale_, except
+// g *= inv_scale (in place); *found_inf = 1.0f if any result is inf or NaN (the caller zeroes the
+// flag before; it is never cleared here). The flag is an fp32 element so that it can sit beside the
+// gradient norm's Σg² in one small buffer, read back with one copy. As torch's _amp_foreach_non_finite_check_and_unscale_, except
 // that the check is on the unscaled value (which also catches an overflow of the product).
 // Launch: block 256 (any multiple of 32), grid min(ceil(n / 4 / 256), 16·SMs) (any grid).
 extern "C" __global__ void unscale_and_check(float* __restrict__ grads, unsigned long long n, float inv_scale,
-                                             int* __restrict__ found_inf) {
+                                             float* __restrict__ found_inf) {
     const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     const float big = 3.40282347e38f;  // FLT_MAX: !(|v| <= big) is inf or NaN
@@ -128,7 +129,7 @@ extern "C" __global__ void unscale_and_check(float* __restrict__ grads, unsigned
         bad |= !(fabsf(v) <= big);
         grads[i] = v;
     }
-    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31u) == 0) *found_inf = 1;
+    if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31u) == 0) *found_inf = 1.0f;
 }
 
 // ---- AdamW ----
@@ -160,7 +161,7 @@ __device__ __forceinline__ void adamw_element(float& p, float g, float& m, float
 //   one_minus_beta2    (float)(1 − β₂)
 //   bias_correction2_sqrt (float)√(1 − β₂ᵗ)
 //   eps                (float)ε
-//   skip               null, or a device flag (unscale_and_check's found_inf): when it is non-zero
+//   skip               null, or a device flag (unscale_and_check's fp32 found_inf): when it is non-zero
 //                      nothing is written (the caller then also keeps its step count).
 // Launch: block 256 (any), grid = number of segments (any grid: blocks stride over the segments,
 // threads over the elements of one). No shared memory. 128-bit accesses when the four buffers
@@ -170,8 +171,8 @@ extern "C" __global__ void adamw_update(float* __restrict__ param, const float* 
                                         const AdamWSegment* __restrict__ segments, unsigned int num_segments,
                                         double lr, float step_size, float one_minus_beta1, float beta2,
                                         float one_minus_beta2, float bias_correction2_sqrt, float eps,
-                                        const int* __restrict__ skip) {
-    if (skip != nullptr && *skip != 0) return;
+                                        const float* __restrict__ skip) {
+    if (skip != nullptr && *skip != 0.0f) return;
     const bool aligned =
         is_aligned16(param) && is_aligned16(grad) && is_aligned16(exp_avg) && is_aligned16(exp_avg_sq);
     for (unsigned int s = blockIdx.x; s < num_segments; s += gridDim.x) {

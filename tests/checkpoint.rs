@@ -15,6 +15,7 @@ use bertft_cuda::model::params::ParamLayout;
 use bertft_cuda::model::weights::load_weights;
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::checkpoint::*;
+use bertft_cuda::train::loss_scale::LossScaler;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
 use bertft_cuda::train::schedule::{Schedule, ScheduleKind};
 use bertft_cuda::train::state::TrainerState;
@@ -26,6 +27,7 @@ struct Run {
     be: CpuBackend,
     model: Classifier<CpuBackend>,
     opt: AdamW<CpuBackend>,
+    loss_scaler: Option<LossScaler>,
 }
 
 impl Run {
@@ -34,7 +36,7 @@ impl Run {
     }
 
     fn with_config(cfg: BertConfig, weights_seed: u64, steps: u64) -> Run {
-        let be = CpuBackend;
+        let be = CpuBackend::FP32;
         let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, weights_seed)).unwrap();
         let config = AdamWConfig {
             weight_decay: 0.01,
@@ -48,7 +50,12 @@ impl Run {
             be.copy(&model.grads, &g).unwrap();
             opt.update(&be, 1e-3).unwrap();
         }
-        Run { be, model, opt }
+        Run {
+            be,
+            model,
+            opt,
+            loss_scaler: None,
+        }
     }
 
     fn save(
@@ -65,6 +72,7 @@ impl Run {
                 optimizer: &self.opt,
                 schedule: &schedule(),
                 position: &position(),
+                loss_scaler: self.loss_scaler.as_ref(),
                 state,
                 args: &args(),
                 tokenizer_dir,
@@ -256,6 +264,28 @@ const PYTHON_TRAINER_STATE: &str = r#"{
   "trial_params": null
 }
 "#;
+
+#[test]
+fn the_fp16_loss_scaler_is_saved_only_when_the_run_has_one() {
+    let tmp = TempDir::new("checkpoint-scaler");
+    let mut run = Run::new(1, 1);
+    let dir = run
+        .save(&tmp.path().join("without"), &state(3), None)
+        .unwrap();
+    assert!(!dir.join(SCALER_FILE).exists());
+    let cfg = tiny_config("gelu");
+    let loaded = load_checkpoint(&dir, &cfg, &run.model.layout).unwrap();
+    assert_eq!(loaded.loss_scaler, None);
+
+    let scaler = LossScaler {
+        scale: 8192.0,
+        growth_tracker: 17,
+    };
+    run.loss_scaler = Some(scaler);
+    let dir = run.save(&tmp.path().join("with"), &state(3), None).unwrap();
+    let loaded = load_checkpoint(&dir, &cfg, &run.model.layout).unwrap();
+    assert_eq!(loaded.loss_scaler, Some(scaler));
+}
 
 #[test]
 fn trainer_state_json_is_what_transformers_writes() {

@@ -161,3 +161,18 @@ fn device_cuda_without_a_gpu_is_a_one_line_error() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("running on the CPU"));
 }
+
+#[test]
+fn fp16_and_bf16_together_are_refused() {
+    let root = scratch("err-fp16-bf16");
+    let model = tiny_model_dir(&root);
+    let f = root.join("dev.tsv");
+    write_tsv(&f, &synthetic_rows(4, 1));
+    let mut c = bin();
+    c.args(["evaluate", "--device", "cpu", "--fp16", "--bf16", "--model"])
+        .arg(&model)
+        .arg("--validation-file")
+        .arg(&f);
+    let e = run_err(&mut c);
+    assert!(e.contains("--fp16") && e.contains("--bf16"), "{e}");
+}

@@ -208,19 +208,21 @@ fn train_evaluate_predict_end_to_end() {
     }
 }
 
-#[test]
-fn resume_reproduces_an_uninterrupted_run_bit_for_bit() {
-    let root = scratch("resume");
+/// Trains 8 steps saving every 4, then resumes a copy of checkpoint-4 to step 8: the weights
+/// must be byte-identical. Returns the resumed run's output folder.
+fn resume_matches_uninterrupted(name: &str, extra: &[&str]) -> std::path::PathBuf {
+    let root = scratch(name);
     let s = setup(&root);
-    let full = root.join("full");
-    run_ok(train_cmd(&s, &full).args([
+    let args = [
         "--max-steps",
         "8",
         "--save-steps",
         "4",
         "--gradient-accumulation-steps",
         "2",
-    ]));
+    ];
+    let full = root.join("full");
+    run_ok(train_cmd(&s, &full).args(args).args(extra));
     // A second run that only has the step-4 checkpoint, as if it had stopped there.
     let resumed = root.join("resumed");
     std::fs::create_dir_all(&resumed).unwrap();
@@ -231,24 +233,37 @@ fn resume_reproduces_an_uninterrupted_run_bit_for_bit() {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
-    run_ok(train_cmd(&s, &resumed).args([
-        "--max-steps",
-        "8",
-        "--save-steps",
-        "4",
-        "--gradient-accumulation-steps",
-        "2",
-        "--resume-from-checkpoint",
-        "true",
-    ]));
+    run_ok(
+        train_cmd(&s, &resumed)
+            .args(args)
+            .args(extra)
+            .args(["--resume-from-checkpoint", "true"]),
+    );
     let a = std::fs::read(full.join("model.safetensors")).unwrap();
     let b = std::fs::read(resumed.join("model.safetensors")).unwrap();
     assert!(
         a == b,
-        "the resumed run's weights differ from the uninterrupted run's"
+        "{name}: the resumed run's weights differ from the uninterrupted run's"
     );
     let state = read_json(&resumed.join("trainer_state.json"));
     assert_eq!(state["global_step"], 8);
+    resumed
+}
+
+#[test]
+fn resume_reproduces_an_uninterrupted_run_bit_for_bit() {
+    let resumed = resume_matches_uninterrupted("resume", &[]);
+    assert!(!resumed.join("checkpoint-8/scaler.json").exists());
+}
+
+#[test]
+fn fp16_runs_save_and_resume_their_loss_scaler() {
+    // --fp16 on the CPU emulates the GPU's fp16 GEMM operands, with dynamic loss scaling.
+    let resumed = resume_matches_uninterrupted("resume-fp16", &["--fp16"]);
+    // Restored at step 4 (4 clean steps), then 4 more: a fresh scaler would say 4.
+    let scaler = read_json(&resumed.join("checkpoint-8/scaler.json"));
+    assert_eq!(scaler["scale"], 65536.0);
+    assert_eq!(scaler["growth_tracker"], 8);
 }
 
 #[test]

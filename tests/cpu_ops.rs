@@ -20,12 +20,12 @@ use std::sync::Arc;
 use bertft_cuda::backend::cpu::{CpuBackend, CpuTensor};
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
 };
 use common::naive::{self, abs, assert_close, dot, f64s, finite_differences, U};
 use common::tiny::random_vec;
 
-const BE: CpuBackend = CpuBackend;
+const BE: CpuBackend = CpuBackend::FP32;
 
 /// Step of the central finite differences (in f64; see `naive::finite_differences`).
 const H: f64 = 1e-4;
@@ -1162,6 +1162,122 @@ fn cross_entropy_backward() {
     }
 }
 
+/// The reduced precisions the dense layers can read their operands in.
+const REDUCED: [MatmulPrecision; 3] = [
+    MatmulPrecision::F16,
+    MatmulPrecision::Bf16,
+    MatmulPrecision::Tf32,
+];
+
+fn rounded(x: &[f32], p: MatmulPrecision) -> Vec<f64> {
+    x.iter().map(|&v| p.round(v) as f64).collect()
+}
+
+/// The fp32 result differs from `want` somewhere by more than `tol`: the test would notice
+/// operands that were not rounded.
+fn assert_rounding_shows(name: &str, fp32: &[f64], want: &[f64], tol: impl Fn(usize) -> f64) {
+    assert!(
+        fp32.iter()
+            .zip(want)
+            .enumerate()
+            .any(|(i, (a, b))| (a - b).abs() > tol(i)),
+        "{name}: rounding the operands changes nothing at this tolerance, so the test cannot \
+         tell whether they were rounded"
+    );
+}
+
+#[test]
+fn linear_forward_reduced_precision() {
+    // The GPU's fp16/bf16/TF32 GEMMs read rounded operands and accumulate in fp32; the CPU
+    // emulates exactly that. Reference: the f64 layer on the rounded operands; the tolerance is
+    // fp32 accumulation's, as in `linear_forward` (the products of rounded operands are exact).
+    for p in REDUCED {
+        let be = CpuBackend::with_matmul_precision(p);
+        for (case, &(rows, k, n)) in LINEAR_SHAPES.iter().enumerate() {
+            let name = format!("linear_forward {} {rows}x{k}x{n}", p.name());
+            let seed = 2500 + 10 * case as u64;
+            let x = nonzero(rows * k, seed, 1.0);
+            let w = nonzero(n * k, seed + 1, 1.0);
+            let b = nonzero(n, seed + 2, 1.0);
+            let out = up(&nonzero(rows * n, seed + 3, 50.0));
+            be.linear_forward(&out, &up(&x), &up(&w), &up(&b), rows, k, n)
+                .unwrap();
+            let want =
+                naive::linear_forward(&rounded(&x, p), &rounded(&w, p), &f64s(&b), rows, k, n);
+            let mag = naive::linear_forward(
+                &abs(&f64s(&x)),
+                &abs(&f64s(&w)),
+                &abs(&f64s(&b)),
+                rows,
+                k,
+                n,
+            );
+            let tol = |i: usize| (k + 2) as f64 * U * mag[i];
+            assert_close(&name, &down(&out), &want, tol);
+            let fp32 = naive::linear_forward(&f64s(&x), &f64s(&w), &f64s(&b), rows, k, n);
+            assert_rounding_shows(&name, &fp32, &want, tol);
+        }
+    }
+}
+
+#[test]
+fn linear_backward_reduced_precision() {
+    // dx and dw from rounded dout, w, x; dbias sums the unrounded dout in fp32.
+    for p in REDUCED {
+        let be = CpuBackend::with_matmul_precision(p);
+        for (case, &(rows, k, n)) in LINEAR_SHAPES.iter().enumerate() {
+            let name = format!("linear_backward {} {rows}x{k}x{n}", p.name());
+            let seed = 2600 + 10 * case as u64;
+            let x = nonzero(rows * k, seed, 1.0);
+            let w = nonzero(n * k, seed + 1, 1.0);
+            let dout = nonzero(rows * n, seed + 3, 1.0);
+            let dx = up(&nonzero(rows * k, seed + 4, 50.0));
+            let (dw, db) = (be.zeros(n * k).unwrap(), be.zeros(n).unwrap());
+            be.linear_backward(
+                Some(&dx),
+                false,
+                &dw,
+                &db,
+                &up(&dout),
+                &up(&x),
+                &up(&w),
+                rows,
+                k,
+                n,
+            )
+            .unwrap();
+            let (gx, gw, _) = naive::linear_backward(
+                &rounded(&dout, p),
+                &rounded(&x, p),
+                &rounded(&w, p),
+                rows,
+                k,
+                n,
+            );
+            let (_, _, gb) = naive::linear_backward(&f64s(&dout), &f64s(&x), &f64s(&w), rows, k, n);
+            let (mx, mw, mb) = naive::linear_backward(
+                &abs(&f64s(&dout)),
+                &abs(&f64s(&x)),
+                &abs(&f64s(&w)),
+                rows,
+                k,
+                n,
+            );
+            let tol_x = |i: usize| (n + 3) as f64 * U * mx[i];
+            let tol_w = |i: usize| (rows + 3) as f64 * U * mw[i];
+            assert_close(&format!("{name} dx"), &down(&dx), &gx, tol_x);
+            assert_close(&format!("{name} dw"), &down(&dw), &gw, tol_w);
+            assert_close(&format!("{name} dbias"), &down(&db), &gb, |i| {
+                (rows + 3) as f64 * U * mb[i]
+            });
+            let (fx, fw, _) =
+                naive::linear_backward(&f64s(&dout), &f64s(&x), &f64s(&w), rows, k, n);
+            assert_rounding_shows(&format!("{name} dx"), &fx, &gx, tol_x);
+            assert_rounding_shows(&format!("{name} dw"), &fw, &gw, tol_w);
+        }
+    }
+}
+
 // ---- optimizer ---------------------------------------------------------------------------------
 
 #[test]
@@ -1208,6 +1324,45 @@ fn clip_by_global_norm() {
                 got, x,
                 "{name}: a norm below max_norm changed the gradients"
             );
+        }
+    }
+}
+
+#[test]
+fn unscale_and_check() {
+    // Finite gradients: scaled, flag untouched (it is set, never cleared). Then one inf, one
+    // NaN, at either end of the buffer and past the 4-wide vector part.
+    let inv_scale = 1.0 / 65536.0;
+    for (case, &n) in [1usize, 7, 1221].iter().enumerate() {
+        let x = nonzero(n, 2100 + case as u64, 3e4);
+        let (xt, flag) = (up(&x), up(&[0.0]));
+        BE.unscale_and_check(&xt, inv_scale, &flag).unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| v as f64 * inv_scale as f64).collect();
+        // One product rounded to fp32 (a power of two: exact here, U allowed).
+        assert_close(
+            &format!("unscale_and_check n {n}"),
+            &down(&xt),
+            &want,
+            |i| U * want[i].abs(),
+        );
+        assert_eq!(
+            down(&flag),
+            [0.0],
+            "n {n}: finite gradients raised the flag"
+        );
+        let set = up(&[1.0]);
+        BE.unscale_and_check(&up(&x), inv_scale, &set).unwrap();
+        assert_eq!(down(&set), [1.0], "n {n}: the flag was cleared");
+        for (bad, at) in [
+            (f32::INFINITY, 0),
+            (f32::NEG_INFINITY, n - 1),
+            (f32::NAN, n / 2),
+        ] {
+            let mut y = x.clone();
+            y[at] = bad;
+            let flag = up(&[0.0]);
+            BE.unscale_and_check(&up(&y), inv_scale, &flag).unwrap();
+            assert_eq!(down(&flag), [1.0], "n {n}: {bad} at {at} not detected");
         }
     }
 }

@@ -16,6 +16,13 @@
 //! losses 3e-5, every parameter's gradient 1e-4 (the attention key bias, whose gradient is zero
 //! up to rounding, against 1e-5 of the largest gradient). Training: weights within 1e-4 absolute
 //! after six AdamW steps (the key bias excepted, see `six_training_steps`).
+//!
+//! Mixed precision: the CPU backend with the same [`MatmulPrecision`] rounds the GEMM operands
+//! as the GPU's casts do (round to nearest even), and products of fp16/bf16 values are exact in
+//! fp32, so fp16/bf16 GEMMs are held to fp32's 1e-5. TF32 gets 2e-3: the tensor cores' own
+//! conversion of fp32 operands may truncate where the CPU rounds (one TF32 ulp, 2⁻¹⁰ relative,
+//! per operand). Training in fp16/bf16: losses within 1% of the CPU's emulation (the issue's
+//! bound), the first step's (forward only) within 1e-4.
 
 mod common;
 
@@ -25,18 +32,18 @@ use bertft_cuda::backend::cuda::{
 };
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
 };
 use bertft_cuda::model::bert::{Activations, Batch, LossSpec, Mode};
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
-use bertft_cuda::train::step::{train_step, StepScratch, StepSettings};
+use bertft_cuda::train::step::{train_step, StepReport, StepScratch, StepSettings};
 use common::fixture::{has_zero_exact_gradient, max_abs_diff};
 use common::tiny::*;
 
 use std::io::Write;
 
-const CPU: CpuBackend = CpuBackend;
+const CPU: CpuBackend = CpuBackend::FP32;
 
 /// GPU 0, or `None` (after printing `skipped: no CUDA device`) when there is no driver or no GPU.
 fn gpu() -> Option<CudaBackend> {
@@ -182,6 +189,41 @@ fn linear() {
                     &linear_case(&CPU, rows, k, n, with_dx, acc),
                     1e-5,
                 );
+            }
+        }
+    }
+}
+
+/// GPU 0 with its dense layers' GEMMs in `p`, and the CPU emulating the same.
+fn pair(p: MatmulPrecision) -> Option<(CudaBackend, CpuBackend)> {
+    Some((
+        gpu()?.with_matmul_precision(p),
+        CpuBackend::with_matmul_precision(p),
+    ))
+}
+
+#[test]
+fn linear_reduced_precision() {
+    for (p, rtol) in [
+        (MatmulPrecision::F16, 1e-5),
+        (MatmulPrecision::Bf16, 1e-5),
+        (MatmulPrecision::Tf32, 2e-3),
+    ] {
+        let Some((g, c)) = pair(p) else { return };
+        for rows in [1, 7, 33, 130] {
+            for (k, n) in [(5, 20), (37, 5), (64, 96), (384, 1152)] {
+                for (with_dx, acc) in [(true, false), (true, true), (false, false)] {
+                    let case = format!(
+                        "{} rows {rows}, k {k}, n {n}, dx {with_dx}, accumulate {acc}",
+                        p.name()
+                    );
+                    compare(
+                        &case,
+                        &linear_case(&g, rows, k, n, with_dx, acc),
+                        &linear_case(&c, rows, k, n, with_dx, acc),
+                        rtol,
+                    );
+                }
             }
         }
     }
@@ -625,6 +667,43 @@ fn sum_squares_and_clipping() {
     }
 }
 
+/// Loss-scale unscaling of finite values, then with an inf and a NaN planted.
+fn unscale_case<B: Backend>(be: &B, n: usize, offset: usize) -> Vec<(&'static str, Vec<f32>)> {
+    let v = random_vec(n, 40 + n as u64, 3e4);
+    let x = up_at(be, &v, offset);
+    let flag = up(be, &[0.0]);
+    be.unscale_and_check(&x, 1.0 / 65536.0, &flag).unwrap();
+    let mut planted = v.clone();
+    planted[n / 2] = f32::INFINITY;
+    planted[n - 1] = f32::NAN;
+    let bad_flag = up(be, &[0.0]);
+    be.unscale_and_check(&up_at(be, &planted, offset), 0.5, &bad_flag)
+        .unwrap();
+    vec![
+        ("unscaled", down(be, &x)),
+        ("flag (finite)", down(be, &flag)),
+        ("flag (inf, NaN)", down(be, &bad_flag)),
+    ]
+}
+
+#[test]
+fn unscale_and_check() {
+    let Some(g) = gpu() else { return };
+    for n in [1, 7, 5000, 100_003] {
+        for offset in [0, 1] {
+            let (gc, cc) = (unscale_case(&g, n, offset), unscale_case(&CPU, n, offset));
+            for ((name, a), (_, b)) in gc.iter().zip(&cc) {
+                exact(
+                    &format!("unscale_and_check n {n} offset {offset}: {name}"),
+                    a,
+                    b,
+                );
+            }
+            assert_eq!(cc[2].1, [1.0]);
+        }
+    }
+}
+
 /// Three AdamW steps over: segments of one flat buffer (as the optimizer passes them, one
 /// shared launch), plus tensors in allocations of their own and views at different offsets of
 /// different buffers (the per-tensor fallback).
@@ -762,10 +841,7 @@ fn model_case<B: Backend>(be: &B, act: &str, packed: bool, mode: Mode) -> [Vec<f
         &batch,
         &acts,
         mode,
-        LossSpec {
-            label_smoothing: 0.1,
-            normalizer: batch.size(),
-        },
+        LossSpec::mean(0.1, batch.size()),
     )
     .unwrap();
     [
@@ -815,6 +891,11 @@ fn model_forward_backward() {
 
 /// Weights and losses after `steps` AdamW steps with dropout, clipping and weight decay.
 fn training<B: Backend>(be: &B, steps: u64) -> (Vec<f32>, Vec<f64>) {
+    let (weights, reports) = training_reports(be, steps);
+    (weights, reports.iter().map(|r| r.loss).collect())
+}
+
+fn training_reports<B: Backend>(be: &B, steps: u64) -> (Vec<f32>, Vec<StepReport>) {
     let cfg = tiny_config("gelu");
     let model = Classifier::new(be, cfg.clone(), &tiny_weights(&cfg, 3)).unwrap();
     let config = AdamWConfig {
@@ -829,7 +910,7 @@ fn training<B: Backend>(be: &B, steps: u64) -> (Vec<f32>, Vec<f64>) {
         dropout_seed: Some(7),
     };
     let micro = [tiny_batch_on(be, false), tiny_batch_on(be, true)];
-    let losses = (0..steps)
+    let reports = (0..steps)
         .map(|s| {
             train_step(
                 be,
@@ -842,10 +923,9 @@ fn training<B: Backend>(be: &B, steps: u64) -> (Vec<f32>, Vec<f64>) {
                 &settings,
             )
             .unwrap()
-            .loss
         })
         .collect();
-    (be.download(&model.params).unwrap(), losses)
+    (be.download(&model.params).unwrap(), reports)
 }
 
 #[test]
@@ -876,6 +956,27 @@ fn six_training_steps() {
             (a - b).abs() <= 3e-5 * b.abs().max(1.0),
             "loss of step {s}: gpu {a}, cpu {b}"
         );
+    }
+}
+
+#[test]
+fn six_training_steps_in_fp16_and_bf16() {
+    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        let Some((g, c)) = pair(p) else { return };
+        let (_, gr) = training_reports(&g, 6);
+        let (_, cr) = training_reports(&c, 6);
+        for (s, (a, b)) in gr.iter().zip(&cr).enumerate() {
+            let rel = (a.loss - b.loss).abs() / b.loss.abs();
+            let bound = if s == 0 { 1e-4 } else { 1e-2 };
+            assert!(
+                rel <= bound,
+                "{} step {s}: gpu loss {}, cpu {} (relative {rel:.2e} > {bound:e})",
+                p.name(),
+                a.loss,
+                b.loss
+            );
+            assert_eq!(a.skipped(), b.skipped(), "{} step {s}", p.name());
+        }
     }
 }
 
@@ -947,6 +1048,12 @@ fn cases_run_on_the_cpu() {
         }
     }
     norm_case(&CPU, 5000, 0.5);
+    unscale_case(&CPU, 5000, 1);
+    for p in [MatmulPrecision::F16, MatmulPrecision::Tf32] {
+        let c = CpuBackend::with_matmul_precision(p);
+        linear_case(&c, 33, 384, 1152, true, true);
+        training_reports(&c, 1);
+    }
     adamw_case(&CPU);
     model_case(&CPU, "gelu", true, Mode::Train { seed: 5, step: 2 });
     let (w, _) = training(&CPU, 1);

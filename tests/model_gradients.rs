@@ -26,7 +26,7 @@ fn batch(be: &CpuBackend, packed: bool) -> Batch<CpuBackend> {
 }
 
 fn mean_loss(model: &Classifier<CpuBackend>, batch: &Batch<CpuBackend>, mode: Mode) -> f64 {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let acts = Activations::new(&be, &model.cfg, batch.rows(), batch.size()).unwrap();
     let bert = model.bert(&be);
     bert.forward(batch, &acts, mode).unwrap();
@@ -35,7 +35,7 @@ fn mean_loss(model: &Classifier<CpuBackend>, batch: &Batch<CpuBackend>, mode: Mo
 }
 
 fn gradients(model: &Classifier<CpuBackend>, batch: &Batch<CpuBackend>, mode: Mode) -> Vec<f32> {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let acts = Activations::new(&be, &model.cfg, batch.rows(), batch.size()).unwrap();
     let bert = model.bert(&be);
     model.zero_grads(&be).unwrap();
@@ -45,17 +45,14 @@ fn gradients(model: &Classifier<CpuBackend>, batch: &Batch<CpuBackend>, mode: Mo
         batch,
         &acts,
         mode,
-        LossSpec {
-            label_smoothing: 0.1,
-            normalizer: batch.size(),
-        },
+        LossSpec::mean(0.1, batch.size()),
     )
     .unwrap();
     be.download(&model.grads).unwrap()
 }
 
 fn check_directional_derivatives(act: &str, mode: Mode) {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let cfg = tiny_config(act);
     let flat = tiny_weights(&cfg, 1);
     let model = Classifier::new(&be, cfg.clone(), &flat).unwrap();
@@ -103,7 +100,7 @@ fn gradients_match_finite_differences_gelu_tanh_with_dropout() {
 
 #[test]
 fn dropout_changes_the_output_and_depends_on_the_step() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let cfg = tiny_config("gelu");
     let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 1)).unwrap();
     let b = batch(&be, false);
@@ -119,7 +116,7 @@ fn dropout_changes_the_output_and_depends_on_the_step() {
 /// The packed (unpadded) layout computes the same logits and gradients as the padded one.
 #[test]
 fn packed_equals_padded() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let cfg = tiny_config("gelu");
     let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 2)).unwrap();
     let logits = |b: &Batch<CpuBackend>| {
@@ -147,7 +144,7 @@ fn packed_equals_padded() {
 #[test]
 fn arena_views_equal_fresh_buffers() {
     use bertft_cuda::model::bert::ActivationArena;
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let cfg = tiny_config("gelu");
     let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 4)).unwrap();
     let (large, small) = (batch(&be, false), batch(&be, true));
@@ -161,10 +158,7 @@ fn arena_views_equal_fresh_buffers() {
             b,
             acts,
             mode,
-            LossSpec {
-                label_smoothing: 0.0,
-                normalizer: b.size(),
-            },
+            LossSpec::mean(0.0, b.size()),
         )
         .unwrap();
         (

@@ -51,7 +51,7 @@ fn assert_close(what: &str, ours: &[f32], torch: &[f32], tol: f32) {
 
 #[test]
 fn tiny_forward_and_loss_match_torch() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let model = tiny_model(&be);
     let case = Fixture::open(&fixtures_dir().join("tiny_case.safetensors"));
     let batch = batch_of(&be, &case, "");
@@ -93,7 +93,7 @@ fn tiny_forward_and_loss_match_torch() {
 
 #[test]
 fn tiny_gradients_match_torch() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let model = tiny_model(&be);
     let case = Fixture::open(&fixtures_dir().join("tiny_case.safetensors"));
     let batch = batch_of(&be, &case, "");
@@ -105,10 +105,7 @@ fn tiny_gradients_match_torch() {
         &batch,
         &acts,
         Mode::Eval,
-        LossSpec {
-            label_smoothing: 0.0,
-            normalizer: batch.size(),
-        },
+        LossSpec::mean(0.0, batch.size()),
     )
     .unwrap();
     let grads = be.download(&model.grads).unwrap();
@@ -143,7 +140,7 @@ fn tiny_gradients_match_torch() {
 
 #[test]
 fn label_smoothing_gradient_matches_torch() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let case = Fixture::open(&fixtures_dir().join("tiny_case.safetensors"));
     let logits = be.upload(&case.f32("logits")).unwrap();
     let labels: Vec<u32> = case.i64("labels").iter().map(|&v| v as u32).collect();
@@ -167,7 +164,7 @@ fn label_smoothing_gradient_matches_torch() {
 
 #[test]
 fn six_adamw_steps_with_warmup_decay_and_clipping_match_torch() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let model = tiny_model(&be);
     let case = Fixture::open(&fixtures_dir().join("tiny_case.safetensors"));
     let steps = Fixture::open(&fixtures_dir().join("tiny_steps.safetensors"));
@@ -264,7 +261,7 @@ fn six_adamw_steps_with_warmup_decay_and_clipping_match_torch() {
 /// Why the key biases cannot be compared after training: they do not change the output.
 #[test]
 fn key_biases_do_not_change_the_output() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let model = tiny_model(&be);
     let case = Fixture::open(&fixtures_dir().join("tiny_case.safetensors"));
     let batch = batch_of(&be, &case, "");
@@ -297,7 +294,7 @@ fn key_biases_do_not_change_the_output() {
 /// last hidden state and pooled output of single sentences and pairs, padded, ≤ 1e-4 absolute.
 #[test]
 fn minilm_hidden_states_match_transformers() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let dir = common::minilm_dir();
     let cfg = BertConfig::from_file(&dir.join("config.json")).unwrap();
     let layout = ParamLayout::new(&cfg);

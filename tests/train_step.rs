@@ -23,7 +23,7 @@ fn batch(be: &CpuBackend, rows: std::ops::Range<usize>) -> Batch<CpuBackend> {
 }
 
 fn weights_after(micro_batches: &[Batch<CpuBackend>], steps: u64) -> (Vec<f32>, Vec<f64>) {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let cfg = tiny_config("gelu");
     let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 3)).unwrap();
     let config = AdamWConfig {
@@ -58,7 +58,7 @@ fn weights_after(micro_batches: &[Batch<CpuBackend>], steps: u64) -> (Vec<f32>, 
 
 #[test]
 fn accumulated_micro_batches_equal_one_combined_batch() {
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let (combined, combined_losses) = weights_after(&[batch(&be, 0..4)], 3);
     // 3 + 1 rows: unequal micro-batches, so a plain mean of per-batch means would be wrong.
     let (accumulated, accumulated_losses) = weights_after(&[batch(&be, 0..3), batch(&be, 3..4)], 3);

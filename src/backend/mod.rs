@@ -34,6 +34,73 @@ pub enum Activation {
     Relu,
 }
 
+/// The number format the dense layers' GEMMs read their operands in; products are always
+/// accumulated in fp32 and written in fp32 (PyTorch's autocast GEMMs: fp16/bf16 in, fp32
+/// accumulate). Every other op computes in fp32 whatever this is.
+///
+/// The CPU backend emulates the reduced formats by rounding each operand (inputs, weights, the
+/// output gradient) to the format before an fp32 GEMM, exactly what a tensor-core GEMM reads,
+/// so it is the reference of the GPU's mixed-precision GEMMs (they differ only by summation
+/// order: a product of two fp16/bf16 values is exact in fp32).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// True fp32 (PyTorch's default: `allow_tf32 = False` for matmuls).
+    #[default]
+    F32,
+    /// fp32 data read as TF32 by the tensor cores (10 mantissa bits): `--tf32`.
+    Tf32,
+    /// IEEE half: `--fp16` (with dynamic loss scaling in the trainer).
+    F16,
+    /// bfloat16: `--bf16`.
+    Bf16,
+}
+
+impl MatmulPrecision {
+    /// From the `--fp16`/`--bf16`/`--tf32` flags (`--fp16` and `--bf16` together are refused
+    /// by the caller).
+    pub fn from_flags(fp16: bool, bf16: bool, tf32: bool) -> Self {
+        match (fp16, bf16, tf32) {
+            (true, _, _) => MatmulPrecision::F16,
+            (_, true, _) => MatmulPrecision::Bf16,
+            (_, _, true) => MatmulPrecision::Tf32,
+            _ => MatmulPrecision::F32,
+        }
+    }
+
+    /// `v` as a GEMM in this precision reads it: rounded to nearest (ties to even) into the
+    /// format and back. fp16 overflows to ±inf beyond 65504 and flushes below 2⁻²⁴, which is
+    /// what dynamic loss scaling guards against.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            MatmulPrecision::F32 => v,
+            MatmulPrecision::F16 => half::f16::from_f32(v).to_f32(),
+            MatmulPrecision::Bf16 => half::bf16::from_f32(v).to_f32(),
+            MatmulPrecision::Tf32 => round_to_tf32(v),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MatmulPrecision::F32 => "fp32",
+            MatmulPrecision::Tf32 => "tf32",
+            MatmulPrecision::F16 => "fp16",
+            MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// fp32 rounded to TF32's 10 mantissa bits, to nearest with ties away from zero (PTX's
+/// `cvt.rna.tf32.f32`, how cuBLAS converts); inf and NaN pass through.
+fn round_to_tf32(v: f32) -> f32 {
+    if !v.is_finite() {
+        return v;
+    }
+    let bits = v.to_bits();
+    // Adding half of the dropped 13-bit field carries into the kept bits at or above the
+    // midpoint (ties away); an exponent overflow gives inf, as the hardware's does.
+    f32::from_bits(bits.wrapping_add(1 << 12) & !0x1fff)
+}
+
 /// Where each sequence of a batch lives among the rows of a `[rows, hidden]` activation.
 ///
 /// Sequence `b` occupies rows `starts[b] .. starts[b] + rows[b]`; its first `valid[b]` rows are
@@ -155,6 +222,8 @@ pub trait Backend {
     type Ids: Clone;
 
     fn name(&self) -> String;
+    /// The format the dense layers' GEMMs read their operands in.
+    fn matmul_precision(&self) -> MatmulPrecision;
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;
@@ -363,10 +432,61 @@ pub trait Backend {
         sumsq: &Self::Tensor,
         max_norm: f32,
     ) -> Result<()>;
+    /// Loss-scale unscaling: `x *= inv_scale`, and `found_inf[0] = 1` when any result is inf
+    /// or NaN (`found_inf` is set, never cleared: the caller zeroes it before).
+    fn unscale_and_check(
+        &self,
+        x: &Self::Tensor,
+        inv_scale: f32,
+        found_inf: &Self::Tensor,
+    ) -> Result<()>;
     /// One `torch.optim.AdamW` step over each tensor.
     fn adamw_update(
         &self,
         tensors: &[AdamWTensor<'_, Self::Tensor>],
         step: &AdamWStep,
     ) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf32_keeps_ten_mantissa_bits_rounding_ties_away() {
+        let ulp = 2f32.powi(-10); // TF32's spacing in [1, 2)
+        let r = |v: f32| MatmulPrecision::Tf32.round(v);
+        assert_eq!(r(1.0 + ulp), 1.0 + ulp);
+        assert_eq!(r(1.0 + ulp / 4.0), 1.0); // below half: down
+        assert_eq!(r(1.0 + ulp / 2.0), 1.0 + ulp); // the tie: away from zero
+        assert_eq!(r(-(1.0 + ulp / 2.0)), -(1.0 + ulp));
+        assert_eq!(r(1.0 + 0.75 * ulp), 1.0 + ulp);
+        assert_eq!(r(2.0 - ulp / 2.0), 2.0); // carries into the exponent
+        assert_eq!(r(f32::MAX), f32::INFINITY);
+        assert!(r(f32::NAN).is_nan());
+        assert_eq!(r(f32::NEG_INFINITY), f32::NEG_INFINITY);
+    }
+
+    #[test]
+    fn fp16_and_bf16_round_as_the_hardware_casts() {
+        let h = |v: f32| MatmulPrecision::F16.round(v);
+        assert_eq!(h(65504.0), 65504.0);
+        assert_eq!(h(65520.0), f32::INFINITY); // the loss scaler's overflow
+        assert_eq!(h(2f32.powi(-26)), 0.0); // below half the smallest subnormal
+        assert_eq!(h(1.0 + 2f32.powi(-11)), 1.0); // tie to even
+        let b = |v: f32| MatmulPrecision::Bf16.round(v);
+        assert_eq!(b(1.0 + 2f32.powi(-8)), 1.0); // tie to even
+        assert_eq!(b(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
+        assert_eq!(b(1e30), half::bf16::from_f32(1e30).to_f32());
+        assert_eq!(MatmulPrecision::F32.round(0.1), 0.1);
+    }
+
+    #[test]
+    fn precision_from_the_flags() {
+        use MatmulPrecision::*;
+        assert_eq!(MatmulPrecision::from_flags(false, false, false), F32);
+        assert_eq!(MatmulPrecision::from_flags(true, false, true), F16);
+        assert_eq!(MatmulPrecision::from_flags(false, true, true), Bf16);
+        assert_eq!(MatmulPrecision::from_flags(false, false, true), Tf32);
+    }
 }

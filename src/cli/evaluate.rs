@@ -54,7 +54,7 @@ pub fn print_and_save_metrics(metrics: &[(String, f64)], output_dir: Option<&Pat
 }
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
-    match select_backend(args.data.device, false, false)? {
+    match select_backend(args.data.device, args.data.matmul_precision()?)? {
         Selected::Cpu(b) => run_on(&b, args),
         Selected::Cuda(b) => run_on(&*b, args),
     }

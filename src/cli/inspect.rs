@@ -56,7 +56,7 @@ pub fn run(args: &InspectArgs) -> Result<()> {
     let enc = tokenizer
         .encode(text, args.text_pair.as_deref(), max_len)
         .context("tokenizing --text")?;
-    let be = CpuBackend;
+    let be = CpuBackend::FP32;
     let model = Classifier::new(&be, cfg, &flat)?;
     let batch = Batch::padded(&be, &[&enc.ids], &[&enc.type_ids], None, tokenizer.pad_id())?;
     let acts = Activations::new(&be, &model.cfg, batch.rows(), batch.size())?;

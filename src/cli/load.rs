@@ -9,6 +9,7 @@ use crate::cli::hub;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
+use crate::backend::MatmulPrecision;
 use crate::config::BertConfig;
 use crate::data::tokenize::TextTokenizer;
 use crate::model::params::ParamLayout;
@@ -24,24 +25,32 @@ pub enum Selected {
     Cuda(Box<CudaBackend>),
 }
 
-pub fn select_backend(device: DeviceChoice, fp16: bool, bf16: bool) -> Result<Selected> {
-    let selected = match device {
-        DeviceChoice::Cpu => Selected::Cpu(CpuBackend),
-        DeviceChoice::Cuda => {
-            Selected::Cuda(Box::new(CudaBackend::new(0).context("--device cuda")?))
+pub fn select_backend(device: DeviceChoice, precision: MatmulPrecision) -> Result<Selected> {
+    let cpu = || {
+        if precision != MatmulPrecision::F32 {
+            eprintln!(
+                "notice: {} on the CPU is emulated (GEMM operands rounded as the GPU reads \
+                 them): the GPU's numbers, not its speed",
+                precision.name()
+            );
         }
+        Selected::Cpu(CpuBackend::with_matmul_precision(precision))
+    };
+    Ok(match device {
+        DeviceChoice::Cpu => cpu(),
+        DeviceChoice::Cuda => Selected::Cuda(Box::new(
+            CudaBackend::new(0)
+                .context("--device cuda")?
+                .with_matmul_precision(precision),
+        )),
         DeviceChoice::Auto => {
             eprintln!(
                 "notice: running on the CPU (the CUDA backend is not validated on a GPU yet; \
                  --device cuda tries it)"
             );
-            Selected::Cpu(CpuBackend)
+            cpu()
         }
-    };
-    if fp16 || bf16 {
-        eprintln!("notice: --fp16/--bf16 are not implemented yet; computing in fp32");
-    }
-    Ok(selected)
+    })
 }
 
 /// A local model folder, or a hub repository id fetched into the local cache (see `hub`).

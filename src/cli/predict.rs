@@ -42,7 +42,7 @@ pub fn write_predictions(
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
-    match select_backend(args.data.device, false, false)? {
+    match select_backend(args.data.device, args.data.matmul_precision()?)? {
         Selected::Cpu(b) => run_on(&b, args),
         Selected::Cuda(b) => run_on(&*b, args),
     }

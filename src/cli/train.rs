@@ -41,7 +41,7 @@ fn check_output_dir(args: &TrainArgs) -> Result<()> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
-    match select_backend(args.data.device, args.fp16, args.bf16)? {
+    match select_backend(args.data.device, args.data.matmul_precision()?)? {
         Selected::Cpu(b) => run_on(&b, args),
         Selected::Cuda(b) => run_on(&*b, args),
     }

@@ -357,11 +357,24 @@ impl Site {
 }
 
 /// The loss a backward pass differentiates: the mean cross-entropy over `normalizer` rows (the
-/// rows of the whole accumulated batch, so micro-batches add up to one batch's gradient).
+/// rows of the whole accumulated batch, so micro-batches add up to one batch's gradient), times
+/// `loss_scale` (fp16 loss scaling; 1 otherwise).
 #[derive(Clone, Copy, Debug)]
 pub struct LossSpec {
     pub label_smoothing: f32,
     pub normalizer: usize,
+    pub loss_scale: f32,
+}
+
+impl LossSpec {
+    /// The mean over `normalizer` rows, unscaled.
+    pub fn mean(label_smoothing: f32, normalizer: usize) -> Self {
+        LossSpec {
+            label_smoothing,
+            normalizer,
+            loss_scale: 1.0,
+        }
+    }
 }
 
 /// The model over one backend: its config and its parameter views.
@@ -621,7 +634,8 @@ impl<B: Backend> Bert<'_, B> {
             .labels
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("the batch has no labels"))?;
-        let scale = 1.0 / loss.normalizer as f32;
+        // In fp32, as GradScaler's `loss * scale` is, then divided as the mean's backward does.
+        let scale = loss.loss_scale / loss.normalizer as f32;
         be.cross_entropy_backward(
             &acts.g_logits,
             &acts.logits,

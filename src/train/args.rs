@@ -12,6 +12,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
+use crate::backend::MatmulPrecision;
+
 /// `true`/`false` as Python's argparse helpers accept them (`--fp16`, `--fp16 true`, `--fp16 False`).
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.to_ascii_lowercase().as_str() {
@@ -94,6 +96,29 @@ pub struct DataArgs {
     pub device: DeviceChoice,
     #[arg(long, default_value_t = 8)]
     pub per_device_eval_batch_size: usize,
+    /// Mixed precision as PyTorch AMP: fp16 GEMM operands with fp32 accumulation and fp32
+    /// master weights; training uses dynamic loss scaling (start 2^16, ×2 after 2000 clean
+    /// steps, ×0.5 and the step skipped on inf/NaN). On the CPU the rounding is emulated.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub fp16: bool,
+    /// Mixed precision bf16: bf16 GEMM operands, fp32 accumulation, no loss scaling.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub bf16: bool,
+    /// fp32 GEMMs on TF32 tensor cores (10-bit mantissa operands); off by default, as
+    /// PyTorch's matmuls.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub tf32: bool,
+}
+
+impl DataArgs {
+    /// The GEMM precision the flags ask for; `--fp16` with `--bf16` is refused (as
+    /// `TrainingArguments` refuses it).
+    pub fn matmul_precision(&self) -> Result<MatmulPrecision> {
+        if self.fp16 && self.bf16 {
+            bail!("--fp16 and --bf16: at most one of them can be true");
+        }
+        Ok(MatmulPrecision::from_flags(self.fp16, self.bf16, self.tf32))
+    }
 }
 
 #[derive(Args, Clone, Debug, Serialize)]
@@ -190,12 +215,6 @@ pub struct TrainArgs {
     /// Seed of the data order (default: seed).
     #[arg(long)]
     pub data_seed: Option<u64>,
-    /// Mixed precision fp16 (GPU; ignored with a notice on the CPU).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
-    pub fp16: bool,
-    /// Mixed precision bf16 (GPU; ignored with a notice on the CPU).
-    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
-    pub bf16: bool,
     #[arg(long, value_enum, default_value_t = ReportTo::None)]
     pub report_to: ReportTo,
     /// A checkpoint folder, or `true` for the newest in output_dir.

@@ -3,9 +3,10 @@
 //!
 //! A folder holds the model as `save_pretrained` writes it, `optimizer.safetensors` (both AdamW
 //! moments per parameter, the step count in the metadata), `scheduler.json`, `rng_state.json`
-//! (where the data order and dropout streams stand), `trainer_state.json` and
-//! `training_args.json`. The PyTorch pickles transformers writes instead (`optimizer.pt`,
-//! `scheduler.pt`, `rng_state.pth`, `training_args.bin`) are replaced by these portable files.
+//! (where the data order and dropout streams stand), `trainer_state.json`, `training_args.json`
+//! and, in `--fp16` runs, `scaler.json` (the loss scale). The PyTorch pickles transformers writes
+//! instead (`optimizer.pt`, `scheduler.pt`, `rng_state.pth`, `training_args.bin`, `scaler.pt`)
+//! are replaced by these portable files.
 //!
 //! A checkpoint is written whole under `checkpoint-N.tmp-<pid>` and renamed into place, so a
 //! crash never leaves a half-written folder under a name [`latest_checkpoint`] would pick.
@@ -27,6 +28,7 @@ use crate::config::BertConfig;
 use crate::model::params::ParamLayout;
 use crate::model::weights::{copy_tensor, map_file, save_pretrained, write_atomic};
 use crate::model::Classifier;
+use crate::train::loss_scale::LossScaler;
 use crate::train::optimizer::AdamW;
 use crate::train::schedule::{Schedule, ScheduleKind};
 use crate::train::state::{read_json, write_json, TrainerState};
@@ -38,6 +40,8 @@ pub const CONFIG_FILE: &str = "config.json";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const SCHEDULER_FILE: &str = "scheduler.json";
 pub const RNG_STATE_FILE: &str = "rng_state.json";
+/// The fp16 loss scaler (accelerate's `scaler.pt`); only in `--fp16` runs.
+pub const SCALER_FILE: &str = "scaler.json";
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
 pub const TRAINING_ARGS_FILE: &str = "training_args.json";
 
@@ -63,6 +67,8 @@ pub struct CheckpointContents<'a, B: Backend> {
     pub optimizer: &'a AdamW<B>,
     pub schedule: &'a Schedule,
     pub position: &'a RunPosition,
+    /// The fp16 loss scaler, when the run has one.
+    pub loss_scaler: Option<&'a LossScaler>,
     /// Its `global_step` names the folder.
     pub state: &'a TrainerState,
     /// The run's arguments, saved as `training_args.json`.
@@ -85,6 +91,8 @@ pub struct LoadedCheckpoint {
     /// The scheduler's `last_epoch`: optimizer steps it has seen.
     pub schedule_last_step: u64,
     pub position: RunPosition,
+    /// From `scaler.json`, when the run that saved it had one (`--fp16`).
+    pub loss_scaler: Option<LossScaler>,
     pub state: TrainerState,
     pub args: Value,
 }
@@ -191,6 +199,9 @@ fn write_contents<B: Backend>(
         &dir.join(RNG_STATE_FILE),
         &serde_json::to_value(c.position)?,
     )?;
+    if let Some(scaler) = c.loss_scaler {
+        write_json(&dir.join(SCALER_FILE), &serde_json::to_value(scaler)?)?;
+    }
     c.state.save(&dir.join(TRAINER_STATE_FILE))?;
     write_json(&dir.join(TRAINING_ARGS_FILE), c.args)?;
     sync_dir(dir);
@@ -363,6 +374,10 @@ pub fn load_checkpoint(
         schedule,
         schedule_last_step: s.last_step,
         position: read_json(&dir.join(RNG_STATE_FILE))?,
+        loss_scaler: match dir.join(SCALER_FILE) {
+            p if p.is_file() => Some(read_json(&p)?),
+            _ => None,
+        },
         state: TrainerState::load(&dir.join(TRAINER_STATE_FILE))?,
         args: read_json(&dir.join(TRAINING_ARGS_FILE))?,
     })

@@ -4,6 +4,7 @@
 pub mod args;
 pub mod checkpoint;
 pub mod evaluate;
+pub mod loss_scale;
 pub mod metrics;
 pub mod optimizer;
 pub mod progress;

@@ -24,6 +24,7 @@ use crate::train::checkpoint::{
     rotate_checkpoints, save_checkpoint, CheckpointContents, LoadedCheckpoint, RunPosition,
 };
 use crate::train::evaluate::{eval_metrics, predict};
+use crate::train::loss_scale::{LossScaler, ScaleChange};
 use crate::train::metrics::format_metrics_line;
 use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::progress::Progress;
@@ -259,6 +260,7 @@ impl<B: Backend> Trainer<'_, B> {
             micro_step: 0,
         };
         let mut state = self.fresh_state(&plan);
+        let mut scratch = StepScratch::new(be)?;
         if let Some(ck) = resume {
             be.copy(&model.params, &be.upload(&ck.params)?)?;
             be.copy(&opt.exp_avg, &be.upload(&ck.exp_avg)?)?;
@@ -266,6 +268,10 @@ impl<B: Backend> Trainer<'_, B> {
             opt.step = ck.adam_step;
             position = ck.position;
             state = ck.state;
+            // A run resumed with --fp16 from a run without it starts a fresh scaler.
+            if let (Some(scaler), Some(saved)) = (scratch.loss_scaler.as_mut(), ck.loss_scaler) {
+                *scaler = saved;
+            }
         }
         let best = BestMetric::from_args(args);
         let settings = StepSettings {
@@ -274,7 +280,6 @@ impl<B: Backend> Trainer<'_, B> {
             dropout_seed: Some(args.seed),
         };
         let mut logs = self.open_logs()?;
-        let mut scratch = StepScratch::new(be)?;
         let lengths = self.train.lengths();
         let to_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let started = Instant::now();
@@ -316,7 +321,9 @@ impl<B: Backend> Trainer<'_, B> {
                         Batch::packed(be, &ids, &types, labels.as_deref())
                     })
                     .collect::<Result<Vec<_>>>()?;
-                let lr = schedule.lr(state.global_step);
+                // The schedule advances with the optimizer: an fp16 step skipped on overflow
+                // does not step it (as accelerate's scheduler wrapper does not).
+                let lr = schedule.lr(opt.step);
                 let report = train_step(
                     be,
                     model,
@@ -328,6 +335,13 @@ impl<B: Backend> Trainer<'_, B> {
                     &settings,
                 )?;
                 state.global_step += 1;
+                if let ScaleChange::Backoff { from, to } = report.scale_change {
+                    progress.log(&format!(
+                        "step {}: fp16 gradients overflowed (inf/NaN): step skipped, loss scale \
+                         {from} -> {to}",
+                        state.global_step
+                    ));
+                }
                 position.step_in_epoch += 1;
                 position.micro_step += group.len() as u64;
                 let micro_done = (position.step_in_epoch
@@ -429,7 +443,15 @@ impl<B: Backend> Trainer<'_, B> {
                     position.step_in_epoch = 0;
                 }
                 if save_now {
-                    self.save(model, &opt, &schedule, &position, &mut state)?;
+                    let scaler = scratch.loss_scaler;
+                    self.save(
+                        model,
+                        &opt,
+                        &schedule,
+                        &position,
+                        scaler.as_ref(),
+                        &mut state,
+                    )?;
                 }
                 if last {
                     stop = true;
@@ -539,6 +561,7 @@ impl<B: Backend> Trainer<'_, B> {
         opt: &AdamW<B>,
         schedule: &Schedule,
         position: &RunPosition,
+        loss_scaler: Option<&LossScaler>,
         state: &mut TrainerState,
     ) -> Result<()> {
         let out = &self.args.output_dir;
@@ -553,6 +576,7 @@ impl<B: Backend> Trainer<'_, B> {
             optimizer: opt,
             schedule,
             position,
+            loss_scaler,
             state,
             args: &self.args_json,
             tokenizer_dir: Some(self.tokenizer_dir),

@@ -4,9 +4,27 @@
 //! Backward: `dx[r, k] (= | +=) Σ_j dout[r, j]·w[j, k]` (`+=` with `dx_accumulate`),
 //!           `dw[j, k] += Σ_r dout[r, j]·x[r, k]`,  `dbias[j] += Σ_r dout[r, j]`.
 //! The GEMMs go through the gemm crate, whose strides make the transposes free.
+//!
+//! Precision: with a reduced [`MatmulPrecision`] every GEMM operand (`x`, `w`, `dout`) is first
+//! rounded to that format, then multiplied and accumulated in fp32, which is what a GPU's
+//! fp16/bf16/TF32 tensor-core GEMM with fp32 accumulation reads and does. The bias and its
+//! gradient stay fp32 (the GPU adds the bias with an fp32 GEMM and sums `dout` in fp32).
+
+use std::borrow::Cow;
 
 use gemm::Parallelism;
 use rayon::prelude::*;
+
+use crate::backend::MatmulPrecision;
+
+/// `v` as a GEMM in precision `p` reads it (borrowed unchanged in fp32).
+pub fn round_operand(v: &[f32], p: MatmulPrecision) -> Cow<'_, [f32]> {
+    if p == MatmulPrecision::F32 {
+        Cow::Borrowed(v)
+    } else {
+        Cow::Owned(v.par_iter().map(|&x| p.round(x)).collect())
+    }
+}
 
 /// `c[m, n] (= | +=) a[m, k]·b[k, n]`, element (i, j) of a matrix at `i·rs + j·cs`.
 #[allow(clippy::too_many_arguments)]
@@ -128,15 +146,17 @@ pub fn linear_forward(
     rows: usize,
     k: usize,
     n: usize,
+    precision: MatmulPrecision,
 ) {
     assert_eq!(
         (out.len(), x.len(), w.len(), bias.len()),
         (rows * n, rows * k, n * k, n)
     );
+    let (x, w) = (round_operand(x, precision), round_operand(w, precision));
     out.par_chunks_mut(n)
         .for_each(|row| row.copy_from_slice(bias));
     // x·wᵀ: wᵀ[kk, j] = w[j, kk], so rows of wᵀ step by 1 and columns by k.
-    sgemm(rows, n, k, x, (k, 1), w, (1, k), out, true);
+    sgemm(rows, n, k, &x, (k, 1), &w, (1, k), out, true);
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -151,18 +171,23 @@ pub fn linear_backward(
     rows: usize,
     k: usize,
     n: usize,
+    precision: MatmulPrecision,
 ) {
     assert_eq!(
         (dw.len(), dbias.len(), dout.len(), x.len(), w.len()),
         (n * k, n, rows * n, rows * k, n * k)
     );
+    let dout_full = dout;
+    let dout = round_operand(dout, precision);
     if let Some(dx) = dx {
         assert_eq!(dx.len(), rows * k);
-        sgemm(rows, k, n, dout, (n, 1), w, (k, 1), dx, dx_accumulate);
+        let w = round_operand(w, precision);
+        sgemm(rows, k, n, &dout, (n, 1), &w, (k, 1), dx, dx_accumulate);
     }
     // doutᵀ·x: doutᵀ[j, r] = dout[r, j].
-    sgemm(n, k, rows, dout, (1, n), x, (k, 1), dw, true);
-    column_sums_add(dbias, dout, rows, n);
+    let x = round_operand(x, precision);
+    sgemm(n, k, rows, &dout, (1, n), &x, (k, 1), dw, true);
+    column_sums_add(dbias, dout_full, rows, n);
 }
 
 /// `sums[j] += Σ_r m[r, j]`, over row blocks in parallel.

@@ -22,17 +22,43 @@ use anyhow::Result;
 use tensor::check_disjoint;
 pub use tensor::CpuTensor;
 
-use super::{Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout};
+use super::{
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
+};
 
 #[derive(Clone, Copy, Debug, Default)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    /// The format the dense layers' GEMM operands are rounded to (emulating the GPU's).
+    precision: MatmulPrecision,
+}
+
+impl CpuBackend {
+    /// The fp32 reference.
+    pub const FP32: CpuBackend = CpuBackend {
+        precision: MatmulPrecision::F32,
+    };
+
+    pub fn with_matmul_precision(precision: MatmulPrecision) -> Self {
+        CpuBackend { precision }
+    }
+}
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Ids = Arc<Vec<u32>>;
 
     fn name(&self) -> String {
-        format!("cpu ({} threads)", rayon::current_num_threads())
+        let threads = rayon::current_num_threads();
+        match self.precision {
+            MatmulPrecision::F32 => format!("cpu ({threads} threads)"),
+            p => format!(
+                "cpu ({threads} threads, {} GEMM operands emulated)",
+                p.name()
+            ),
+        }
+    }
+    fn matmul_precision(&self) -> MatmulPrecision {
+        self.precision
     }
 
     fn zeros(&self, len: usize) -> Result<CpuTensor> {
@@ -74,7 +100,16 @@ impl Backend for CpuBackend {
         n: usize,
     ) -> Result<()> {
         check_disjoint(&[out], &[x, w, bias]);
-        matmul::linear_forward(out.data_mut(), x.data(), w.data(), bias.data(), rows, k, n);
+        matmul::linear_forward(
+            out.data_mut(),
+            x.data(),
+            w.data(),
+            bias.data(),
+            rows,
+            k,
+            n,
+            self.precision,
+        );
         Ok(())
     }
 
@@ -105,6 +140,7 @@ impl Backend for CpuBackend {
             rows,
             k,
             n,
+            self.precision,
         );
         Ok(())
     }
@@ -375,6 +411,18 @@ impl Backend for CpuBackend {
     fn clip_by_global_norm(&self, x: &CpuTensor, sumsq: &CpuTensor, max_norm: f32) -> Result<()> {
         check_disjoint(&[x], &[sumsq]);
         optim::clip_by_global_norm(x.data_mut(), sumsq.data()[0] as f64, max_norm);
+        Ok(())
+    }
+    fn unscale_and_check(
+        &self,
+        x: &CpuTensor,
+        inv_scale: f32,
+        found_inf: &CpuTensor,
+    ) -> Result<()> {
+        check_disjoint(&[x, found_inf], &[]);
+        if optim::unscale_and_check(x.data_mut(), inv_scale) {
+            found_inf.data_mut()[0] = 1.0;
+        }
         Ok(())
     }
     fn adamw_update(&self, tensors: &[AdamWTensor<'_, CpuTensor>], step: &AdamWStep) -> Result<()> {

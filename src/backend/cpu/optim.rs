@@ -6,6 +6,8 @@
 //!   `θ *= 1 − lr·λ`; `m = m + (1−β₁)·(g − m)`; `v = β₂·v + (1−β₂)·g²`;
 //!   `θ −= (lr/(1−β₁ᵗ))·m/(√v/√(1−β₂ᵗ) + ε)`.
 //! The scalars are computed in f64 (as Python floats) and applied in f32 (as torch does).
+//! Loss-scale unscaling as `GradScaler.unscale_`: `g *= 1/scale`, then report whether any
+//! result is inf or NaN (checked after the product, which also catches its overflow).
 
 use rayon::prelude::*;
 
@@ -28,6 +30,16 @@ pub fn clip_by_global_norm(x: &mut [f32], sumsq: f64, max_norm: f32) {
     if coef < 1.0 {
         x.par_iter_mut().for_each(|v| *v *= coef);
     }
+}
+
+/// `x *= inv_scale` in place; true when any result is inf or NaN.
+pub fn unscale_and_check(x: &mut [f32], inv_scale: f32) -> bool {
+    x.par_iter_mut()
+        .map(|v| {
+            *v *= inv_scale;
+            !v.is_finite()
+        })
+        .reduce(|| false, |a, b| a | b)
 }
 
 pub fn adamw_update(

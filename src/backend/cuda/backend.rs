@@ -1,4 +1,4 @@
-//! `CudaBackend`: the fp32 [`Backend`] on one GPU, with the kernels of `kernels/` (compiled to
+//! `CudaBackend`: the [`Backend`] on one GPU, with the kernels of `kernels/` (compiled to
 //! CUBIN by NVRTC through the on-disk cache) and cuBLAS for the dense layers.
 //!
 //! # Memory, views and pointers
@@ -25,8 +25,16 @@
 //!   `gemm(N, T, m=k, n=n, k=rows, A=x lda=k, B=dout ldb=n, C=dw ldc=k)`, beta 1.
 //! - `dbias[n] += Σ_rows dout`: `dbias(n×1) = doutᵀ(n×rows)·ones(rows×1)`, beta 1.
 //!
-//! All GEMMs are `cublasGemmEx` with fp32 data and `CUBLAS_COMPUTE_32F` under
-//! `CUBLAS_DEFAULT_MATH` (no TF32), so results match the CPU up to fp32 summation order.
+//! All GEMMs are `cublasGemmEx` with fp32 output and `CUBLAS_COMPUTE_32F` accumulation. What the
+//! operands `x`, `w` and `dout` are read as follows [`MatmulPrecision`]:
+//! - `F32`: fp32 operands, `CUBLAS_COMPUTE_32F` under `CUBLAS_DEFAULT_MATH` (no TF32), so results
+//!   match the CPU up to fp32 summation order.
+//! - `Tf32`: fp32 operands, `CUBLAS_COMPUTE_32F_FAST_TF32` (tensor cores read 10-bit mantissas).
+//! - `F16`/`Bf16`: each operand is cast (`cast.cu`, round to nearest even) into a 16-bit copy
+//!   made for the call, and the GEMM reads `CUDA_R_16F`/`CUDA_R_16BF` with fp32 accumulation on
+//!   the tensor cores. The master weights, the activations and every other op stay fp32; the
+//!   bias GEMMs (`ones` products) stay fp32 too. The CPU backend rounds the same operands the
+//!   same way, so the two differ only by summation order.
 //!
 //! # Scratch
 //! Per-call scratch (LayerNorm's dgamma/dbeta partials, Σx² partials, attention's `delta`, the
@@ -49,7 +57,7 @@ use cudarc::nvrtc::Ptx;
 use super::libs::check_cudarc_library;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
 };
 
 /// The driver functions cudarc calls for this backend (cudarc panics on a missing one, so they
@@ -103,7 +111,10 @@ pub const REQUIRED_KERNELS: &[&str] = &[
     "sum_squares_partial",
     "sum_squares_finalize",
     "clip_by_global_norm",
+    "unscale_and_check",
     "adamw_update",
+    "cast_f32_to_f16",
+    "cast_f32_to_bf16",
     "attention_forward_f32_d32",
     "attention_forward_f32_d64",
     "attention_forward_f32_generic",
@@ -210,6 +221,23 @@ struct AdamWSegment {
     weight_decay: f64,
 }
 
+/// A GEMM operand: its address and data type, and the 16-bit copy it may live in.
+struct GemmOperand {
+    ptr: u64,
+    dtype: blas::cudaDataType,
+    _copy: Option<Arc<Buffer<u16>>>,
+}
+
+impl GemmOperand {
+    fn fp32(ptr: u64) -> Self {
+        GemmOperand {
+            ptr,
+            dtype: blas::cudaDataType::CUDA_R_32F,
+            _copy: None,
+        }
+    }
+}
+
 /// A cuBLAS handle, destroyed on drop.
 struct BlasHandle(blas::cublasHandle_t);
 
@@ -256,6 +284,8 @@ pub struct CudaBackend {
     ones: Mutex<Option<CudaTensor>>,
     layouts: Mutex<Vec<Arc<LayoutBuf>>>,
     name: String,
+    /// What the dense layers' GEMMs read their operands as.
+    precision: MatmulPrecision,
     sms: u32,
     /// Max dynamic shared memory per block (opt-in).
     max_smem_optin: u32,
@@ -385,7 +415,7 @@ impl CudaBackend {
 
         let v = cublas_lib.version();
         let name = format!(
-            "cuda:{device_index} ({}, {arch}, {} SMs, cuBLAS {}.{}.{}, fp32)",
+            "cuda:{device_index} ({}, {arch}, {} SMs, cuBLAS {}.{}.{})",
             gpu.name, sms, v.0, v.1, v.2
         );
         Ok(CudaBackend {
@@ -397,9 +427,16 @@ impl CudaBackend {
             ones: Mutex::new(None),
             layouts: Mutex::new(Vec::new()),
             name,
+            precision: MatmulPrecision::F32,
             sms,
             max_smem_optin,
         })
+    }
+
+    /// The same backend with its dense layers' GEMMs reading operands as `precision`.
+    pub fn with_matmul_precision(mut self, precision: MatmulPrecision) -> Self {
+        self.precision = precision;
+        self
     }
 
     /// Waits for every queued operation; reports an asynchronous kernel failure.
@@ -525,7 +562,47 @@ impl CudaBackend {
         Ok(l)
     }
 
-    /// `C = alpha·op(A)·op(B) + beta·C`, column-major, fp32 (see the module header).
+    /// An fp32 tensor as this backend's dense-layer GEMMs read it: itself (fp32, TF32), or a
+    /// 16-bit copy cast for this call (fp16, bf16), kept alive by the returned operand until the
+    /// GEMM is queued (its memory is then freed stream-ordered, after the GEMM has read it).
+    fn gemm_operand(&self, t: &CudaTensor) -> Result<GemmOperand> {
+        let (kernel, dtype) = match self.precision {
+            MatmulPrecision::F32 | MatmulPrecision::Tf32 => {
+                return Ok(GemmOperand::fp32(t.device_ptr()))
+            }
+            MatmulPrecision::F16 => ("cast_f32_to_f16", blas::cudaDataType::CUDA_R_16F),
+            MatmulPrecision::Bf16 => ("cast_f32_to_bf16", blas::cudaDataType::CUDA_R_16BF),
+        };
+        let copy = self.alloc_raw::<u16>(t.len)?;
+        if t.len > 0 {
+            self.launch(
+                kernel,
+                (grid_1d(t.len, 1, 256, 32 * self.sms), 1, 1),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(t.device_ptr()),
+                    Arg::P(copy.ptr),
+                    Arg::U64(t.len as u64),
+                ],
+            )?;
+        }
+        Ok(GemmOperand {
+            ptr: copy.ptr,
+            dtype,
+            _copy: Some(copy),
+        })
+    }
+
+    /// The compute type of the dense layers' GEMMs.
+    fn gemm_compute(&self) -> blas::cublasComputeType_t {
+        match self.precision {
+            MatmulPrecision::Tf32 => blas::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            _ => blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        }
+    }
+
+    /// `C = alpha·op(A)·op(B) + beta·C`, column-major, fp32 data (see the module header).
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -541,6 +618,32 @@ impl CudaBackend {
         beta: f32,
         c: u64,
         ldc: usize,
+    ) -> Result<()> {
+        self.gemm_ex(
+            trans_a,
+            trans_b,
+            (m, n, k),
+            (&GemmOperand::fp32(a), lda),
+            (&GemmOperand::fp32(b), ldb),
+            beta,
+            (c, ldc),
+            blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        )
+    }
+
+    /// `C (fp32) = op(A)·op(B) + beta·C` with A and B of their own data types, accumulated as
+    /// `compute` says.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_ex(
+        &self,
+        trans_a: bool,
+        trans_b: bool,
+        (m, n, k): (usize, usize, usize),
+        (a, lda): (&GemmOperand, usize),
+        (b, ldb): (&GemmOperand, usize),
+        beta: f32,
+        (c, ldc): (u64, usize),
+        compute: blas::cublasComputeType_t,
     ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
@@ -566,17 +669,17 @@ impl CudaBackend {
                 i32_of(n, "n")?,
                 i32_of(k, "k")?,
                 &alpha as *const f32 as *const c_void,
-                a as *const c_void,
-                blas::cudaDataType::CUDA_R_32F,
+                a.ptr as *const c_void,
+                a.dtype,
                 i32_of(lda.max(1), "lda")?,
-                b as *const c_void,
-                blas::cudaDataType::CUDA_R_32F,
+                b.ptr as *const c_void,
+                b.dtype,
                 i32_of(ldb.max(1), "ldb")?,
                 &beta as *const f32 as *const c_void,
                 c as *mut c_void,
                 blas::cudaDataType::CUDA_R_32F,
                 i32_of(ldc.max(1), "ldc")?,
-                blas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                compute,
                 blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
@@ -625,7 +728,16 @@ impl Backend for CudaBackend {
     type Ids = CudaIds;
 
     fn name(&self) -> String {
-        self.name.clone()
+        let gemm = match self.precision {
+            MatmulPrecision::F32 => "fp32",
+            MatmulPrecision::Tf32 => "tf32 GEMMs",
+            MatmulPrecision::F16 => "fp16 GEMMs",
+            MatmulPrecision::Bf16 => "bf16 GEMMs",
+        };
+        format!("{} {gemm}", self.name)
+    }
+    fn matmul_precision(&self) -> MatmulPrecision {
+        self.precision
     }
 
     // ---- memory ----
@@ -755,19 +867,16 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         // outᵀ(n×rows) += op(w)·xᵀ, w col-major k×n transposed.
-        self.gemm(
+        let (w, x) = (self.gemm_operand(w)?, self.gemm_operand(x)?);
+        self.gemm_ex(
             true,
             false,
-            n,
-            rows,
-            k,
-            w.device_ptr(),
-            k,
-            x.device_ptr(),
-            k,
+            (n, rows, k),
+            (&w, k),
+            (&x, k),
             1.0,
-            out.device_ptr(),
-            n,
+            (out.device_ptr(), n),
+            self.gemm_compute(),
         )
     }
 
@@ -801,25 +910,25 @@ impl Backend for CudaBackend {
                 dx.len,
                 rows * k
             );
+        }
+        let dout_op = self.gemm_operand(dout)?;
+        if let Some(dx) = dx {
             if n == 0 {
                 if !dx_accumulate {
                     self.fill_zero(dx)?;
                 }
             } else {
                 // dxᵀ(k×rows) = wᵀ(k×n)·doutᵀ(n×rows)
-                self.gemm(
+                let w = self.gemm_operand(w)?;
+                self.gemm_ex(
                     false,
                     false,
-                    k,
-                    rows,
-                    n,
-                    w.device_ptr(),
-                    k,
-                    dout.device_ptr(),
-                    n,
+                    (k, rows, n),
+                    (&w, k),
+                    (&dout_op, n),
                     if dx_accumulate { 1.0 } else { 0.0 },
-                    dx.device_ptr(),
-                    k,
+                    (dx.device_ptr(), k),
+                    self.gemm_compute(),
                 )?;
             }
         }
@@ -827,19 +936,16 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         // dwᵀ(k×n) += xᵀ(k×rows)·dout(rows×n)
-        self.gemm(
+        let x = self.gemm_operand(x)?;
+        self.gemm_ex(
             false,
             true,
-            k,
-            n,
-            rows,
-            x.device_ptr(),
-            k,
-            dout.device_ptr(),
-            n,
+            (k, n, rows),
+            (&x, k),
+            (&dout_op, n),
             1.0,
-            dw.device_ptr(),
-            k,
+            (dw.device_ptr(), k),
+            self.gemm_compute(),
         )?;
         // dbias(n×1) += doutᵀ(n×rows)·ones(rows×1)
         let ones = self.ones(rows)?;
@@ -1521,6 +1627,30 @@ impl Backend for CudaBackend {
                 Arg::U64(x.len as u64),
                 Arg::P(sumsq.device_ptr()),
                 Arg::F32(max_norm),
+            ],
+        )
+    }
+
+    fn unscale_and_check(
+        &self,
+        x: &CudaTensor,
+        inv_scale: f32,
+        found_inf: &CudaTensor,
+    ) -> Result<()> {
+        ensure!(found_inf.len >= 1, "unscale_and_check: found_inf is empty");
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "unscale_and_check",
+            self.elementwise_grid(x.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+                Arg::F32(inv_scale),
+                Arg::P(found_inf.device_ptr()),
             ],
         )
     }
