@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod evaluate;
 pub mod metrics;
 pub mod optimizer;
+pub mod plan;
 pub mod progress;
 pub mod schedule;
 pub mod state;
