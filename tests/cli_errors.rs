@@ -176,3 +176,55 @@ fn fp16_and_bf16_together_are_refused() {
     let e = run_err(&mut c);
     assert!(e.contains("--fp16") && e.contains("--bf16"), "{e}");
 }
+
+#[test]
+fn a_zero_token_budget_is_a_one_line_error_in_every_command() {
+    let root = scratch("err-budget");
+    let model = tiny_model_dir(&root);
+    let f = root.join("data.tsv");
+    write_tsv(&f, &synthetic_rows(8, 1));
+    let budget = ["--max-tokens-per-batch", "0"];
+    let mut train = bin();
+    train
+        .args(["train", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--train-file")
+        .arg(&f)
+        .arg("--output-dir")
+        .arg(root.join("out"))
+        .args(budget);
+    let mut evaluate = bin();
+    evaluate
+        .args(["evaluate", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--validation-file")
+        .arg(&f)
+        .args(budget);
+    let mut predict = bin();
+    predict
+        .args(["predict", "--device", "cpu", "--model"])
+        .arg(&model)
+        .arg("--test-file")
+        .arg(&f)
+        .args(budget);
+    for mut cmd in [train, evaluate, predict] {
+        let e = run_err(&mut cmd);
+        assert!(e.contains("--max-tokens-per-batch"), "{e}");
+    }
+    assert!(!root.join("out").exists());
+
+    let e = run_err(
+        bin()
+            .args(["train", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--train-file")
+            .arg(&f)
+            .arg("--output-dir")
+            .arg(root.join("out"))
+            .args(["--max-tokens-per-batch", "64", "--dataloader-drop-last"]),
+    );
+    assert!(
+        e.contains("--max-tokens-per-batch") && e.contains("--dataloader-drop-last"),
+        "{e}"
+    );
+}

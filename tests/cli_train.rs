@@ -444,3 +444,157 @@ fn ctrl_c_saves_a_checkpoint_then_exits() {
         Some(step + 2)
     );
 }
+
+/// Token counts of `synthetic_rows`: one per word, plus [CLS] and [SEP].
+fn synthetic_lengths(rows: &[(String, &str)]) -> Vec<usize> {
+    rows.iter().map(|(s, _)| s.split(' ').count() + 2).collect()
+}
+
+/// The budget batching, written out again: consecutive rows while they fit in `max_tokens`
+/// and `max_rows`, a row longer than the budget alone.
+fn budget_micro_batches(
+    order: &[usize],
+    lengths: &[usize],
+    max_tokens: usize,
+    max_rows: usize,
+) -> usize {
+    let (mut count, mut rows, mut tokens) = (0, 0, 0);
+    for &i in order {
+        if rows > 0 && (rows == max_rows || tokens + lengths[i] > max_tokens) {
+            (rows, tokens) = (0, 0);
+        }
+        if rows == 0 {
+            count += 1;
+        }
+        rows += 1;
+        tokens += lengths[i];
+    }
+    count
+}
+
+fn copy_checkpoint(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn token_budget_batches_plan_the_run_and_resume_bit_for_bit() {
+    let root = scratch("budget");
+    let s = setup(&root);
+    let budget = [
+        "--max-tokens-per-batch",
+        "40",
+        "--gradient-accumulation-steps",
+        "2",
+        "--num-train-epochs",
+        "2.5",
+        "--save-steps",
+        "5",
+    ];
+    let full = root.join("full");
+    run_ok(train_cmd(&s, &full).args(budget));
+
+    // Each shuffled epoch (data seed = seed 7) cut by 40 tokens and at most 8 rows (the
+    // per-device batch size), 2 micro-batches a step: two whole epochs, then half the third's.
+    let lengths = synthetic_lengths(&synthetic_rows(96, 1));
+    let micro: Vec<usize> = (0..3)
+        .map(|e| {
+            let order = bertft_cuda::data::sampler::permutation(96, 7, e);
+            budget_micro_batches(&order, &lengths, 40, 8)
+        })
+        .collect();
+    let steps: Vec<u64> = micro.iter().map(|&m| m.div_ceil(2) as u64).collect();
+    let max_steps = steps[0] + steps[1] + steps[2].div_ceil(2);
+    // More steps than fixed batches of 8 would make (12 micro-batches, 6 steps an epoch).
+    assert!(steps[0] > 6, "{steps:?}");
+    let state = read_json(&full.join("trainer_state.json"));
+    assert_eq!(state["max_steps"].as_u64(), Some(max_steps), "{steps:?}");
+    assert_eq!(state["global_step"].as_u64(), Some(max_steps));
+    assert_eq!(state["num_train_epochs"].as_u64(), Some(3));
+    let last_micro = (steps[2].div_ceil(2) as usize * 2).min(micro[2]);
+    let epoch = 2.0 + last_micro as f64 / micro[2] as f64;
+    assert!((state["epoch"].as_f64().unwrap() - epoch).abs() < 1e-9);
+
+    // Resumed from a checkpoint in the second epoch, whose batches are recomputed and skipped.
+    let at = (steps[0] / 5 + 1) * 5;
+    assert!(at < steps[0] + steps[1], "{at} is not in the second epoch");
+    let resumed = root.join("resumed");
+    let name = format!("checkpoint-{at}");
+    copy_checkpoint(&full.join(&name), &resumed.join(&name));
+    run_ok(
+        train_cmd(&s, &resumed)
+            .args(budget)
+            .args(["--resume-from-checkpoint", "true"]),
+    );
+    let a = std::fs::read(full.join("model.safetensors")).unwrap();
+    let b = std::fs::read(resumed.join("model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed run's weights differ from the uninterrupted run's"
+    );
+    let state = read_json(&resumed.join("trainer_state.json"));
+    assert_eq!(state["global_step"].as_u64(), Some(max_steps));
+}
+
+#[test]
+fn token_budget_predictions_and_metrics_match_row_batches_in_input_order() {
+    let root = scratch("budget-predict");
+    let s = setup(&root);
+    let predict_with = |options: &[&str], name: &str| -> Vec<Value> {
+        let out = root.join(name);
+        run_ok(
+            bin()
+                .args(["predict", "--device", "cpu", "--model"])
+                .arg(&s.model)
+                .arg("--test-file")
+                .arg(&s.dev)
+                .arg("--output")
+                .arg(&out)
+                .args(options),
+        );
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let by_rows = predict_with(&[], "rows.jsonl");
+    let by_budget = predict_with(&["--max-tokens-per-batch", "20"], "budget.jsonl");
+    assert_eq!(by_budget.len(), 30);
+    for (r, (a, b)) in by_budget.iter().zip(&by_rows).enumerate() {
+        let logits = |v: &Value| -> Vec<f64> {
+            v["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let (la, lb) = (logits(a), logits(b));
+        assert!(
+            la.iter().zip(&lb).all(|(x, y)| (x - y).abs() < 1e-5),
+            "row {r}: {la:?} vs {lb:?}"
+        );
+    }
+
+    let evaluate_with = |options: &[&str]| -> String {
+        let out = run_ok(
+            bin()
+                .args(["evaluate", "--device", "cpu", "--model"])
+                .arg(&s.model)
+                .arg("--validation-file")
+                .arg(&s.dev)
+                .args(options),
+        );
+        let line = String::from_utf8_lossy(&out.stdout).to_string();
+        let accuracy = line.split("'eval_accuracy': ").nth(1).unwrap();
+        accuracy.split(',').next().unwrap().to_string()
+    };
+    assert_eq!(
+        evaluate_with(&["--max-tokens-per-batch", "20"]),
+        evaluate_with(&[])
+    );
+}

@@ -9,6 +9,7 @@ use crate::cli::load::{load_model, resolve_model_dir, select_backend, Selected};
 use crate::cli::train::columns;
 use crate::data::dataset::{read_dataset, Columns, LabelMap};
 use crate::data::encoded::EncodedSet;
+use crate::data::sampler::Batching;
 use crate::data::tokenize::TextTokenizer;
 use crate::model::Classifier;
 use crate::train::args::EvaluateArgs;
@@ -54,6 +55,7 @@ pub fn print_and_save_metrics(metrics: &[(String, f64)], output_dir: Option<&Pat
 }
 
 pub fn run(args: &EvaluateArgs) -> Result<()> {
+    args.data.check_token_budget()?;
     match select_backend(args.data.device, args.data.matmul_precision()?)? {
         Selected::Cpu(b) => run_on(&b, args),
         Selected::Cuda(b) => run_on(&*b, args),
@@ -79,13 +81,13 @@ fn run_on<B: Backend>(backend: &B, args: &EvaluateArgs) -> Result<()> {
     )?;
     let model = Classifier::new(backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
-    let batch_size = args.data.per_device_eval_batch_size;
     let report = EvalReport {
         smoothing: args.label_smoothing_factor,
         epoch: None,
         output_dir: args.output_dir.as_deref(),
     };
-    evaluate_and_report(backend, &model, &mut acts, &set, batch_size, &report)
+    let batching = args.data.eval_batching();
+    evaluate_and_report(backend, &model, &mut acts, &set, batching, &report)
 }
 
 /// How an evaluation is reported: the loss's label smoothing, the epoch (during training), and
@@ -102,10 +104,10 @@ pub fn evaluate_and_report<B: Backend>(
     model: &Classifier<B>,
     acts: &mut ActivationCache<B>,
     set: &EncodedSet,
-    batch_size: usize,
+    batching: Batching,
     report: &EvalReport,
 ) -> Result<()> {
-    let p = predict(backend, model, acts, set, batch_size, report.smoothing)?;
+    let p = predict(backend, model, acts, set, batching, report.smoothing)?;
     let labels = set.labels.as_deref().unwrap_or_default();
     let mut metrics = eval_metrics(&p, labels, model.cfg.num_labels());
     if let Some(epoch) = report.epoch {

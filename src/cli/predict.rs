@@ -11,6 +11,7 @@ use crate::cli::load::{load_model, resolve_model_dir, select_backend, Selected};
 use crate::cli::train::columns;
 use crate::data::dataset::{read_dataset, Columns};
 use crate::data::encoded::EncodedSet;
+use crate::data::sampler::Batching;
 use crate::data::tokenize::TextTokenizer;
 use crate::model::weights::write_atomic;
 use crate::model::Classifier;
@@ -42,6 +43,7 @@ pub fn write_predictions(
 }
 
 pub fn run(args: &PredictArgs) -> Result<()> {
+    args.data.check_token_budget()?;
     match select_backend(args.data.device, args.data.matmul_precision()?)? {
         Selected::Cpu(b) => run_on(&b, args),
         Selected::Cuda(b) => run_on(&*b, args),
@@ -63,13 +65,12 @@ fn run_on<B: Backend>(backend: &B, args: &PredictArgs) -> Result<()> {
     )?;
     let model = Classifier::new(backend, loaded.cfg, &loaded.flat)?;
     let mut acts = ActivationCache::default();
-    let batch_size = args.data.per_device_eval_batch_size;
     predict_and_write(
         backend,
         &model,
         &mut acts,
         &set,
-        batch_size,
+        args.data.eval_batching(),
         args.output.as_deref(),
     )
 }
@@ -91,9 +92,9 @@ pub fn predict_and_write<B: Backend>(
     model: &Classifier<B>,
     acts: &mut ActivationCache<B>,
     set: &EncodedSet,
-    batch_size: usize,
+    batching: Batching,
     output: Option<&Path>,
 ) -> Result<()> {
-    let p = predict(backend, model, acts, set, batch_size, 0.0)?;
+    let p = predict(backend, model, acts, set, batching, 0.0)?;
     write_predictions(&p, &model.cfg.id2label, output)
 }

@@ -41,6 +41,7 @@ fn check_output_dir(args: &TrainArgs) -> Result<()> {
 }
 
 pub fn run(args: &TrainArgs) -> Result<()> {
+    args.check_batching()?;
     match select_backend(args.data.device, args.data.matmul_precision()?)? {
         Selected::Cpu(b) => run_on(&b, args),
         Selected::Cuda(b) => run_on(&*b, args),
@@ -149,19 +150,19 @@ fn run_on<B: Backend>(backend: &B, args: &TrainArgs) -> Result<()> {
     )?;
 
     let mut acts = ActivationCache::default();
-    let batch_size = args.data.per_device_eval_batch_size;
+    let batching = args.data.eval_batching();
     if let Some(eval) = &eval {
         let report = EvalReport {
             smoothing: args.label_smoothing_factor,
             epoch: Some(outcome.state.epoch),
             output_dir: Some(&args.output_dir),
         };
-        evaluate_and_report(backend, &model, &mut acts, eval, batch_size, &report)?;
+        evaluate_and_report(backend, &model, &mut acts, eval, batching, &report)?;
     }
     if let Some(test) = &args.test_file {
         let set = read_unlabelled(test, &cols, &loaded.tokenizer, max_len)?;
         let output = args.output_dir.join("predict_results.jsonl");
-        predict_and_write(backend, &model, &mut acts, &set, batch_size, Some(&output))?;
+        predict_and_write(backend, &model, &mut acts, &set, batching, Some(&output))?;
     }
     Ok(())
 }

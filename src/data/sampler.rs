@@ -56,6 +56,87 @@ pub fn batches(order: &[usize], batch_size: usize, drop_last: bool) -> Vec<Vec<u
         .collect()
 }
 
+/// Consecutive runs of `order` whose token counts (`lengths`, indexed by example) sum to at most
+/// `max_tokens`, each of at most `max_rows` examples. An example longer than the budget is a
+/// batch on its own: it cannot be split, and dropping it would change the data.
+pub fn token_budget_batches(
+    order: &[usize],
+    lengths: &[usize],
+    max_tokens: usize,
+    max_rows: usize,
+) -> Vec<Vec<usize>> {
+    assert!(max_rows > 0, "max_rows must be positive");
+    let mut out = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut tokens = 0;
+    for &i in order {
+        let full = current.len() == max_rows || tokens + lengths[i] > max_tokens;
+        if full && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+            tokens = 0;
+        }
+        current.push(i);
+        tokens += lengths[i];
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// How consecutive examples are cut into batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Batching {
+    /// `size` examples each (the Trainer's batches); the last, shorter one kept unless
+    /// `drop_last`.
+    Rows { size: usize, drop_last: bool },
+    /// As many examples as hold at most `max_tokens` real tokens together, at most `max_rows`
+    /// of them (see [`token_budget_batches`]).
+    Tokens { max_tokens: usize, max_rows: usize },
+}
+
+impl Batching {
+    /// The batches of `order`, in order; `lengths` (per example) is read by `Tokens` only.
+    pub fn cut(&self, order: &[usize], lengths: &[usize]) -> Vec<Vec<usize>> {
+        match *self {
+            Batching::Rows { size, drop_last } => batches(order, size, drop_last),
+            Batching::Tokens {
+                max_tokens,
+                max_rows,
+            } => token_budget_batches(order, lengths, max_tokens, max_rows),
+        }
+    }
+}
+
+/// Everything that decides a training epoch's micro-batches, so that those of epoch `e` are a
+/// pure function of `e`: a resumed run, or a plan counting steps ahead, recomputes them exactly.
+#[derive(Clone, Copy, Debug)]
+pub struct EpochBatcher<'a> {
+    pub sampling: Sampling,
+    pub seed: u64,
+    /// Token count per example.
+    pub lengths: &'a [usize],
+    /// Examples per optimizer step, which `GroupByLength` sorts megabatches by.
+    pub group_size: usize,
+    pub batching: Batching,
+}
+
+impl EpochBatcher<'_> {
+    /// Epoch `epoch`'s micro-batches, in the order they are trained on.
+    pub fn micro_batches(&self, epoch: u64) -> Vec<Vec<usize>> {
+        let n = self.lengths.len();
+        let order = epoch_order(
+            n,
+            self.sampling,
+            self.seed,
+            epoch,
+            self.lengths,
+            self.group_size,
+        );
+        self.batching.cut(&order, self.lengths)
+    }
+}
+
 /// A uniformly random permutation of `0..n`: Fisher–Yates, the last slot first.
 pub fn permutation(n: usize, seed: u64, epoch: u64) -> Vec<usize> {
     let mut words = Words::new(seed, ORDER_STREAM | epoch);
@@ -314,5 +395,114 @@ mod tests {
         assert!(batches(&[], 3, false).is_empty());
         assert_eq!(batches(&order, 4, false)[2], [8, 9]);
         assert_eq!(batches(&[7, 3, 5], 2, false), [vec![7, 3], vec![5]]);
+    }
+
+    fn tokens(batch: &[usize], lens: &[usize]) -> usize {
+        batch.iter().map(|&i| lens[i]).sum()
+    }
+
+    #[test]
+    fn token_budget_batches_fill_greedily_within_the_budget() {
+        let lens = [4, 3, 5, 2, 2, 6, 1];
+        let order: Vec<usize> = (0..7).collect();
+        let got = token_budget_batches(&order, &lens, 8, 100);
+        // 4+3 (5 would make 12), 5+2 (then 2 makes 9), 2+6, 1.
+        assert_eq!(got, [vec![0, 1], vec![2, 3], vec![4, 5], vec![6]]);
+        // A budget met exactly is still within it.
+        assert_eq!(token_budget_batches(&[0, 2], &lens, 9, 100), [vec![0, 2]]);
+    }
+
+    #[test]
+    fn token_budget_keeps_an_oversized_sequence_alone() {
+        let lens = [3, 20, 2, 2];
+        let got = token_budget_batches(&[0, 1, 2, 3], &lens, 10, 100);
+        assert_eq!(got, [vec![0], vec![1], vec![2, 3]]);
+        // Every sequence longer than the budget: one each.
+        assert_eq!(
+            token_budget_batches(&[1, 0], &lens, 1, 100),
+            [vec![1], vec![0]]
+        );
+    }
+
+    #[test]
+    fn token_budget_is_capped_by_rows() {
+        let lens = [1; 10];
+        let sizes = |b: Vec<Vec<usize>>| b.iter().map(Vec::len).collect::<Vec<_>>();
+        let order: Vec<usize> = (0..10).collect();
+        assert_eq!(
+            sizes(token_budget_batches(&order, &lens, 100, 4)),
+            [4, 4, 2]
+        );
+        assert_eq!(
+            sizes(token_budget_batches(&order, &lens, 3, 4)),
+            [3, 3, 3, 1]
+        );
+        assert!(token_budget_batches(&[], &lens, 3, 4).is_empty());
+    }
+
+    fn budget_batcher(lens: &[usize], sampling: Sampling) -> EpochBatcher<'_> {
+        EpochBatcher {
+            sampling,
+            seed: 42,
+            lengths: lens,
+            group_size: 8,
+            batching: Batching::Tokens {
+                max_tokens: 150,
+                max_rows: 8,
+            },
+        }
+    }
+
+    #[test]
+    fn budget_epochs_visit_every_example_once_within_budget_and_cap() {
+        let lens = lengths(1003);
+        for sampling in [
+            Sampling::Random,
+            Sampling::Sequential,
+            Sampling::GroupByLength,
+        ] {
+            let batcher = budget_batcher(&lens, sampling);
+            for epoch in 0..3 {
+                let micro = batcher.micro_batches(epoch);
+                let flat: Vec<usize> = micro.concat();
+                assert!(is_permutation(&flat, lens.len()), "{sampling:?} {epoch}");
+                // The batches are the epoch's order cut in consecutive runs.
+                let order = epoch_order(lens.len(), sampling, 42, epoch, &lens, 8);
+                assert_eq!(flat, order, "{sampling:?} {epoch}");
+                for b in &micro {
+                    assert!(!b.is_empty() && b.len() <= 8);
+                    assert!(b.len() == 1 || tokens(b, &lens) <= 150, "{b:?}");
+                }
+                // Greedy: no batch could have taken the next example too.
+                for w in micro.windows(2) {
+                    let next = lens[w[1][0]];
+                    assert!(w[0].len() == 8 || tokens(&w[0], &lens) + next > 150);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn budget_epochs_are_a_function_of_seed_and_epoch() {
+        let lens = lengths(500);
+        let batcher = budget_batcher(&lens, Sampling::Random);
+        let a = batcher.micro_batches(3);
+        assert_eq!(a, batcher.micro_batches(3));
+        assert_ne!(a, batcher.micro_batches(4));
+        let other_seed = EpochBatcher {
+            seed: 43,
+            ..batcher
+        };
+        assert_ne!(a, other_seed.micro_batches(3));
+    }
+
+    #[test]
+    fn rows_batching_is_the_trainers_batches() {
+        let lens = lengths(37);
+        let order = permutation(37, 1, 0);
+        for drop_last in [false, true] {
+            let rows = Batching::Rows { size: 5, drop_last };
+            assert_eq!(rows.cut(&order, &lens), batches(&order, 5, drop_last));
+        }
     }
 }

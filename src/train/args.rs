@@ -13,6 +13,7 @@ use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use crate::backend::MatmulPrecision;
+use crate::data::sampler::Batching;
 
 /// `true`/`false` as Python's argparse helpers accept them (`--fp16`, `--fp16 true`, `--fp16 False`).
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -108,6 +109,14 @@ pub struct DataArgs {
     /// PyTorch's matmuls.
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
     pub tf32: bool,
+    /// Form batches by a token budget (ours, not a TrainingArguments field): each batch holds as
+    /// many consecutive sequences (in the epoch's sampling order; the dataset's order for
+    /// evaluation and prediction) as have at most N real tokens together, and a longer sequence
+    /// is a batch on its own. --per-device-train-batch-size (training) and
+    /// --per-device-eval-batch-size (evaluation, prediction) then cap the rows per batch.
+    #[arg(long, value_name = "N")]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens_per_batch: Option<usize>,
 }
 
 impl DataArgs {
@@ -118,6 +127,29 @@ impl DataArgs {
             bail!("--fp16 and --bf16: at most one of them can be true");
         }
         Ok(MatmulPrecision::from_flags(self.fp16, self.bf16, self.tf32))
+    }
+
+    /// A one-line error for a budget no sequence fits in.
+    pub fn check_token_budget(&self) -> Result<()> {
+        if self.max_tokens_per_batch == Some(0) {
+            bail!("--max-tokens-per-batch must be at least 1 (tokens per batch), found 0");
+        }
+        Ok(())
+    }
+
+    /// How evaluation and prediction cut the dataset, in its order, into batches.
+    pub fn eval_batching(&self) -> Batching {
+        let rows = self.per_device_eval_batch_size.max(1);
+        match self.max_tokens_per_batch {
+            Some(max_tokens) => Batching::Tokens {
+                max_tokens,
+                max_rows: rows,
+            },
+            None => Batching::Rows {
+                size: rows,
+                drop_last: false,
+            },
+        }
     }
 }
 
@@ -227,6 +259,32 @@ pub struct TrainArgs {
     pub group_by_length: bool,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
     pub dataloader_drop_last: bool,
+}
+
+impl TrainArgs {
+    /// The options' checks that clap cannot make, as one-line errors.
+    pub fn check_batching(&self) -> Result<()> {
+        self.data.check_token_budget()?;
+        if self.data.max_tokens_per_batch.is_some() && self.dataloader_drop_last {
+            // A budget batch has no full size that a last, short batch would fall below.
+            bail!("--max-tokens-per-batch does not combine with --dataloader-drop-last");
+        }
+        Ok(())
+    }
+
+    /// How an epoch's order is cut into micro-batches.
+    pub fn train_batching(&self) -> Batching {
+        match self.data.max_tokens_per_batch {
+            Some(max_tokens) => Batching::Tokens {
+                max_tokens,
+                max_rows: self.per_device_train_batch_size.max(1),
+            },
+            None => Batching::Rows {
+                size: self.per_device_train_batch_size,
+                drop_last: self.dataloader_drop_last,
+            },
+        }
+    }
 }
 
 #[derive(Args, Clone, Debug, Serialize)]

@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
+use crate::data::sampler::Batching;
 use crate::model::bert::{Batch, Mode};
 use crate::model::Classifier;
 use crate::train::metrics::{classification_metrics, Metrics};
@@ -21,13 +22,14 @@ pub struct Predictions {
     pub batches: usize,
 }
 
-/// Logits of every row, in order, in batches of `batch_size`.
+/// Logits of every row, in order, in batches that `batching` cuts from the rows in order (so
+/// the logits come out in input order whatever the batches' sizes).
 pub fn predict<B: Backend>(
     backend: &B,
     model: &Classifier<B>,
     acts: &mut ActivationCache<B>,
     set: &EncodedSet,
-    batch_size: usize,
+    batching: Batching,
     label_smoothing: f32,
 ) -> Result<Predictions> {
     let start = Instant::now();
@@ -36,7 +38,7 @@ pub fn predict<B: Backend>(
     let mut logits = Vec::with_capacity(set.len());
     let mut loss_sum = 0.0f64;
     let order: Vec<usize> = (0..set.len()).collect();
-    let chunks: Vec<&[usize]> = order.chunks(batch_size.max(1)).collect();
+    let chunks = batching.cut(&order, &set.lengths());
     for rows in &chunks {
         let (ids, types, labels) = set.rows(rows);
         // Packed: no padding rows, which cost compute and change no logit.

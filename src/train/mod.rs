@@ -7,6 +7,7 @@ pub mod evaluate;
 pub mod loss_scale;
 pub mod metrics;
 pub mod optimizer;
+pub mod plan;
 pub mod progress;
 pub mod schedule;
 pub mod state;

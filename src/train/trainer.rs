@@ -9,17 +9,14 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use serde_json::{json, Map, Value};
 
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
-use crate::data::sampler::{batches, epoch_order, Sampling};
 use crate::model::bert::Batch;
 use crate::model::Classifier;
-use crate::train::args::{
-    IntervalStrategy, SamplingStrategy, SaveStrategy, SchedulerChoice, TrainArgs,
-};
+use crate::train::args::{IntervalStrategy, SaveStrategy, SchedulerChoice, TrainArgs};
 use crate::train::checkpoint::{
     rotate_checkpoints, save_checkpoint, CheckpointContents, LoadedCheckpoint, RunPosition,
 };
@@ -27,6 +24,8 @@ use crate::train::evaluate::{eval_metrics, predict};
 use crate::train::loss_scale::{LossScaler, ScaleChange};
 use crate::train::metrics::format_metrics_line;
 use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::plan::train_batcher;
+pub use crate::train::plan::Plan;
 use crate::train::progress::Progress;
 use crate::train::schedule::{Schedule, ScheduleKind};
 use crate::train::state::TrainerState;
@@ -35,80 +34,6 @@ use crate::train::tensorboard::EventWriter;
 
 /// Set by the Ctrl-C handler: the loop saves a checkpoint and stops at the next step boundary.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// How many optimizer steps the run has and when it logs, evaluates and saves, computed as
-/// the Trainer computes them.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Plan {
-    pub micro_batches_per_epoch: u64,
-    pub steps_per_epoch: u64,
-    pub max_steps: u64,
-    pub epochs: u64,
-    pub warmup_steps: u64,
-    pub logging_steps: u64,
-    pub eval_steps: u64,
-    pub save_steps: u64,
-}
-
-/// A step interval given as a count, or below 1 as a ratio of the total steps.
-fn interval(value: f64, max_steps: u64) -> u64 {
-    if value < 1.0 {
-        ((max_steps as f64 * value).ceil() as u64).max(1)
-    } else {
-        value as u64
-    }
-}
-
-impl Plan {
-    pub fn new(args: &TrainArgs, rows: usize) -> Result<Plan> {
-        let bs = args.per_device_train_batch_size.max(1) as u64;
-        let accum = args.gradient_accumulation_steps.max(1) as u64;
-        let rows = rows as u64;
-        let micro = if args.dataloader_drop_last {
-            rows / bs
-        } else {
-            rows.div_ceil(bs)
-        };
-        if micro == 0 {
-            bail!(
-                "{} training rows make no batch of {bs} (with --dataloader-drop-last)",
-                rows
-            );
-        }
-        let steps_per_epoch = micro.div_ceil(accum).max(1);
-        let (max_steps, epochs) = if args.max_steps > 0 {
-            let m = args.max_steps as u64;
-            (m, m.div_ceil(steps_per_epoch))
-        } else {
-            if args.num_train_epochs <= 0.0 {
-                bail!("--num-train-epochs must be positive (or give --max-steps)");
-            }
-            (
-                (args.num_train_epochs * steps_per_epoch as f64).ceil() as u64,
-                args.num_train_epochs.ceil() as u64,
-            )
-        };
-        let warmup_steps = match args.warmup_ratio {
-            Some(r) if args.warmup_steps == 0.0 => (max_steps as f64 * r).ceil() as u64,
-            _ if args.warmup_steps < 1.0 => (max_steps as f64 * args.warmup_steps).ceil() as u64,
-            _ => args.warmup_steps as u64,
-        };
-        let logging_steps = interval(args.logging_steps, max_steps);
-        Ok(Plan {
-            micro_batches_per_epoch: micro,
-            steps_per_epoch,
-            max_steps,
-            epochs,
-            warmup_steps,
-            logging_steps,
-            eval_steps: args
-                .eval_steps
-                .map(|e| interval(e, max_steps))
-                .unwrap_or(logging_steps),
-            save_steps: interval(args.save_steps, max_steps),
-        })
-    }
-}
 
 /// Which metric picks the best checkpoint, and in which direction.
 #[derive(Clone, Debug)]
@@ -209,14 +134,6 @@ fn schedule_kind(c: SchedulerChoice) -> ScheduleKind {
     }
 }
 
-fn sampling(args: &TrainArgs) -> Sampling {
-    match (args.group_by_length, args.train_sampling_strategy) {
-        (true, _) | (_, SamplingStrategy::GroupByLength) => Sampling::GroupByLength,
-        (_, SamplingStrategy::Sequential) => Sampling::Sequential,
-        (_, SamplingStrategy::Random) => Sampling::Random,
-    }
-}
-
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
@@ -237,7 +154,9 @@ impl<B: Backend> Trainer<'_, B> {
     /// Trains from the start, or from `resume` (a loaded checkpoint), to the end of the plan.
     pub fn run(&self, resume: Option<LoadedCheckpoint>) -> Result<TrainOutcome> {
         let (be, args, model) = (self.backend, self.args, self.model);
-        let plan = Plan::new(args, self.train.len())?;
+        let lengths = self.train.lengths();
+        let batcher = train_batcher(args, &lengths);
+        let plan = Plan::for_run(args, &batcher)?;
         let schedule = Schedule {
             kind: schedule_kind(args.lr_scheduler_type),
             base_lr: args.learning_rate,
@@ -280,7 +199,6 @@ impl<B: Backend> Trainer<'_, B> {
             dropout_seed: Some(args.seed),
         };
         let mut logs = self.open_logs()?;
-        let lengths = self.train.lengths();
         let to_terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let started = Instant::now();
         let start_step = state.global_step;
@@ -295,20 +213,9 @@ impl<B: Backend> Trainer<'_, B> {
         let mut interrupted = false;
 
         while !stop && position.epoch < plan.epochs {
-            let order = epoch_order(
-                self.train.len(),
-                sampling(args),
-                data_seed,
-                position.epoch,
-                &lengths,
-                // The Trainer groups by length over whole optimizer steps.
-                args.per_device_train_batch_size * args.gradient_accumulation_steps.max(1),
-            );
-            let micro = batches(
-                &order,
-                args.per_device_train_batch_size,
-                args.dataloader_drop_last,
-            );
+            let micro = batcher.micro_batches(position.epoch);
+            // This epoch's own count: with a token budget it varies from epoch to epoch.
+            let micro_in_epoch = micro.len() as u64;
             let groups: Vec<&[Vec<usize>]> = micro
                 .chunks(args.gradient_accumulation_steps.max(1))
                 .collect();
@@ -346,9 +253,8 @@ impl<B: Backend> Trainer<'_, B> {
                 position.micro_step += group.len() as u64;
                 let micro_done = (position.step_in_epoch
                     * args.gradient_accumulation_steps.max(1) as u64)
-                    .min(plan.micro_batches_per_epoch);
-                state.epoch =
-                    position.epoch as f64 + micro_done as f64 / plan.micro_batches_per_epoch as f64;
+                    .min(micro_in_epoch);
+                state.epoch = position.epoch as f64 + micro_done as f64 / micro_in_epoch as f64;
                 loss_since_log += report.loss;
                 steps_since_log += 1;
                 train_loss_sum += report.loss;
@@ -546,7 +452,7 @@ impl<B: Backend> Trainer<'_, B> {
             self.model,
             &mut scratch.acts,
             set,
-            self.args.data.per_device_eval_batch_size,
+            self.args.data.eval_batching(),
             self.args.label_smoothing_factor,
         )?;
         let labels = set.labels.as_ref().expect("the evaluation set is labelled");
