@@ -101,6 +101,20 @@ fn round_to_tf32(v: f32) -> f32 {
     f32::from_bits(bits.wrapping_add(1 << 12) & !0x1fff)
 }
 
+/// A backend ran out of device memory. Kept as a type in the error chain so that the trainer
+/// can explain it in the run's terms (the batch size and sequence length to lower).
+#[derive(Debug, thiserror::Error)]
+#[error("out of GPU memory ({what})")]
+pub struct OutOfMemory {
+    /// What could not be allocated.
+    pub what: String,
+}
+
+/// Whether `e`'s chain holds an [`OutOfMemory`].
+pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<OutOfMemory>())
+}
+
 /// Where each sequence of a batch lives among the rows of a `[rows, hidden]` activation.
 ///
 /// Sequence `b` occupies rows `starts[b] .. starts[b] + rows[b]`; its first `valid[b]` rows are

@@ -11,6 +11,7 @@ use crate::data::sampler::Batching;
 use crate::model::bert::{Batch, Mode};
 use crate::model::Classifier;
 use crate::train::metrics::{classification_metrics, Metrics};
+use crate::train::out_of_memory::{explain_out_of_memory, BatchShape};
 use crate::train::step::ActivationCache;
 
 pub struct Predictions {
@@ -43,8 +44,12 @@ pub fn predict<B: Backend>(
         let (ids, types, labels) = set.rows(rows);
         // Packed: no padding rows, which cost compute and change no logit.
         let batch = Batch::packed(backend, &ids, &types, labels.as_deref())?;
-        let a = &acts.get(backend, model, &batch)?;
-        bert.forward(&batch, a, Mode::Eval)?;
+        let explain = |e| {
+            let shape = Some(BatchShape::of(&batch));
+            explain_out_of_memory(e, shape, "--per-device-eval-batch-size")
+        };
+        let a = &acts.get(backend, model, &batch).map_err(explain)?;
+        bert.forward(&batch, a, Mode::Eval).map_err(explain)?;
         if labels.is_some() {
             loss_sum += bert
                 .losses(&batch, a, label_smoothing)?

@@ -7,6 +7,7 @@ pub mod evaluate;
 pub mod loss_scale;
 pub mod metrics;
 pub mod optimizer;
+pub mod out_of_memory;
 pub mod plan;
 pub mod progress;
 pub mod schedule;

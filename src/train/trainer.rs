@@ -24,6 +24,7 @@ use crate::train::evaluate::{eval_metrics, predict};
 use crate::train::loss_scale::{LossScaler, ScaleChange};
 use crate::train::metrics::format_metrics_line;
 use crate::train::optimizer::{AdamW, AdamWConfig};
+use crate::train::out_of_memory::{explain_out_of_memory, BatchShape};
 use crate::train::plan::train_batcher;
 pub use crate::train::plan::Plan;
 use crate::train::progress::Progress;
@@ -240,7 +241,11 @@ impl<B: Backend> Trainer<'_, B> {
                     position.micro_step,
                     lr,
                     &settings,
-                )?;
+                )
+                .map_err(|e| {
+                    let shape = BatchShape::largest(&batches);
+                    explain_out_of_memory(e, shape, "--per-device-train-batch-size")
+                })?;
                 state.global_step += 1;
                 if let ScaleChange::Backoff { from, to } = report.scale_change {
                     progress.log(&format!(

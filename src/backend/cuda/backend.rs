@@ -38,8 +38,14 @@
 //!
 //! # Scratch
 //! Per-call scratch (LayerNorm's dgamma/dbeta partials, Σx² partials, attention's `delta`, the
-//! AdamW segment table) is allocated stream-ordered per call (`cuMemAllocAsync`, pooled by the
-//! driver) and freed stream-ordered when dropped. The `ones` vector of the bias GEMMs is kept and
+//! AdamW segment table, the 16-bit GEMM operand copies) is allocated stream-ordered per call
+//! (`cuMemAllocAsync`) and freed stream-ordered when dropped. Those allocations come from the
+//! device's default memory pool, whose release threshold is raised to "never" when the backend
+//! opens: memory a step frees stays in the pool and the next step's identical requests are served
+//! from it, with no driver allocation after the first step of each batch shape (by default the
+//! pool returns everything to the driver at each synchronization). The pool's high-water mark of
+//! memory in use is the backend's peak memory. An allocation that fails for lack of memory is an
+//! [`OutOfMemory`] error, which the trainer words in terms of the batch. The `ones` vector of the bias GEMMs is kept and
 //! grown on demand; the `SeqLayout` arrays (starts, rows, valid) are uploaded once per distinct
 //! layout and kept in a small cache (forward and backward of every layer share one layout).
 
@@ -57,7 +63,8 @@ use cudarc::nvrtc::Ptx;
 use super::libs::check_cudarc_library;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision,
+    OutOfMemory, SeqLayout,
 };
 
 /// The driver functions cudarc calls for this backend (cudarc panics on a missing one, so they
@@ -75,6 +82,9 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
     "cuMemAllocAsync",
+    "cuDeviceGetDefaultMemPool",
+    "cuMemPoolSetAttribute",
+    "cuMemPoolGetAttribute",
     "cuMemFreeAsync",
     "cuMemAlloc_v2",
     "cuMemFree_v2",
@@ -289,6 +299,8 @@ pub struct CudaBackend {
     sms: u32,
     /// Max dynamic shared memory per block (opt-in).
     max_smem_optin: u32,
+    /// The pool the stream's allocations come from (`None`: synchronous allocations).
+    pool: Option<MemPool>,
 }
 
 fn grid_1d(n: usize, per_thread: usize, block: u32, cap: u32) -> u32 {
@@ -305,12 +317,57 @@ fn i32_of(v: usize, what: &str) -> Result<i32> {
 }
 
 fn blas_check(what: &str, s: blas::cublasStatus_t) -> Result<()> {
-    if s == blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-        Ok(())
-    } else {
-        bail!("{what}: {s:?}")
+    match s {
+        blas::cublasStatus_t::CUBLAS_STATUS_SUCCESS => Ok(()),
+        blas::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED => Err(OutOfMemory {
+            what: format!("{what}: cuBLAS workspace"),
+        }
+        .into()),
+        _ => bail!("{what}: {s:?}"),
     }
 }
+
+/// The device's default memory pool (where `cuMemAllocAsync` allocates), set to keep what is
+/// freed (see the module header); `None` on a GPU without memory pools (cudarc then allocates
+/// synchronously).
+fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<Option<MemPool>> {
+    let mut supported = 0i32;
+    // SAFETY: out-parameters of plain queries on a valid device.
+    unsafe {
+        dsys::cuDeviceGetAttribute(
+            &mut supported,
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MEMORY_POOLS_SUPPORTED,
+            ctx.cu_device(),
+        )
+        .result()
+        .map_err(|e| anyhow!("cuDeviceGetAttribute(MEMORY_POOLS_SUPPORTED): {e}"))?;
+    }
+    if supported == 0 {
+        return Ok(None);
+    }
+    let mut pool: dsys::CUmemoryPool = std::ptr::null_mut();
+    let mut keep = u64::MAX;
+    // SAFETY: the default pool of a valid device; the attribute takes a u64 (cuuint64_t).
+    unsafe {
+        dsys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+            .result()
+            .map_err(|e| anyhow!("cuDeviceGetDefaultMemPool: {e}"))?;
+        dsys::cuMemPoolSetAttribute(
+            pool,
+            dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut keep as *mut u64 as *mut c_void,
+        )
+        .result()
+        .map_err(|e| anyhow!("cuMemPoolSetAttribute(RELEASE_THRESHOLD): {e}"))?;
+    }
+    Ok(Some(MemPool(pool)))
+}
+
+/// A device's default memory pool (owned by the driver: nothing to release).
+struct MemPool(dsys::CUmemoryPool);
+// SAFETY: a pool handle is a process-wide driver object, usable from any thread.
+unsafe impl Send for MemPool {}
+unsafe impl Sync for MemPool {}
 
 impl CudaBackend {
     /// Opens GPU `device_index`: checks the driver and cuBLAS (one-line errors, no panics),
@@ -360,6 +417,7 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(|e| anyhow!("cannot create a CUDA stream: {e}"))?;
+        let pool = keep_freed_memory_pooled(&ctx)?;
 
         let mut modules = Vec::new();
         let mut functions = HashMap::new();
@@ -430,7 +488,29 @@ impl CudaBackend {
             precision: MatmulPrecision::F32,
             sms,
             max_smem_optin,
+            pool,
         })
+    }
+
+    /// The most device memory this process's stream-ordered allocations have held at once
+    /// (the default pool's `USED_MEM_HIGH`): parameters, optimizer state, activations and
+    /// scratch. `None` without memory pools.
+    pub fn peak_pool_bytes(&self) -> Result<Option<u64>> {
+        let Some(pool) = &self.pool else {
+            return Ok(None);
+        };
+        let mut high = 0u64;
+        // SAFETY: the attribute is a u64 (cuuint64_t) out-parameter.
+        unsafe {
+            dsys::cuMemPoolGetAttribute(
+                pool.0,
+                dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                &mut high as *mut u64 as *mut c_void,
+            )
+            .result()
+            .map_err(|e| anyhow!("cuMemPoolGetAttribute(USED_MEM_HIGH): {e}"))?;
+        }
+        Ok(Some(high))
     }
 
     /// The same backend with its dense layers' GEMMs reading operands as `precision`.
@@ -457,8 +537,17 @@ impl CudaBackend {
         self.bind()?;
         // At least one element: a zero-byte allocation is not portable.
         // SAFETY: the contents are written before being read (or zeroed by the caller).
-        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }
-            .map_err(|e| anyhow!("cannot allocate {len} elements on the GPU: {e}"))?;
+        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| {
+            let what = format!(
+                "{} bytes for {len} elements",
+                len.max(1) * std::mem::size_of::<T>()
+            );
+            if e.0 == dsys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                anyhow::Error::new(OutOfMemory { what })
+            } else {
+                anyhow!("cannot allocate {what} on the GPU: {e}")
+            }
+        })?;
         Ok(Arc::new(Buffer::new(slice, &self.stream)))
     }
 
