@@ -109,6 +109,17 @@ fn default_pos() -> String {
     "absolute".into()
 }
 
+/// Configs known by name, as their Hub `config.json` has them (the fields this crate reads), for
+/// building a randomly initialized model without a folder (`bertft-cuda bench --config`).
+const BUILTIN: &[(&str, &str)] = &[(
+    "bert-base-uncased",
+    r#"{"model_type": "bert", "vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
+        "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+        "initializer_range": 0.02, "pad_token_id": 0, "position_embedding_type": "absolute"}"#,
+)];
+
 /// Model types whose weights and layer sequence are BERT's own.
 const BERT_COMPATIBLE: &[&str] = &["bert"];
 
@@ -117,6 +128,21 @@ impl BertConfig {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_json(&text).with_context(|| format!("{}", path.display()))
+    }
+
+    /// A built-in config by name (2 labels, as `BertConfig()` has).
+    pub fn builtin(name: &str) -> Result<Self> {
+        match BUILTIN.iter().find(|(n, _)| *n == name) {
+            Some((_, json)) => Self::from_json(json),
+            None => bail!(
+                "no built-in config named {name:?} (built-in: {})",
+                Self::builtin_names().join(", ")
+            ),
+        }
+    }
+
+    pub fn builtin_names() -> Vec<&'static str> {
+        BUILTIN.iter().map(|(n, _)| *n).collect()
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
@@ -259,6 +285,25 @@ mod tests {
         assert_eq!(c.layer_norm_eps, 1e-12);
         assert_eq!(c.classifier_dropout_prob(), 0.1);
         assert_eq!(c.max_position_embeddings, 512);
+    }
+
+    #[test]
+    fn builtin_bert_base_uncased() {
+        let c = BertConfig::builtin("bert-base-uncased").unwrap();
+        assert_eq!(
+            (c.hidden_size, c.num_hidden_layers, c.num_attention_heads),
+            (768, 12, 12)
+        );
+        assert_eq!((c.intermediate_size, c.vocab_size), (3072, 30522));
+        assert_eq!((c.max_position_embeddings, c.type_vocab_size), (512, 2));
+        assert_eq!(c.hidden_act, Activation::GeluErf);
+        assert_eq!((c.layer_norm_eps, c.initializer_range), (1e-12, 0.02));
+        assert_eq!(c.num_labels(), 2);
+        let err = format!("{:#}", BertConfig::builtin("bert-large").unwrap_err());
+        assert!(
+            err.contains("bert-large") && err.contains("bert-base-uncased"),
+            "{err}"
+        );
     }
 
     #[test]

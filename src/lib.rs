@@ -2,6 +2,7 @@
 //! plain-Rust CPU reference behind one op boundary.
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;

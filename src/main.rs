@@ -28,6 +28,8 @@ enum Command {
     Predict(PredictArgs),
     /// Load a model folder, report its shape and, given a text, its prediction (CPU).
     Inspect(cli::inspect::InspectArgs),
+    /// Time full training steps on random batches: throughput, TFLOP/s, MFU, peak memory.
+    Bench(cli::bench::BenchArgs),
     /// Check the CUDA setup (driver, GPUs, NVRTC, cuBLAS) and compile every kernel.
     Doctor(cli::doctor::DoctorArgs),
 }
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Predict(args) => cli::predict::run(&args),
         Command::Inspect(args) => cli::inspect::run(&args),
         Command::Doctor(args) => cli::doctor::run(&args),
+        Command::Bench(args) => cli::bench::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use bertft_cuda::backend::philox;
 use bertft_cuda::config::BertConfig;
+use bertft_cuda::model::init::random_init;
 use bertft_cuda::model::params::ParamLayout;
 use bertft_cuda::model::weights::{load_weights, save_pretrained};
 use half::{bf16, f16};
@@ -438,6 +439,13 @@ fn missing_head_is_initialized_like_transformers() {
         bits(&loaded.flat[..body_len]),
         bits(&flat[..body_len]),
         "the body is the file's"
+    );
+
+    let fresh = random_init(&cfg, &layout, 42);
+    assert_eq!(
+        bits(&loaded.flat[body_len..]),
+        bits(&fresh[body_len..]),
+        "the head is what a whole random init under the same seed draws"
     );
 
     let again = load_weights(dir.path(), &cfg, &layout, 42).unwrap();

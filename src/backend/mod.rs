@@ -239,6 +239,14 @@ pub trait Backend {
     /// The format the dense layers' GEMMs read their operands in.
     fn matmul_precision(&self) -> MatmulPrecision;
 
+    /// Peak device bytes allocated by this backend since it was created, or `None` where the
+    /// backend does not count them: the CPU backend (its memory is the process's: see the peak
+    /// RSS in `bench::memory`), and for now the CUDA backend, whose allocator's counter is still
+    /// to come (until then it keeps this default).
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        None
+    }
+
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;
     fn upload(&self, data: &[f32]) -> Result<Self::Tensor>;

@@ -1,6 +1,8 @@
 //! The BERT sequence classifier: its parameters, their files, and its layer sequence.
 
 pub mod bert;
+pub mod flops;
+pub mod init;
 pub mod params;
 pub mod weights;
 

@@ -18,9 +18,9 @@ use rayon::prelude::*;
 use safetensors::tensor::{Dtype, Metadata, TensorInfo, TensorView};
 use safetensors::SafeTensors;
 
-use crate::backend::philox;
 use crate::config::BertConfig;
 use crate::data::tokenize::TOKENIZER_FILES;
+use crate::model::init::init_param;
 use crate::model::params::ParamLayout;
 
 /// The parameters of a model, in [`ParamLayout`] order, and what loading had to say about them.
@@ -36,14 +36,10 @@ const INDEX_FILE: &str = "model.safetensors.index.json";
 const PYTORCH_FILES: [&str; 2] = ["pytorch_model.bin", "pytorch_model.bin.index.json"];
 const CONFIG_FILE: &str = "config.json";
 
-/// Initialization streams live in the top half of Philox's stream space, so they can never meet a
-/// dropout stream (`philox::stream_id` keeps those far below 2⁶³ for any realistic step count).
-const INIT_STREAM_BASE: u64 = 1 << 63;
-
 /// Reads the checkpoint in `model_dir` into one flat buffer laid out as `layout`.
 ///
 /// Pooler and classifier tensors the checkpoint lacks are drawn from N(0, initializer_range)
-/// (biases 0) with Philox under `seed`, so a run is reproducible from its seed.
+/// (biases 0) with Philox under `seed`, so a run is reproducible from its seed (`init`).
 pub fn load_weights(
     model_dir: &Path,
     cfg: &BertConfig,
@@ -85,7 +81,7 @@ pub fn load_weights(
                     .map_err(|e| anyhow!("{file}: tensor {} {e}", found.file_name))?;
             }
             None if is_head(&spec.name) => {
-                init_like_transformers(dst, &spec.name, cfg.initializer_range, seed, index as u64);
+                init_param(dst, spec, index, cfg, seed);
                 missing_init.push(spec.name.clone());
             }
             None => bail!(
@@ -339,35 +335,6 @@ fn is_head(name: &str) -> bool {
     name.starts_with("bert.pooler.") || name.starts_with("classifier.")
 }
 
-/// transformers' `BertPreTrainedModel._init_weights` for a Linear: weight ~ N(0, std), bias 0.
-fn init_like_transformers(dst: &mut [f32], name: &str, std: f32, seed: u64, param_index: u64) {
-    if name.ends_with(".bias") {
-        dst.fill(0.0);
-    } else {
-        fill_normal(dst, std, seed, INIT_STREAM_BASE | param_index);
-    }
-}
-
-/// Standard normals by Box–Muller: each Philox block's four uniforms give four normals.
-fn fill_normal(dst: &mut [f32], std: f32, seed: u64, stream: u64) {
-    for (block, chunk) in dst.chunks_mut(4).enumerate() {
-        let u = philox::uniform4(seed, stream, block as u64);
-        let (z0, z1) = box_muller(u[0], u[1]);
-        let (z2, z3) = box_muller(u[2], u[3]);
-        for (d, z) in chunk.iter_mut().zip([z0, z1, z2, z3]) {
-            *d = (z * std as f64) as f32;
-        }
-    }
-}
-
-/// Two independent standard normals from two uniforms in [0, 1).
-fn box_muller(u1: f32, u2: f32) -> (f64, f64) {
-    // 1 − u1 ∈ (0, 1], so the logarithm is finite.
-    let r = (-2.0 * (1.0 - u1 as f64).ln()).sqrt();
-    let theta = std::f64::consts::TAU * u2 as f64;
-    (r * theta.cos(), r * theta.sin())
-}
-
 /// Writes a folder `BertForSequenceClassification.from_pretrained` loads: `model.safetensors`
 /// (every parameter, F32, full names), `config.json`, and the tokenizer files of `tokenizer_dir`.
 ///
@@ -543,37 +510,6 @@ mod tests {
             classify("bert.bert.pooler.dense.weight", &layout),
             FileTensor::Unused
         );
-    }
-
-    #[test]
-    fn box_muller_gives_standard_normals() {
-        let mut v = vec![0f32; 40_000];
-        fill_normal(&mut v, 1.0, 11, INIT_STREAM_BASE);
-        let n = v.len() as f64;
-        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
-        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
-        let within_1sd = v.iter().filter(|x| x.abs() < 1.0).count() as f64 / n;
-        assert!(mean.abs() < 0.02, "mean {mean}");
-        assert!((var - 1.0).abs() < 0.03, "variance {var}");
-        assert!(
-            (within_1sd - 0.6827).abs() < 0.01,
-            "P(|z|<1) = {within_1sd}"
-        );
-        assert!(v.iter().all(|x| x.is_finite()));
-    }
-
-    #[test]
-    fn init_zeroes_biases_and_scales_weights() {
-        let mut b = vec![1f32; 10];
-        init_like_transformers(&mut b, "classifier.bias", 0.02, 1, 3);
-        assert!(b.iter().all(|&x| x == 0.0));
-        let mut w = vec![0f32; 8];
-        init_like_transformers(&mut w, "classifier.weight", 0.5, 1, 3);
-        let mut unit = vec![0f32; 8];
-        fill_normal(&mut unit, 1.0, 1, INIT_STREAM_BASE | 3);
-        for (a, b) in w.iter().zip(&unit) {
-            assert!((a - b * 0.5).abs() < 1e-6);
-        }
     }
 
     #[test]
