@@ -240,9 +240,8 @@ pub trait Backend {
     fn matmul_precision(&self) -> MatmulPrecision;
 
     /// Peak device bytes allocated by this backend since it was created, or `None` where the
-    /// backend does not count them: the CPU backend (its memory is the process's: see the peak
-    /// RSS in `bench::memory`), and for now the CUDA backend, whose allocator's counter is still
-    /// to come (until then it keeps this default).
+    /// backend does not count them (the CPU backend: its memory is the process's, see the peak
+    /// RSS in `bench::memory`).
     fn peak_memory_bytes(&self) -> Option<u64> {
         None
     }

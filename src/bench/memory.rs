@@ -67,8 +67,8 @@ mod tests {
     fn probes_this_process() {
         if cfg!(target_os = "linux") {
             MemoryProbe::HostRss.reset();
-            assert!(MemoryProbe::HostRss.peak_bytes(&CpuBackend).unwrap() > 0);
+            assert!(MemoryProbe::HostRss.peak_bytes(&CpuBackend::FP32).unwrap() > 0);
         }
-        assert_eq!(MemoryProbe::Device.peak_bytes(&CpuBackend), None);
+        assert_eq!(MemoryProbe::Device.peak_bytes(&CpuBackend::FP32), None);
     }
 }

@@ -32,7 +32,7 @@ pub struct RunInfo {
     pub model: String,
     pub parameters: usize,
     pub matmul_parameters: u64,
-    /// The `--fp16`/`--bf16` flag given (`fp32` for neither).
+    /// What the dense layers' GEMMs read their operands as (fp32, tf32, fp16, bf16).
     pub precision: &'static str,
     pub peak_tflops: Option<f64>,
     pub memory: MemoryProbe,

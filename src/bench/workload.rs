@@ -79,9 +79,9 @@ mod tests {
             r#"{"vocab_size":30,"hidden_size":12,"num_attention_heads":3,"num_labels":3}"#,
         )
         .unwrap();
-        let a = random_batch(&CpuBackend, &cfg, 3, 7, 42, 5).unwrap();
-        let b = random_batch(&CpuBackend, &cfg, 3, 7, 42, 5).unwrap();
-        let c = random_batch(&CpuBackend, &cfg, 3, 7, 42, 6).unwrap();
+        let a = random_batch(&CpuBackend::FP32, &cfg, 3, 7, 42, 5).unwrap();
+        let b = random_batch(&CpuBackend::FP32, &cfg, 3, 7, 42, 5).unwrap();
+        let c = random_batch(&CpuBackend::FP32, &cfg, 3, 7, 42, 6).unwrap();
         assert_eq!(a.layout.valid, vec![7, 7, 7]);
         assert_eq!(a.ids, b.ids);
         assert_ne!(a.ids, c.ids);

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, MatmulPrecision};
 use crate::bench::measure::measure;
 use crate::bench::memory::MemoryProbe;
 use crate::bench::peak::peak_tflops;
@@ -46,12 +46,15 @@ pub struct BenchArgs {
     /// Where to run, as `train --device`.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     device: DeviceChoice,
-    /// Mixed precision as `train --fp16` (noted; the backends compute in fp32 for now).
+    /// Mixed precision as `train --fp16`: fp16 GEMM operands, dynamic loss scaling.
     #[arg(long)]
     fp16: bool,
-    /// Mixed precision as `train --bf16` (noted; the backends compute in fp32 for now).
+    /// Mixed precision as `train --bf16`: bf16 GEMM operands.
     #[arg(long, conflicts_with = "fp16")]
     bf16: bool,
+    /// fp32 GEMMs on TF32 tensor cores, as `train --tf32`.
+    #[arg(long)]
+    tf32: bool,
     /// Seed of the initialization, the random batches and dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -82,7 +85,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.seq_len,
         model.cfg.max_position_embeddings
     );
-    match select_backend(args.device, args.fp16, args.bf16)? {
+    let precision = MatmulPrecision::from_flags(args.fp16, args.bf16, args.tf32);
+    match select_backend(args.device, precision)? {
         Selected::Cpu(b) => run_on(&b, args, model, MemoryProbe::HostRss, false),
         Selected::Cuda(b) => run_on(&*b, args, model, MemoryProbe::Device, true),
     }
@@ -176,13 +180,7 @@ fn run_on<B: Backend>(
         model: label,
         parameters: classifier.layout.total,
         matmul_parameters: matmul_params(cfg),
-        precision: if args.fp16 {
-            "fp16"
-        } else if args.bf16 {
-            "bf16"
-        } else {
-            "fp32"
-        },
+        precision: backend.matmul_precision().name(),
         peak_tflops: peak_tflops(args.peak_tflops, on_cuda, &backend.name()),
         memory,
         seed: args.seed,

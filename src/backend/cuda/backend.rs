@@ -828,6 +828,9 @@ impl Backend for CudaBackend {
     fn matmul_precision(&self) -> MatmulPrecision {
         self.precision
     }
+    fn peak_memory_bytes(&self) -> Option<u64> {
+        self.peak_pool_bytes().ok().flatten()
+    }
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<CudaTensor> {
