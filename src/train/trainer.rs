@@ -205,8 +205,12 @@ impl<B: Backend> Trainer<'_, B> {
         let start_step = state.global_step;
         let step_samples =
             (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
-        let mut progress = Progress::new(plan.max_steps, to_terminal)
-            .resume_at(start_step, start_step * step_samples);
+        // Rows trained on: the Trainer's count (steps × batch size) with fixed-size batches, the
+        // real rows with token-budget batches, whose sizes vary (before a resume: estimated).
+        let by_budget = args.data.max_tokens_per_batch.is_some();
+        let mut samples_done = start_step * step_samples;
+        let mut progress =
+            Progress::new(plan.max_steps, to_terminal).resume_at(start_step, samples_done);
         let (mut loss_since_log, mut steps_since_log) = (0.0f64, 0u64);
         let mut train_loss_sum = 0.0f64;
         let mut early_stop_count = 0u32;
@@ -263,7 +267,12 @@ impl<B: Backend> Trainer<'_, B> {
                 loss_since_log += report.loss;
                 steps_since_log += 1;
                 train_loss_sum += report.loss;
-                progress.step(state.global_step, state.global_step * step_samples);
+                samples_done += if by_budget {
+                    batches.iter().map(|b| b.size() as u64).sum()
+                } else {
+                    step_samples
+                };
+                progress.step(state.global_step, samples_done);
 
                 let epoch_end = position.step_in_epoch as usize == groups.len();
                 let last = state.global_step >= plan.max_steps;
@@ -387,8 +396,7 @@ impl<B: Backend> Trainer<'_, B> {
         }
         let runtime = started.elapsed().as_secs_f64();
         let steps_run = (state.global_step - start_step).max(1);
-        let samples = steps_run
-            * (args.per_device_train_batch_size * args.gradient_accumulation_steps) as u64;
+        let samples = samples_done - start_step * step_samples;
         let train_metrics = vec![
             ("train_runtime".to_string(), round4(runtime)),
             (
