@@ -82,7 +82,7 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuStreamDestroy_v2",
     "cuStreamSynchronize",
     "cuMemAllocAsync",
-    "cuDeviceGetDefaultMemPool",
+    "cuDeviceGetMemPool",
     "cuMemPoolSetAttribute",
     "cuMemPoolGetAttribute",
     "cuMemFreeAsync",
@@ -327,9 +327,10 @@ fn blas_check(what: &str, s: blas::cublasStatus_t) -> Result<()> {
     }
 }
 
-/// The device's default memory pool (where `cuMemAllocAsync` allocates), set to keep what is
-/// freed (see the module header); `None` on a GPU without memory pools (cudarc then allocates
-/// synchronously).
+/// The device's current memory pool (where `cuMemAllocAsync` allocates: the default pool, as
+/// nothing here sets another), set to keep what is freed (see the module header), its
+/// high-water mark reset so that it counts from this backend's opening; `None` on a GPU without
+/// memory pools (cudarc then allocates synchronously).
 fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<Option<MemPool>> {
     let mut supported = 0i32;
     // SAFETY: out-parameters of plain queries on a valid device.
@@ -346,12 +347,12 @@ fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<Option<MemPool>> {
         return Ok(None);
     }
     let mut pool: dsys::CUmemoryPool = std::ptr::null_mut();
-    let mut keep = u64::MAX;
-    // SAFETY: the default pool of a valid device; the attribute takes a u64 (cuuint64_t).
+    let (mut keep, mut zero) = (u64::MAX, 0u64);
+    // SAFETY: the current pool of a valid device; both attributes take a u64 (cuuint64_t).
     unsafe {
-        dsys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device())
+        dsys::cuDeviceGetMemPool(&mut pool, ctx.cu_device())
             .result()
-            .map_err(|e| anyhow!("cuDeviceGetDefaultMemPool: {e}"))?;
+            .map_err(|e| anyhow!("cuDeviceGetMemPool: {e}"))?;
         dsys::cuMemPoolSetAttribute(
             pool,
             dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -359,6 +360,13 @@ fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<Option<MemPool>> {
         )
         .result()
         .map_err(|e| anyhow!("cuMemPoolSetAttribute(RELEASE_THRESHOLD): {e}"))?;
+        dsys::cuMemPoolSetAttribute(
+            pool,
+            dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            &mut zero as *mut u64 as *mut c_void,
+        )
+        .result()
+        .map_err(|e| anyhow!("cuMemPoolSetAttribute(USED_MEM_HIGH): {e}"))?;
     }
     Ok(Some(MemPool(pool)))
 }
@@ -492,9 +500,10 @@ impl CudaBackend {
         })
     }
 
-    /// The most device memory this process's stream-ordered allocations have held at once
-    /// (the default pool's `USED_MEM_HIGH`): parameters, optimizer state, activations and
-    /// scratch. `None` without memory pools.
+    /// The most device memory the stream-ordered allocations have held at once since this
+    /// backend opened (the pool's `USED_MEM_HIGH`): parameters, optimizer state, activations
+    /// and scratch; not the cuBLAS workspace, the context or the loaded modules (PyTorch's
+    /// `max_memory_allocated` counts cuBLAS workspaces). `None` without memory pools.
     pub fn peak_pool_bytes(&self) -> Result<Option<u64>> {
         let Some(pool) = &self.pool else {
             return Ok(None);
@@ -1816,6 +1825,8 @@ impl Backend for CudaBackend {
                     Arg::F32((1.0 - step.beta2) as f32),
                     Arg::F32(bc2_sqrt),
                     Arg::F32(step.eps as f32),
+                    // skip: none. Whether an fp16 step is skipped is decided on the host, after
+                    // the one read-back of [Σg², found_inf] the step makes anyway.
                     Arg::P(0),
                 ],
             )?;
