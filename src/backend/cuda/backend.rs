@@ -536,6 +536,11 @@ impl CudaBackend {
             .map_err(|e| anyhow!("CUDA stream: {e}"))
     }
 
+    /// The stream every op of this backend is queued on, in order (for `timing`).
+    pub(super) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()

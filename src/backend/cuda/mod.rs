@@ -1,5 +1,6 @@
 //! The CUDA side: finding and opening the CUDA libraries, compiling the kernels of `kernels/`
-//! to CUBIN with NVRTC through an on-disk cache, and describing the driver and GPUs.
+//! to CUBIN with NVRTC through an on-disk cache, and describing the driver and GPUs; the
+//! backend itself, and GPU timing of its ops with CUDA events (`timing`, for the benches).
 //!
 //! Nothing here is needed to build the crate: cudarc loads every library at run time, and each
 //! is first found and checked here (`libs`), so a machine without CUDA gets one-line errors
@@ -13,6 +14,7 @@ pub mod kernel_cache;
 pub mod libs;
 pub mod nvrtc;
 pub mod runtime;
+mod timing;
 
 pub use backend::{CudaBackend, CudaIds, CudaTensor, REQUIRED_KERNELS};
 pub use blas::{cublas, Cublas};
