@@ -8,7 +8,9 @@
 #   tests     the GPU tests (tests/cuda_ops.rs, tests/mixed_precision.rs, tests/doctor.rs) for real
 #   sanitize  compute-sanitizer memcheck over the GPU tests, racecheck over attention
 #   bench     `bertft-cuda bench` and benches/hf_reference.py at BERT-base seq 128, batch 32/64,
-#             fp16/bf16 (and ours in fp32), side by side; then benches/gpu_kernels if packed
+#             fp16/bf16 (and ours in fp32), side by side
+#   kernels   benches/gpu_kernels.rs (criterion, CUDA events): every kernel family's GB/s or
+#             TFLOP/s beside the copy and GEMM ceilings measured in the same run
 #   sst2      `train --fp16` MiniLM on SST-2 for one epoch, then the Hugging Face Trainer on the
 #             same settings (benches/hf_reference.py --sst2-dir), accuracy and wall clock
 # The numbers go to benches/RESULTS.md by hand, with the date, the commit (device-pack/commit),
@@ -91,8 +93,12 @@ stage_bench() {
         --seq-len 128 --steps 10 --warmup-steps 3 --json "$OUT/ours-fp32.json"
     run_logged theirs python3 benches/hf_reference.py --batch-sizes 32,64 --seq-len 128 --steps 30 \
         --json "$OUT/theirs.json"
-    [ -x "$work/benches/gpu_kernels" ] && run_logged gpu-kernels "$work/benches/gpu_kernels" --bench
-    return 0
+}
+
+stage_kernels() {
+    [ -x "$work/benches/gpu_kernels" ] || { echo "gpu_kernels was not packed" >&2; return 0; }
+    # Criterion's reports go under the working directory's target/criterion.
+    run_logged gpu-kernels "$work/benches/gpu_kernels" --bench --noplot
 }
 
 stage_sst2() {
@@ -111,7 +117,7 @@ unpack
 [ $# -gt 0 ] || set -- env tests
 for stage in "$@"; do
     case "$stage" in
-        env|tests|sanitize|bench|sst2) "stage_$stage" ;;
-        *) echo "unknown stage $stage (env, tests, sanitize, bench, sst2)" >&2; exit 2 ;;
+        env|tests|sanitize|bench|kernels|sst2) "stage_$stage" ;;
+        *) echo "unknown stage $stage (env, tests, sanitize, bench, kernels, sst2)" >&2; exit 2 ;;
     esac
 done
