@@ -42,15 +42,15 @@ pack() { # pack SRC DEST: stripped and compressed
 pack target/release/bertft-cuda bin/bertft-cuda
 
 # Test and bench executables, found through cargo's JSON messages (names carry hashes).
-executables() { # executables KIND: "name path" per line
-    cargo "$@" --release --no-run --message-format=json 2>/dev/null | "$python" -c '
+executables() { # executables CARGO-ARGS...: "name path" per line
+    cargo "$@" --no-run --message-format=json | "$python" -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["test"], ["bench"]):
         print(m["target"]["name"], m["executable"])'
 }
-executables test --tests | while read -r name path; do
+executables test --release --tests | while read -r name path; do
     case "$name" in cuda_ops|doctor|mixed_precision) pack "$path" "tests/$name" ;; esac
 done
 executables bench --benches | while read -r name path; do
