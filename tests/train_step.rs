@@ -81,3 +81,78 @@ fn accumulated_micro_batches_equal_one_combined_batch() {
         assert!((a - c).abs() < 1e-6, "loss {a} vs {c}");
     }
 }
+
+/// Steps queued and read back later report what steps read back at once report, bit for bit,
+/// and leave the same weights, including when the ledger fills up (4 rows per step here, so a
+/// 10-row ledger is read back early every second step; 3 steps fill a 3-step one).
+#[test]
+fn queued_steps_report_what_immediate_steps_report() {
+    use bertft_cuda::train::step::{queue_train_step, StepReport};
+    let be = CpuBackend::FP32;
+    let cfg = tiny_config("gelu");
+    let settings = StepSettings {
+        max_grad_norm: 0.5,
+        label_smoothing: 0.1,
+        dropout_seed: Some(5),
+    };
+    let run = |queued: Option<(usize, usize)>| -> (Vec<StepReport>, Vec<f32>) {
+        let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 3)).unwrap();
+        let mut opt = AdamW::new(
+            &be,
+            &model.layout,
+            &model.params,
+            &model.grads,
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let mut scratch = match queued {
+            Some((rows, steps)) => StepScratch::with_ledger_capacity(&be, rows, steps).unwrap(),
+            None => StepScratch::new(&be).unwrap(),
+        };
+        let micro = [batch(&be, 0..3), batch(&be, 3..4)];
+        let mut reports = Vec::new();
+        for s in 0..7u64 {
+            let lr = 1e-3 * (s + 1) as f64;
+            if queued.is_some() {
+                queue_train_step(
+                    &be,
+                    &model,
+                    &mut opt,
+                    &mut scratch,
+                    &micro,
+                    2 * s,
+                    lr,
+                    &settings,
+                )
+                .unwrap();
+                if s == 4 {
+                    reports.extend(scratch.take_reports(&be).unwrap());
+                }
+            } else {
+                reports.push(
+                    train_step(
+                        &be,
+                        &model,
+                        &mut opt,
+                        &mut scratch,
+                        &micro,
+                        2 * s,
+                        lr,
+                        &settings,
+                    )
+                    .unwrap(),
+                );
+            }
+        }
+        reports.extend(scratch.take_reports(&be).unwrap());
+        (reports, be.download(&model.params).unwrap())
+    };
+    let (immediate, weights) = run(None);
+    assert_eq!(immediate.len(), 7);
+    assert!(immediate.windows(2).all(|w| w[0].loss != w[1].loss));
+    for capacity in [(1 << 16, 1 << 12), (10, 100), (100, 3)] {
+        let (queued, queued_weights) = run(Some(capacity));
+        assert_eq!(queued, immediate, "ledger {capacity:?}");
+        assert_eq!(queued_weights, weights, "ledger {capacity:?}");
+    }
+}

@@ -595,13 +595,13 @@ impl<B: Backend> Bert<'_, B> {
         )
     }
 
-    /// Per-row losses of the last forward into `acts.losses`; returns them on the host.
-    pub fn losses(
+    /// Per-row losses of the last forward into `acts.losses` (left on the device).
+    pub fn compute_losses(
         &self,
         batch: &Batch<B>,
         acts: &Activations<B::Tensor>,
         label_smoothing: f32,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<()> {
         let labels = batch
             .labels
             .as_ref()
@@ -612,7 +612,17 @@ impl<B: Backend> Bert<'_, B> {
             labels,
             self.cfg.num_labels(),
             label_smoothing,
-        )?;
+        )
+    }
+
+    /// Per-row losses of the last forward into `acts.losses`; returns them on the host.
+    pub fn losses(
+        &self,
+        batch: &Batch<B>,
+        acts: &Activations<B::Tensor>,
+        label_smoothing: f32,
+    ) -> Result<Vec<f32>> {
+        self.compute_losses(batch, acts, label_smoothing)?;
         self.backend.download(&acts.losses)
     }
 

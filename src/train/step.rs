@@ -7,6 +7,12 @@
 //! On a backend whose GEMMs read fp16, the step runs as PyTorch AMP's with a `GradScaler`: the
 //! loss is scaled before backward, the gradients unscaled (and checked for inf/NaN) before
 //! clipping, and an overflowed step is skipped (see [`crate::train::loss_scale`]).
+//!
+//! A queued step does not wait for the device: its per-row losses and gradient norm are copied
+//! into a ledger on the device and read back only when the trainer asks (on logging steps), so
+//! the host can queue the next step while the device still runs this one. The one exception is
+//! fp16, whose step reads its inf/NaN flag back (one float), as `GradScaler.step` does, to
+//! decide whether to update and how to scale the next step's loss.
 
 use anyhow::{ensure, Result};
 
@@ -69,33 +75,143 @@ impl StepReport {
 }
 
 /// What a step keeps between steps besides the model and the optimizer: activation buffers,
-/// the device scalars the step reads back, and the fp16 loss scaler.
+/// the device scalars it computes, the [`Ledger`] of what it has not read back yet, and the
+/// fp16 loss scaler.
 pub struct StepScratch<B: Backend> {
     pub acts: ActivationCache<B>,
-    /// `[Σg², found_inf]`: read back with one copy at the end of the step.
-    readback: B::Tensor,
     sumsq: B::Tensor,
     found_inf: B::Tensor,
+    ledger: Ledger<B>,
     /// Present when the backend's GEMMs read fp16 (`--fp16`): dynamic loss scaling.
     pub loss_scaler: Option<LossScaler>,
 }
 
-impl<B: Backend> StepScratch<B> {
-    pub fn new(backend: &B) -> Result<Self> {
-        let readback = backend.zeros(2)?;
-        let fp16 = backend.matmul_precision() == MatmulPrecision::F16;
-        Ok(StepScratch {
-            acts: ActivationCache::default(),
-            sumsq: backend.view(&readback, 0, 1),
-            found_inf: backend.view(&readback, 1, 1),
-            readback,
-            loss_scaler: fp16.then(LossScaler::default),
+/// Per-row losses and gradient norms of steps not yet read back, kept on the device so that a
+/// step needs no host synchronization: they are read (one download each) when the trainer
+/// asks, on logging steps, or when the ledger is full.
+struct Ledger<B: Backend> {
+    /// `[ROW_CAPACITY]`: the per-row losses of the pending steps' micro-batches, back to back.
+    losses: B::Tensor,
+    /// `[STEP_CAPACITY]`: each pending step's Σg² (before clipping).
+    sumsq: B::Tensor,
+    rows_used: usize,
+    row_capacity: usize,
+    step_capacity: usize,
+    pending: Vec<PendingStep>,
+    /// Reports already read back (the ledger filled up) and not yet taken.
+    ready: Vec<StepReport>,
+}
+
+/// What the host knows of a step whose numbers are still on the device.
+struct PendingStep {
+    first_row: usize,
+    /// Rows of all its micro-batches: the loss is their mean.
+    rows: usize,
+    lr: f64,
+    scale_change: ScaleChange,
+}
+
+/// The ledger's default size: 256 KiB of losses, enough for several logging intervals.
+const ROW_CAPACITY: usize = 1 << 16;
+const STEP_CAPACITY: usize = 1 << 12;
+
+impl<B: Backend> Ledger<B> {
+    fn new(backend: &B, row_capacity: usize, step_capacity: usize) -> Result<Self> {
+        ensure!(
+            row_capacity >= 1 && step_capacity >= 1,
+            "the step ledger needs room for a row and a step"
+        );
+        Ok(Ledger {
+            losses: backend.zeros(row_capacity)?,
+            sumsq: backend.zeros(step_capacity)?,
+            rows_used: 0,
+            row_capacity,
+            step_capacity,
+            pending: Vec::new(),
+            ready: Vec::new(),
         })
+    }
+
+    /// Makes room for a step of `rows` rows, reading back the pending steps when it lacks it.
+    fn reserve(&mut self, backend: &B, rows: usize) -> Result<()> {
+        ensure!(
+            rows <= self.row_capacity,
+            "a step of {rows} rows is over the {} rows a step may have",
+            self.row_capacity
+        );
+        if self.rows_used + rows > self.row_capacity || self.pending.len() == self.step_capacity {
+            let reports = self.read(backend)?;
+            self.ready.extend(reports);
+        }
+        Ok(())
+    }
+
+    /// Copies one micro-batch's per-row losses in (a device-to-device copy).
+    fn record_losses(&mut self, backend: &B, losses: &B::Tensor) -> Result<()> {
+        let n = backend.len(losses);
+        backend.copy(&backend.view(&self.losses, self.rows_used, n), losses)?;
+        self.rows_used += n;
+        Ok(())
+    }
+
+    /// Reads back every pending step (one download of the losses, one of the norms) and
+    /// returns their reports, oldest first.
+    fn read(&mut self, backend: &B) -> Result<Vec<StepReport>> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let losses = backend.download(&backend.view(&self.losses, 0, self.rows_used))?;
+        let sumsq = backend.download(&backend.view(&self.sumsq, 0, self.pending.len()))?;
+        let reports = self
+            .pending
+            .drain(..)
+            .zip(sumsq)
+            .map(|(p, sumsq)| {
+                let rows = &losses[p.first_row..p.first_row + p.rows];
+                let loss_sum: f64 = rows.iter().map(|&l| l as f64).sum();
+                StepReport {
+                    loss: loss_sum / p.rows as f64,
+                    grad_norm: sumsq.sqrt(),
+                    lr: p.lr,
+                    scale_change: p.scale_change,
+                }
+            })
+            .collect();
+        self.rows_used = 0;
+        Ok(reports)
     }
 }
 
-/// One optimizer step at learning rate `lr` over `micro_batches`. `micro_step` numbers the
-/// first micro-batch among all micro-batches of the run (it keys the dropout streams).
+impl<B: Backend> StepScratch<B> {
+    pub fn new(backend: &B) -> Result<Self> {
+        Self::with_ledger_capacity(backend, ROW_CAPACITY, STEP_CAPACITY)
+    }
+
+    /// With a ledger of `rows` loss rows and `steps` steps (tests use small ones to make it
+    /// fill up).
+    pub fn with_ledger_capacity(backend: &B, rows: usize, steps: usize) -> Result<Self> {
+        let fp16 = backend.matmul_precision() == MatmulPrecision::F16;
+        Ok(StepScratch {
+            acts: ActivationCache::default(),
+            sumsq: backend.zeros(1)?,
+            found_inf: backend.zeros(1)?,
+            ledger: Ledger::new(backend, rows, steps)?,
+            loss_scaler: fp16.then(LossScaler::default),
+        })
+    }
+
+    /// The reports of every step queued so far and not yet taken, oldest first. Waits for the
+    /// device to finish them (the one host synchronization of the training loop, outside fp16).
+    pub fn take_reports(&mut self, backend: &B) -> Result<Vec<StepReport>> {
+        let mut reports = std::mem::take(&mut self.ledger.ready);
+        reports.extend(self.ledger.read(backend)?);
+        Ok(reports)
+    }
+}
+
+/// One optimizer step at learning rate `lr` over `micro_batches`, read back at once: the
+/// queued step and [`StepScratch::take_reports`] (tests and benchmarks use it; the trainer
+/// queues steps and reads them on logging steps).
 #[allow(clippy::too_many_arguments)]
 pub fn train_step<B: Backend>(
     backend: &B,
@@ -107,11 +223,45 @@ pub fn train_step<B: Backend>(
     lr: f64,
     s: &StepSettings,
 ) -> Result<StepReport> {
+    queue_train_step(
+        backend,
+        model,
+        opt,
+        scratch,
+        micro_batches,
+        micro_step,
+        lr,
+        s,
+    )?;
+    scratch
+        .take_reports(backend)?
+        .pop()
+        .ok_or_else(|| anyhow::anyhow!("the step left no report"))
+}
+
+/// One optimizer step at learning rate `lr` over `micro_batches`, queued: its loss and
+/// gradient norm stay on the device until [`StepScratch::take_reports`]. `micro_step` numbers
+/// the first micro-batch among all micro-batches of the run (it keys the dropout streams).
+/// Returns the fp16 loss scale's change, which is known at once: with `--fp16` the step reads
+/// the inf/NaN flag back, as `GradScaler.step` does, to decide whether to skip the update.
+#[allow(clippy::too_many_arguments)]
+pub fn queue_train_step<B: Backend>(
+    backend: &B,
+    model: &Classifier<B>,
+    opt: &mut AdamW<B>,
+    scratch: &mut StepScratch<B>,
+    micro_batches: &[Batch<B>],
+    micro_step: u64,
+    lr: f64,
+    s: &StepSettings,
+) -> Result<ScaleChange> {
     ensure!(
         !micro_batches.is_empty(),
         "an optimizer step needs at least one batch"
     );
     let normalizer: usize = micro_batches.iter().map(|b| b.size()).sum();
+    scratch.ledger.reserve(backend, normalizer)?;
+    let first_row = scratch.ledger.rows_used;
     let scaler = scratch.loss_scaler;
     let spec = LossSpec {
         label_smoothing: s.label_smoothing,
@@ -120,7 +270,6 @@ pub fn train_step<B: Backend>(
     };
     let bert = model.bert(backend);
     model.zero_grads(backend)?;
-    let mut loss_sum = 0.0f64;
     for (k, batch) in micro_batches.iter().enumerate() {
         let mode = match s.dropout_seed {
             Some(seed) => Mode::Train {
@@ -131,11 +280,8 @@ pub fn train_step<B: Backend>(
         };
         let acts = &scratch.acts.get(backend, model, batch)?;
         bert.forward(batch, acts, mode)?;
-        loss_sum += bert
-            .losses(batch, acts, s.label_smoothing)?
-            .iter()
-            .map(|&l| l as f64)
-            .sum::<f64>();
+        bert.compute_losses(batch, acts, s.label_smoothing)?;
+        scratch.ledger.record_losses(backend, &acts.losses)?;
         bert.backward(&model.grad_views, batch, acts, mode, spec)?;
     }
     if let Some(l) = scaler {
@@ -143,20 +289,24 @@ pub fn train_step<B: Backend>(
         backend.unscale_and_check(&model.grads, l.inv_scale_f32(), &scratch.found_inf)?;
     }
     clip_grad_norm(backend, &model.grads, &scratch.sumsq, s.max_grad_norm)?;
-    let readback = backend.download(&scratch.readback)?;
-    let (grad_norm, found_inf) = (readback[0].sqrt(), readback[1] != 0.0);
+    let slot = scratch.ledger.pending.len();
+    backend.copy(
+        &backend.view(&scratch.ledger.sumsq, slot, 1),
+        &scratch.sumsq,
+    )?;
     let scale_change = match scratch.loss_scaler.as_mut() {
-        Some(l) => l.update(found_inf),
+        Some(l) => l.update(backend.download(&scratch.found_inf)?[0] != 0.0),
         None => ScaleChange::Kept,
     };
     // An overflowed fp16 step changes nothing (GradScaler.step skips optimizer.step()).
     if !matches!(scale_change, ScaleChange::Backoff { .. }) {
         opt.update(backend, lr)?;
     }
-    Ok(StepReport {
-        loss: loss_sum / normalizer as f64,
-        grad_norm,
+    scratch.ledger.pending.push(PendingStep {
+        first_row,
+        rows: normalizer,
         lr,
         scale_change,
-    })
+    });
+    Ok(scale_change)
 }

@@ -30,7 +30,7 @@ pub use crate::train::plan::Plan;
 use crate::train::progress::Progress;
 use crate::train::schedule::{Schedule, ScheduleKind};
 use crate::train::state::TrainerState;
-use crate::train::step::{train_step, StepScratch, StepSettings};
+use crate::train::step::{queue_train_step, StepScratch, StepSettings};
 use crate::train::tensorboard::EventWriter;
 
 /// Set by the Ctrl-C handler: the loop saves a checkpoint and stops at the next step boundary.
@@ -236,7 +236,8 @@ impl<B: Backend> Trainer<'_, B> {
                 // The schedule advances with the optimizer: an fp16 step skipped on overflow
                 // does not step it (as accelerate's scheduler wrapper does not).
                 let lr = schedule.lr(opt.step);
-                let report = train_step(
+                // Queued: its loss and gradient norm are read on logging steps.
+                let scale_change = queue_train_step(
                     be,
                     model,
                     &mut opt,
@@ -251,7 +252,7 @@ impl<B: Backend> Trainer<'_, B> {
                     explain_out_of_memory(e, shape, "--per-device-train-batch-size")
                 })?;
                 state.global_step += 1;
-                if let ScaleChange::Backoff { from, to } = report.scale_change {
+                if let ScaleChange::Backoff { from, to } = scale_change {
                     progress.log(&format!(
                         "step {}: fp16 gradients overflowed (inf/NaN): step skipped, loss scale \
                          {from} -> {to}",
@@ -264,9 +265,7 @@ impl<B: Backend> Trainer<'_, B> {
                     * args.gradient_accumulation_steps.max(1) as u64)
                     .min(micro_in_epoch);
                 state.epoch = position.epoch as f64 + micro_done as f64 / micro_in_epoch as f64;
-                loss_since_log += report.loss;
                 steps_since_log += 1;
-                train_loss_sum += report.loss;
                 samples_done += if by_budget {
                     batches.iter().map(|b| b.size() as u64).sum()
                 } else {
@@ -285,6 +284,12 @@ impl<B: Backend> Trainer<'_, B> {
                     IntervalStrategy::No => false,
                 };
                 if log_now {
+                    let reports = scratch.take_reports(be)?;
+                    let report = *reports.last().context("a logging step without a report")?;
+                    for r in &reports {
+                        loss_since_log += r.loss;
+                        train_loss_sum += r.loss;
+                    }
                     let mean_loss = loss_since_log / steps_since_log as f64;
                     progress.update_stats(mean_loss, report.lr, report.grad_norm, state.epoch);
                     let mut entry = Map::new();
@@ -387,6 +392,12 @@ impl<B: Backend> Trainer<'_, B> {
             }
         }
         progress.finish();
+        // The steps after the last logging step, read back for train_loss.
+        train_loss_sum += scratch
+            .take_reports(be)?
+            .iter()
+            .map(|r| r.loss)
+            .sum::<f64>();
         if interrupted {
             return Ok(TrainOutcome {
                 state,
