@@ -36,10 +36,13 @@ pub fn predict<B: Backend>(
     let start = Instant::now();
     let bert = model.bert(backend);
     let classes = model.cfg.num_labels();
-    let mut logits = Vec::with_capacity(set.len());
-    let mut loss_sum = 0.0f64;
+    // Every batch's logits and losses are copied into these on the device and read back once
+    // at the end, so the device never waits for the host between batches.
+    let all_logits = backend.zeros(set.len() * classes)?;
+    let all_losses = backend.zeros(set.len())?;
     let order: Vec<usize> = (0..set.len()).collect();
     let chunks = batching.cut(&order, &set.lengths());
+    let mut done = 0;
     for rows in &chunks {
         let (ids, types, labels) = set.rows(rows);
         // Packed: no padding rows, which cost compute and change no logit.
@@ -50,20 +53,24 @@ pub fn predict<B: Backend>(
         };
         let a = &acts.get(backend, model, &batch).map_err(explain)?;
         bert.forward(&batch, a, Mode::Eval).map_err(explain)?;
+        let n = rows.len();
+        let logits_at = backend.view(&all_logits, done * classes, n * classes);
+        backend.copy(&logits_at, &a.logits)?;
         if labels.is_some() {
-            loss_sum += bert
-                .losses(&batch, a, label_smoothing)?
-                .iter()
-                .map(|&l| l as f64)
-                .sum::<f64>();
+            bert.compute_losses(&batch, a, label_smoothing)?;
+            backend.copy(&backend.view(&all_losses, done, n), &a.losses)?;
         }
-        logits.extend(
-            backend
-                .download(&a.logits)?
-                .chunks(classes)
-                .map(|c| c.to_vec()),
-        );
+        done += n;
     }
+    let logits: Vec<Vec<f32>> = backend
+        .download(&all_logits)?
+        .chunks(classes)
+        .map(|c| c.to_vec())
+        .collect();
+    let loss_sum: f64 = match set.labels {
+        Some(_) => backend.download(&all_losses)?.iter().map(|&l| l as f64).sum(),
+        None => 0.0,
+    };
     Ok(Predictions {
         logits,
         loss: set
