@@ -36,6 +36,9 @@ pub fn select_backend(device: DeviceChoice, precision: MatmulPrecision) -> Resul
         }
         Selected::Cpu(CpuBackend::with_matmul_precision(precision))
     };
+    if precision == MatmulPrecision::Tf32 && tf32_overridden(std::env::var_os(TF32_OVERRIDE)) {
+        eprintln!("notice: {TF32_OVERRIDE}=0 is set: cuBLAS ignores --tf32 and computes in fp32");
+    }
     Ok(match device {
         DeviceChoice::Cpu => cpu(),
         DeviceChoice::Cuda => Selected::Cuda(Box::new(
@@ -51,6 +54,13 @@ pub fn select_backend(device: DeviceChoice, precision: MatmulPrecision) -> Resul
             cpu()
         }
     })
+}
+
+/// NVIDIA's switch that turns TF32 off in cuBLAS and cuDNN whatever the program asks.
+const TF32_OVERRIDE: &str = "NVIDIA_TF32_OVERRIDE";
+
+fn tf32_overridden(value: Option<std::ffi::OsString>) -> bool {
+    value.is_some_and(|v| v == "0")
 }
 
 /// A local model folder, or a hub repository id fetched into the local cache (see `hub`).
@@ -99,4 +109,16 @@ pub fn load_model_with(dir: &Path, cfg: BertConfig, seed: u64) -> Result<LoadedM
         flat: loaded.flat,
         tokenizer,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_zero_overrides_tf32() {
+        assert!(tf32_overridden(Some("0".into())));
+        assert!(!tf32_overridden(Some("1".into())));
+        assert!(!tf32_overridden(None));
+    }
 }

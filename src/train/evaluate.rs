@@ -68,7 +68,11 @@ pub fn predict<B: Backend>(
         .map(|c| c.to_vec())
         .collect();
     let loss_sum: f64 = match set.labels {
-        Some(_) => backend.download(&all_losses)?.iter().map(|&l| l as f64).sum(),
+        Some(_) => backend
+            .download(&all_losses)?
+            .iter()
+            .map(|&l| l as f64)
+            .sum(),
         None => 0.0,
     };
     Ok(Predictions {
