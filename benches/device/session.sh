@@ -74,7 +74,7 @@ stage_tests() {
 }
 
 stage_sanitize() {
-    local cs; cs=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+    local cs; cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     for t in linear linear_reduced_precision embeddings layernorm activations dropout first_tokens \
              cross_entropy sum_squares_and_clipping unscale_and_check adamw_update model_forward_backward; do
         run_logged "memcheck-$t" "$cs" --tool memcheck --error-exitcode 9 "$work/tests/cuda_ops" --exact "$t" --test-threads 1
