@@ -128,9 +128,12 @@ def model_specs(args, vocab_size: int | None = None) -> list[ModelSpec]:
 def make_model(spec: ModelSpec, seed: int, device: str) -> BertForSequenceClassification:
     torch.manual_seed(seed)
     if spec.folder:
+        # fp32 master weights whatever the folder stores (benches/device/pack.sh carries MiniLM
+        # in fp16, which transformers would otherwise keep: GradScaler then refuses to unscale
+        # fp16 gradients); `.float()` rather than a dtype argument, whose name changed in 5.x.
         model = BertForSequenceClassification.from_pretrained(
             spec.folder, num_labels=2, attn_implementation="sdpa"
-        )
+        ).float()
     else:
         model = BertForSequenceClassification._from_config(
             spec.config, attn_implementation="sdpa"
@@ -467,7 +470,8 @@ def default_peak_tflops(args) -> float | None:
     if args.device == "cuda":
         name = torch.cuda.get_device_name(0)
         for gpu, tflops in KNOWN_GPUS.items():
-            if gpu in name:
+            # The PCIe and NVL variants of the same names are slower: their peak must be given.
+            if gpu in name and not any(v in name for v in ("PCIe", "NVL")):
                 return tflops
     return None
 
@@ -638,6 +642,8 @@ def run_sst2(args, doc: dict):
                 targs = training_args(
                     output_dir=out,
                     per_device_train_batch_size=32,
+                    # As benches/device/session.sh's run of ours evaluates.
+                    per_device_eval_batch_size=64,
                     num_train_epochs=1,
                     max_steps=args.sst2_max_steps,
                     learning_rate=1e-4,

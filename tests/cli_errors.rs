@@ -228,3 +228,32 @@ fn a_zero_token_budget_is_a_one_line_error_in_every_command() {
         "{e}"
     );
 }
+
+#[test]
+fn zero_batch_sizes_are_one_line_errors() {
+    let root = scratch("err-zero-batch");
+    let model = tiny_model_dir(&root);
+    let f = root.join("data.tsv");
+    write_tsv(&f, &synthetic_rows(8, 1));
+    for (option, command) in [
+        ("--per-device-train-batch-size", "train"),
+        ("--gradient-accumulation-steps", "train"),
+        ("--per-device-eval-batch-size", "train"),
+        ("--per-device-eval-batch-size", "evaluate"),
+    ] {
+        let mut c = bin();
+        c.args([command, "--device", "cpu", "--model"]).arg(&model);
+        if command == "train" {
+            c.arg("--train-file")
+                .arg(&f)
+                .arg("--output-dir")
+                .arg(root.join("out"));
+        } else {
+            c.arg("--validation-file").arg(&f);
+        }
+        c.args([option, "0"]);
+        let e = run_err(&mut c);
+        assert!(e.contains(option), "{command} {option} 0: {e}");
+    }
+    assert!(!root.join("out").exists());
+}

@@ -84,7 +84,8 @@ fn accumulated_micro_batches_equal_one_combined_batch() {
 
 /// Steps queued and read back later report what steps read back at once report, bit for bit,
 /// and leave the same weights, including when the ledger fills up (4 rows per step here, so a
-/// 10-row ledger is read back early every second step; 3 steps fill a 3-step one).
+/// 10-row ledger is read back early every second step; 3 steps fill a 3-step one) and when a
+/// step has more rows than it holds.
 #[test]
 fn queued_steps_report_what_immediate_steps_report() {
     use bertft_cuda::train::step::{queue_train_step, StepReport};
@@ -150,7 +151,8 @@ fn queued_steps_report_what_immediate_steps_report() {
     let (immediate, weights) = run(None);
     assert_eq!(immediate.len(), 7);
     assert!(immediate.windows(2).all(|w| w[0].loss != w[1].loss));
-    for capacity in [(1 << 16, 1 << 12), (10, 100), (100, 3)] {
+    // (3, 100): each 4-row step is over the ledger's rows, which grows.
+    for capacity in [(1 << 16, 1 << 12), (10, 100), (100, 3), (3, 100)] {
         let (queued, queued_weights) = run(Some(capacity));
         assert_eq!(queued, immediate, "ledger {capacity:?}");
         assert_eq!(queued_weights, weights, "ledger {capacity:?}");

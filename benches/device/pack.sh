@@ -24,12 +24,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 root="$PWD"
+# The executables' built-in paths (the binary the CLI tests run) must fall under the tree that
+# session.sh links on the device.
+export CARGO_TARGET_DIR="$root/target"
 out="$root/device-pack"
 python="${PYTHON:-python3}"
 minilm="${BERTFT_MINILM_DIR:-$root/target/test-assets/all-minilm-l6-v2}"
 
-grep -qx '/device-pack/' .git/info/exclude 2>/dev/null || {
-    mkdir -p .git/info && echo '/device-pack/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)
+grep -qx '/device-pack/' "$exclude" 2>/dev/null || {
+    mkdir -p "$(dirname "$exclude")" && echo '/device-pack/' >> "$exclude"
 }
 rm -rf "$out" && mkdir -p "$out/bin" "$out/tests" "$out/benches"
 git rev-parse HEAD > "$out/commit"
@@ -47,6 +51,8 @@ executables() { # executables CARGO-ARGS...: "name path" per line
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
+    if m.get("reason") == "compiler-message" and m["message"].get("level") == "error":
+        sys.stderr.write(m["message"].get("rendered", ""))
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] in (["test"], ["bench"]):
         print(m["target"]["name"], m["executable"])'
 }

@@ -21,8 +21,9 @@ root="$PWD"
 pack="$root/device-pack"
 OUT="${OUT:-$root/device-out}"
 mkdir -p "$OUT"
-work=/tmp/bertft
 [ -d "$pack" ] || { echo "no device-pack/: run benches/device/pack.sh and carry device-pack" >&2; exit 2; }
+# One folder per packed commit: a warm machine never runs an earlier pack's executables.
+work="/tmp/bertft-$(head -c 12 "$pack/commit")"
 
 unpack() {
     mkdir -p "$work"
@@ -39,7 +40,7 @@ unpack() {
         mkdir -p "$(dirname "$built")" && ln -s "$root" "$built"
     fi
     mkdir -p "$root/target/release"
-    [ -x "$root/target/release/bertft-cuda" ] || cp "$work/bin/bertft-cuda" "$root/target/release/"
+    cp "$work/bin/bertft-cuda" "$root/target/release/"
     # The CUDA toolkit of the machine (NVRTC, cuBLAS, headers).
     if [ -z "${CUDA_HOME:-}" ]; then
         local nvcc; nvcc=$(command -v nvcc || true)
@@ -109,7 +110,7 @@ stage_sst2() {
         --per-device-train-batch-size 32 --per-device-eval-batch-size 64 --learning-rate 1e-4 \
         --warmup-steps 0.06 --weight-decay 0.01 --eval-strategy epoch --save-strategy no \
         --logging-steps 200 --seed 42
-    run_logged sst2-theirs python3 benches/hf_reference.py --sst2-dir "$pack/sst2" \
+    run_logged sst2-theirs python3 benches/hf_reference.py --fp16 --sst2-dir "$pack/sst2" \
         --minilm-dir "$pack/minilm-fp16" --tokenizer-dir "$pack/minilm-fp16" --json "$OUT/sst2-theirs.json"
 }
 

@@ -242,12 +242,15 @@ pub trait Backend {
     /// The format the dense layers' GEMMs read their operands in.
     fn matmul_precision(&self) -> MatmulPrecision;
 
-    /// Peak device bytes allocated by this backend since it was created, or `None` where the
+    /// Peak device bytes allocated by this backend since it was created (or since the last
+    /// [`Backend::reset_peak_memory`]), or `None` where the
     /// backend does not count them (the CPU backend: its memory is the process's, see the peak
     /// RSS in `bench::memory`).
     fn peak_memory_bytes(&self) -> Option<u64> {
         None
     }
+    /// Starts [`Backend::peak_memory_bytes`] over from the memory held now.
+    fn reset_peak_memory(&self) {}
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;

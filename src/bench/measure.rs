@@ -37,7 +37,7 @@ pub fn measure<B: Backend>(
         dropout_seed: Some(seed),
         ..STEP
     };
-    memory.reset();
+    memory.reset(backend);
     let mut opt = AdamW::new(
         backend,
         &model.layout,

@@ -8,7 +8,8 @@ pub enum MemoryProbe {
     /// The process's peak RSS (`VmHWM`), reset before each setting where Linux allows it, so
     /// that each setting reports its own peak (the model's weights included).
     HostRss,
-    /// [`Backend::peak_memory_bytes`]: the peak since the backend was created.
+    /// [`Backend::peak_memory_bytes`]: the peak since the last
+    /// [`Backend::reset_peak_memory`] (made before each setting).
     Device,
 }
 
@@ -22,11 +23,14 @@ impl MemoryProbe {
     }
 
     /// Starts a new peak, where possible.
-    pub fn reset(self) {
-        if self == MemoryProbe::HostRss {
+    pub fn reset<B: Backend>(self, backend: &B) {
+        match self {
             // "5" resets VmHWM to the current RSS (Linux ≥ 4.0); elsewhere the peak stays the
             // process's, which is still an upper bound.
-            let _ = std::fs::write("/proc/self/clear_refs", "5");
+            MemoryProbe::HostRss => {
+                let _ = std::fs::write("/proc/self/clear_refs", "5");
+            }
+            MemoryProbe::Device => backend.reset_peak_memory(),
         }
     }
 
@@ -66,7 +70,7 @@ mod tests {
     #[test]
     fn probes_this_process() {
         if cfg!(target_os = "linux") {
-            MemoryProbe::HostRss.reset();
+            MemoryProbe::HostRss.reset(&CpuBackend::FP32);
             assert!(MemoryProbe::HostRss.peak_bytes(&CpuBackend::FP32).unwrap() > 0);
         }
         assert_eq!(MemoryProbe::Device.peak_bytes(&CpuBackend::FP32), None);

@@ -6,6 +6,7 @@
 /// number whatever precision it computes in. PCIe and NVL variants are slower: give
 /// `--peak-tflops` for them, and for any other GPU or the CPU.
 const KNOWN_GPUS: &[(&str, f64)] = &[("H100", 989.0), ("H200", 989.0)];
+const SLOWER_VARIANTS: &[&str] = &["PCIe", "NVL"];
 
 /// `--peak-tflops` when given; else, on CUDA, the known peak of the GPU the backend names.
 pub fn peak_tflops(given: Option<f64>, on_cuda: bool, backend_name: &str) -> Option<f64> {
@@ -16,6 +17,8 @@ pub fn peak_tflops(given: Option<f64>, on_cuda: bool, backend_name: &str) -> Opt
                     .iter()
                     .find(|(gpu, _)| backend_name.contains(gpu))
                     .map(|&(_, tflops)| tflops)
+                    // The slower variants of the same names: their peak must be given.
+                    .filter(|_| !SLOWER_VARIANTS.iter().any(|v| backend_name.contains(v)))
             })
             .flatten()
     })
@@ -36,6 +39,14 @@ mod tests {
         assert_eq!(peak_tflops(Some(312.0), true, h200), Some(312.0));
         assert_eq!(
             peak_tflops(None, true, "cuda:0 (NVIDIA A100-SXM4-80GB)"),
+            None
+        );
+        assert_eq!(
+            peak_tflops(None, true, "cuda:0 (NVIDIA H100 PCIe, sm_90)"),
+            None
+        );
+        assert_eq!(
+            peak_tflops(None, true, "cuda:0 (NVIDIA H200 NVL, sm_90)"),
             None
         );
         assert_eq!(peak_tflops(None, false, "cpu (2 threads)"), None);

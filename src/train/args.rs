@@ -129,10 +129,13 @@ impl DataArgs {
         Ok(MatmulPrecision::from_flags(self.fp16, self.bf16, self.tf32))
     }
 
-    /// A one-line error for a budget no sequence fits in.
+    /// A one-line error for a batch size or budget no sequence fits in.
     pub fn check_token_budget(&self) -> Result<()> {
         if self.max_tokens_per_batch == Some(0) {
             bail!("--max-tokens-per-batch must be at least 1 (tokens per batch), found 0");
+        }
+        if self.per_device_eval_batch_size == 0 {
+            bail!("--per-device-eval-batch-size must be at least 1");
         }
         Ok(())
     }
@@ -265,6 +268,12 @@ impl TrainArgs {
     /// The options' checks that clap cannot make, as one-line errors.
     pub fn check_batching(&self) -> Result<()> {
         self.data.check_token_budget()?;
+        if self.per_device_train_batch_size == 0 {
+            bail!("--per-device-train-batch-size must be at least 1");
+        }
+        if self.gradient_accumulation_steps == 0 {
+            bail!("--gradient-accumulation-steps must be at least 1");
+        }
         if self.data.max_tokens_per_batch.is_some() && self.dataloader_drop_last {
             // A budget batch has no full size that a last, short batch would fall below.
             bail!("--max-tokens-per-batch does not combine with --dataloader-drop-last");

@@ -129,12 +129,12 @@ impl Plan {
             check_epochs(args)?;
             let whole = args.num_train_epochs.floor();
             let full_steps: u64 = (0..whole as u64).map(&mut steps_in).sum();
-            let fraction = args.num_train_epochs - whole;
-            let partial_steps = if fraction > 0.0 {
-                (fraction * steps_in(whole as u64) as f64).ceil() as u64
-            } else {
-                0
-            };
+            // ⌈E·s⌉ − ⌊E⌋·s, not ⌈(E − ⌊E⌋)·s⌉: the subtraction E − ⌊E⌋ rounds (1.01 − 1 is
+            // 0.01000000000000000888), so only this form equals the Trainer's ⌈E × s⌉ whenever
+            // the epochs' counts are equal.
+            let last = steps_in(whole as u64);
+            let partial_steps =
+                (args.num_train_epochs * last as f64).ceil() as u64 - whole as u64 * last;
             (
                 full_steps + partial_steps,
                 args.num_train_epochs.ceil() as u64,
@@ -258,6 +258,26 @@ mod tests {
             (2.5 * plan.steps_per_epoch as f64).ceil() as u64
         );
         assert_eq!(plan.epochs, 3);
+        // Fractions that land on a whole step, where computing E − ⌊E⌋ first would round up
+        // one step too many (1 + 5/100: (1.05 − 1)·100 = 5.000000000000004).
+        let s = plan.steps_per_epoch;
+        for whole in [0u64, 1, 2] {
+            for k in 1..s {
+                let e = whole as f64 + k as f64 / s as f64;
+                let a = args(&[
+                    "--max-tokens-per-batch",
+                    "100",
+                    "--train-sampling-strategy",
+                    "sequential",
+                    "--num-train-epochs",
+                    &e.to_string(),
+                    "--gradient-accumulation-steps",
+                    "2",
+                ]);
+                let plan = Plan::for_run(&a, &train_batcher(&a, &lens)).unwrap();
+                assert_eq!(plan.max_steps, (e * s as f64).ceil() as u64, "epochs {e}");
+            }
+        }
     }
 
     #[test]

@@ -132,16 +132,16 @@ impl<B: Backend> Ledger<B> {
         })
     }
 
-    /// Makes room for a step of `rows` rows, reading back the pending steps when it lacks it.
+    /// Makes room for a step of `rows` rows, reading back the pending steps when it lacks it
+    /// (and growing the loss buffer for a step larger than it).
     fn reserve(&mut self, backend: &B, rows: usize) -> Result<()> {
-        ensure!(
-            rows <= self.row_capacity,
-            "a step of {rows} rows is over the {} rows a step may have",
-            self.row_capacity
-        );
         if self.rows_used + rows > self.row_capacity || self.pending.len() == self.step_capacity {
             let reports = self.read(backend)?;
             self.ready.extend(reports);
+        }
+        if rows > self.row_capacity {
+            self.row_capacity = rows.next_power_of_two();
+            self.losses = backend.zeros(self.row_capacity)?;
         }
         Ok(())
     }
@@ -158,6 +158,8 @@ impl<B: Backend> Ledger<B> {
     /// returns their reports, oldest first.
     fn read(&mut self, backend: &B) -> Result<Vec<StepReport>> {
         if self.pending.is_empty() {
+            // Rows of a step that failed half-way are dropped with it.
+            self.rows_used = 0;
             return Ok(Vec::new());
         }
         let losses = backend.download(&backend.view(&self.losses, 0, self.rows_used))?;

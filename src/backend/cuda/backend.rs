@@ -347,28 +347,29 @@ fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<Option<MemPool>> {
         return Ok(None);
     }
     let mut pool: dsys::CUmemoryPool = std::ptr::null_mut();
-    let (mut keep, mut zero) = (u64::MAX, 0u64);
-    // SAFETY: the current pool of a valid device; both attributes take a u64 (cuuint64_t).
-    unsafe {
-        dsys::cuDeviceGetMemPool(&mut pool, ctx.cu_device())
-            .result()
-            .map_err(|e| anyhow!("cuDeviceGetMemPool: {e}"))?;
-        dsys::cuMemPoolSetAttribute(
-            pool,
-            dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut keep as *mut u64 as *mut c_void,
-        )
+    // SAFETY: an out-parameter of a query on a valid device.
+    unsafe { dsys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) }
         .result()
-        .map_err(|e| anyhow!("cuMemPoolSetAttribute(RELEASE_THRESHOLD): {e}"))?;
-        dsys::cuMemPoolSetAttribute(
-            pool,
-            dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-            &mut zero as *mut u64 as *mut c_void,
-        )
-        .result()
-        .map_err(|e| anyhow!("cuMemPoolSetAttribute(USED_MEM_HIGH): {e}"))?;
-    }
+        .map_err(|e| anyhow!("cuDeviceGetMemPool: {e}"))?;
+    use dsys::CUmemPool_attribute::{
+        CU_MEMPOOL_ATTR_RELEASE_THRESHOLD as RELEASE_THRESHOLD,
+        CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED_MEM_HIGH,
+    };
+    set_pool_attribute(pool, RELEASE_THRESHOLD, u64::MAX)?;
+    set_pool_attribute(pool, USED_MEM_HIGH, 0)?;
     Ok(Some(MemPool(pool)))
+}
+
+/// Sets one of a pool's `cuuint64_t` attributes (the release threshold, the high-water marks).
+fn set_pool_attribute(
+    pool: dsys::CUmemoryPool,
+    attribute: dsys::CUmemPool_attribute,
+    mut value: u64,
+) -> Result<()> {
+    // SAFETY: a valid pool; the attributes set here take a u64 (cuuint64_t).
+    unsafe { dsys::cuMemPoolSetAttribute(pool, attribute, &mut value as *mut u64 as *mut c_void) }
+        .result()
+        .map_err(|e| anyhow!("cuMemPoolSetAttribute({attribute:?}): {e}"))
 }
 
 /// A device's default memory pool (owned by the driver: nothing to release).
@@ -844,6 +845,16 @@ impl Backend for CudaBackend {
     }
     fn peak_memory_bytes(&self) -> Option<u64> {
         self.peak_pool_bytes().ok().flatten()
+    }
+    fn reset_peak_memory(&self) {
+        if let Some(pool) = &self.pool {
+            // Best effort: a failure leaves the peak counting from an earlier point.
+            let _ = set_pool_attribute(
+                pool.0,
+                dsys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                0,
+            );
+        }
     }
 
     // ---- memory ----
