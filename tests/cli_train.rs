@@ -598,3 +598,36 @@ fn token_budget_predictions_and_metrics_match_row_batches_in_input_order() {
         evaluate_with(&[])
     );
 }
+
+/// The loss logged every 3 steps is the mean of the 3 per-step losses logged every step, and
+/// `train_loss` is the same: the queued steps' losses are read back whole, whenever the
+/// trainer reads them.
+#[test]
+fn logged_losses_are_the_means_of_the_steps_since_the_last_log() {
+    let root = scratch("log-means");
+    let s = setup(&root);
+    let run = |name: &str, every: &str| {
+        let out = root.join(name);
+        run_ok(train_cmd(&s, &out).args(["--max-steps", "9", "--logging-steps", every]));
+        let state = read_json(&out.join("trainer_state.json"));
+        let losses: Vec<f64> = state["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.get("loss").and_then(Value::as_f64))
+            .collect();
+        let results = read_json(&out.join("train_results.json"));
+        (losses, results["train_loss"].as_f64().unwrap())
+    };
+    let (each, train_loss_each) = run("every-step", "1");
+    let (thirds, train_loss_thirds) = run("every-third", "3");
+    assert_eq!((each.len(), thirds.len()), (9, 3));
+    for (k, logged) in thirds.iter().enumerate() {
+        let mean = each[3 * k..3 * k + 3].iter().sum::<f64>() / 3.0;
+        // Both sides are rounded to 4 decimals when logged, as the Trainer rounds them.
+        assert!((logged - mean).abs() <= 1e-4, "log {k}: {logged} vs {mean}");
+    }
+    assert_eq!(train_loss_each, train_loss_thirds);
+    let mean_all = each.iter().sum::<f64>() / 9.0;
+    assert!((train_loss_each - mean_all).abs() <= 1e-4);
+}
