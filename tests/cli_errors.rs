@@ -7,6 +7,19 @@ use std::path::Path;
 
 use common::cli::*;
 
+/// `command` (train, evaluate or predict) on the CPU with `model`, reading `data` (and, for
+/// train, writing `out`).
+fn command_on(command: &str, model: &Path, data: &Path, out: &Path) -> std::process::Command {
+    let mut c = bin();
+    c.args([command, "--device", "cpu", "--model"]).arg(model);
+    match command {
+        "train" => c.arg("--train-file").arg(data).arg("--output-dir").arg(out),
+        "evaluate" => c.arg("--validation-file").arg(data),
+        _ => c.arg("--test-file").arg(data),
+    };
+    c
+}
+
 fn train_err(root: &Path, train: &Path, dev: Option<&Path>) -> String {
     let model = tiny_model_dir(root);
     let mut c = bin();
@@ -168,12 +181,8 @@ fn fp16_and_bf16_together_are_refused() {
     let model = tiny_model_dir(&root);
     let f = root.join("dev.tsv");
     write_tsv(&f, &synthetic_rows(4, 1));
-    let mut c = bin();
-    c.args(["evaluate", "--device", "cpu", "--fp16", "--bf16", "--model"])
-        .arg(&model)
-        .arg("--validation-file")
-        .arg(&f);
-    let e = run_err(&mut c);
+    let e =
+        run_err(command_on("evaluate", &model, &f, &root.join("out")).args(["--fp16", "--bf16"]));
     assert!(e.contains("--fp16") && e.contains("--bf16"), "{e}");
 }
 
@@ -184,45 +193,17 @@ fn a_zero_token_budget_is_a_one_line_error_in_every_command() {
     let f = root.join("data.tsv");
     write_tsv(&f, &synthetic_rows(8, 1));
     let budget = ["--max-tokens-per-batch", "0"];
-    let mut train = bin();
-    train
-        .args(["train", "--device", "cpu", "--model"])
-        .arg(&model)
-        .arg("--train-file")
-        .arg(&f)
-        .arg("--output-dir")
-        .arg(root.join("out"))
-        .args(budget);
-    let mut evaluate = bin();
-    evaluate
-        .args(["evaluate", "--device", "cpu", "--model"])
-        .arg(&model)
-        .arg("--validation-file")
-        .arg(&f)
-        .args(budget);
-    let mut predict = bin();
-    predict
-        .args(["predict", "--device", "cpu", "--model"])
-        .arg(&model)
-        .arg("--test-file")
-        .arg(&f)
-        .args(budget);
-    for mut cmd in [train, evaluate, predict] {
-        let e = run_err(&mut cmd);
-        assert!(e.contains("--max-tokens-per-batch"), "{e}");
+    for command in ["train", "evaluate", "predict"] {
+        let e = run_err(command_on(command, &model, &f, &root.join("out")).args(budget));
+        assert!(e.contains("--max-tokens-per-batch"), "{command}: {e}");
     }
     assert!(!root.join("out").exists());
 
-    let e = run_err(
-        bin()
-            .args(["train", "--device", "cpu", "--model"])
-            .arg(&model)
-            .arg("--train-file")
-            .arg(&f)
-            .arg("--output-dir")
-            .arg(root.join("out"))
-            .args(["--max-tokens-per-batch", "64", "--dataloader-drop-last"]),
-    );
+    let e = run_err(command_on("train", &model, &f, &root.join("out")).args([
+        "--max-tokens-per-batch",
+        "64",
+        "--dataloader-drop-last",
+    ]));
     assert!(
         e.contains("--max-tokens-per-batch") && e.contains("--dataloader-drop-last"),
         "{e}"
@@ -241,16 +222,7 @@ fn zero_batch_sizes_are_one_line_errors() {
         ("--per-device-eval-batch-size", "train"),
         ("--per-device-eval-batch-size", "evaluate"),
     ] {
-        let mut c = bin();
-        c.args([command, "--device", "cpu", "--model"]).arg(&model);
-        if command == "train" {
-            c.arg("--train-file")
-                .arg(&f)
-                .arg("--output-dir")
-                .arg(root.join("out"));
-        } else {
-            c.arg("--validation-file").arg(&f);
-        }
+        let mut c = command_on(command, &model, &f, &root.join("out"));
         c.args([option, "0"]);
         let e = run_err(&mut c);
         assert!(e.contains(option), "{command} {option} 0: {e}");
