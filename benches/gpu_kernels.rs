@@ -788,6 +788,7 @@ fn adamw(r: &mut Runner<'_>, c: &mut Criterion) {
                         weight_decay: 0.01,
                     }],
                     &step,
+                    None,
                 )
             })
         }),

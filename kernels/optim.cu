@@ -1,4 +1,4 @@
-// optim.cu — gradient norm, clipping, loss-scale unscaling and the AdamW update (cpu/optim.rs).
+// optim.cu — gradient norm, clipping, fp16 loss scaling and the AdamW update (cpu/optim.rs).
 //
 // Global norm: sumsq = Σ g² over the flat fp32 gradient buffer (sum_squares_partial, then
 // sum_squares_finalize: fp32 per-thread and per-block sums, the block partials added in fp64 in a
@@ -13,9 +13,11 @@
 //   passes them rounded to fp32, except lr (f64, for the decay factor). Every operation is an
 //   explicitly rounded intrinsic (__fmul_rn, …), so no FMA contraction changes the result: the
 //   update is the CPU reference's, bit for bit, given the same inputs.
-// Dynamic loss scaling: unscale_and_check multiplies the gradients by 1/scale and sets a device
-// flag when any result is inf or NaN; adamw_update takes that flag and then leaves everything
-// untouched (the step is skipped without a host round trip).
+// Dynamic loss scaling, all on the device: scale_by_device multiplies the logits' gradient by the
+// scale; unscale_and_check multiplies the gradients by 1/scale and sets a device flag when any
+// result is inf or NaN; update_loss_scale applies GradScaler's rule to [scale, growth_tracker];
+// adamw_update takes the flag and then leaves everything untouched. No host round trip: the host
+// reads the flag one step late to keep its learning-rate schedule and step count exact.
 // Layout: parameters, gradients, exp_avg, exp_avg_sq are fp32 flat buffers with the same layout
 // (a tensor at the same offset in each); the AdamW segment table lists the tensors to update.
 #include "common.cuh"
@@ -98,13 +100,17 @@ extern "C" __global__ void clip_by_global_norm(float* __restrict__ x, unsigned l
 }
 
 // ---- loss scaling ----
-// g *= inv_scale (in place); *found_inf = 1.0f if any result is inf or NaN (the caller zeroes the
-// flag before; it is never cleared here). The flag is an fp32 element so that it can sit beside the
-// gradient norm's Σg² in one small buffer, read back with one copy. As torch's _amp_foreach_non_finite_check_and_unscale_, except
+// The scale lives on the device ([scale, growth_tracker], fp32), so that a step never waits for
+// the host to learn whether the previous one overflowed.
+//
+// g *= 1/scale[0] (in place, the reciprocal in fp32); *found_inf = 1.0f if any result is inf or
+// NaN (the caller zeroes the flag before; it is never cleared here). The flag is an fp32 element,
+// as adamw_update's skip reads it. As torch's _amp_foreach_non_finite_check_and_unscale_, except
 // that the check is on the unscaled value (which also catches an overflow of the product).
 // Launch: block 256 (any multiple of 32), grid min(ceil(n / 4 / 256), 16·SMs) (any grid).
-extern "C" __global__ void unscale_and_check(float* __restrict__ grads, unsigned long long n, float inv_scale,
-                                             float* __restrict__ found_inf) {
+extern "C" __global__ void unscale_and_check(float* __restrict__ grads, unsigned long long n,
+                                             const float* __restrict__ scale, float* __restrict__ found_inf) {
+    const float inv_scale = __fdiv_rn(1.0f, scale[0]);
     const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
     const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     const float big = 3.40282347e38f;  // FLT_MAX: !(|v| <= big) is inf or NaN
@@ -130,6 +136,34 @@ extern "C" __global__ void unscale_and_check(float* __restrict__ grads, unsigned
         grads[i] = v;
     }
     if (__any_sync(0xffffffffu, bad) && (threadIdx.x & 31u) == 0) *found_inf = 1.0f;
+}
+
+// x *= s[0] (the loss scale applied to the logits' gradient). Launch: any grid, block 256.
+extern "C" __global__ void scale_by_device(float* __restrict__ x, unsigned long long n,
+                                           const float* __restrict__ s) {
+    const float factor = s[0];
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        x[i] = __fmul_rn(x[i], factor);
+}
+
+// GradScaler's update (torch._amp_update_scale_) of state = [scale, growth_tracker] from
+// found_inf[0]: on an inf/NaN, scale *= backoff and the tracker restarts; else the tracker
+// counts the step and, reaching growth_interval, restarts while the scale is multiplied by
+// growth (kept if that is not finite). Launch: ONE thread (grid 1, block 1).
+extern "C" __global__ void update_loss_scale(float* __restrict__ state, const float* __restrict__ found_inf,
+                                             float growth, float backoff, unsigned int growth_interval) {
+    const float scale = state[0], tracker = state[1];
+    if (found_inf[0] != 0.0f) {
+        state[0] = __fmul_rn(scale, backoff);
+        state[1] = 0.0f;
+    } else if (tracker + 1.0f >= (float)growth_interval) {
+        const float grown = __fmul_rn(scale, growth);
+        state[0] = isfinite(grown) ? grown : scale;
+        state[1] = 0.0f;
+    } else {
+        state[1] = tracker + 1.0f;
+    }
 }
 
 // ---- AdamW ----

@@ -1331,13 +1331,15 @@ fn clip_by_global_norm() {
 #[test]
 fn unscale_and_check() {
     // Finite gradients: scaled, flag untouched (it is set, never cleared). Then one inf, one
-    // NaN, at either end of the buffer and past the 4-wide vector part.
+    // NaN, at either end of the buffer and past the 4-wide vector part. The scale is read from
+    // a device tensor, its reciprocal taken in fp32.
+    let scale = up(&[65536.0]);
     let inv_scale = 1.0 / 65536.0;
     for (case, &n) in [1usize, 7, 1221].iter().enumerate() {
         let x = nonzero(n, 2100 + case as u64, 3e4);
         let (xt, flag) = (up(&x), up(&[0.0]));
-        BE.unscale_and_check(&xt, inv_scale, &flag).unwrap();
-        let want: Vec<f64> = x.iter().map(|&v| v as f64 * inv_scale as f64).collect();
+        BE.unscale_and_check(&xt, &scale, &flag).unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| v as f64 * inv_scale).collect();
         // One product rounded to fp32 (a power of two: exact here, U allowed).
         assert_close(
             &format!("unscale_and_check n {n}"),
@@ -1351,7 +1353,7 @@ fn unscale_and_check() {
             "n {n}: finite gradients raised the flag"
         );
         let set = up(&[1.0]);
-        BE.unscale_and_check(&up(&x), inv_scale, &set).unwrap();
+        BE.unscale_and_check(&up(&x), &scale, &set).unwrap();
         assert_eq!(down(&set), [1.0], "n {n}: the flag was cleared");
         for (bad, at) in [
             (f32::INFINITY, 0),
@@ -1361,10 +1363,88 @@ fn unscale_and_check() {
             let mut y = x.clone();
             y[at] = bad;
             let flag = up(&[0.0]);
-            BE.unscale_and_check(&up(&y), inv_scale, &flag).unwrap();
+            BE.unscale_and_check(&up(&y), &scale, &flag).unwrap();
             assert_eq!(down(&flag), [1.0], "n {n}: {bad} at {at} not detected");
         }
     }
+}
+
+#[test]
+fn scale_by() {
+    for (case, &n) in [1usize, 7, 1221].iter().enumerate() {
+        let x = nonzero(n, 2150 + case as u64, 2.0);
+        let xt = up(&x);
+        BE.scale_by(&xt, &up(&[3.0])).unwrap();
+        let want: Vec<f64> = x.iter().map(|&v| v as f64 * 3.0).collect();
+        assert_close(&format!("scale_by n {n}"), &down(&xt), &want, |i| {
+            U * want[i].abs()
+        });
+    }
+}
+
+#[test]
+fn update_loss_scale() {
+    // Against the host's LossScaler (GradScaler's rule), from states on either side of each
+    // branch: overflow, a clean step, the 2000th clean step, and growth that would overflow fp32.
+    use bertft_cuda::train::loss_scale::{
+        LossScaler, BACKOFF_FACTOR, GROWTH_FACTOR, GROWTH_INTERVAL,
+    };
+    for (scale, tracker) in [
+        (65536.0f64, 0u32),
+        (65536.0, 1998),
+        (65536.0, 1999),
+        (2f64.powi(127), 1999),
+        (1.0, 7),
+    ] {
+        for found_inf in [false, true] {
+            let state = up(&[scale as f32, tracker as f32]);
+            BE.update_loss_scale(
+                &state,
+                &up(&[if found_inf { 1.0 } else { 0.0 }]),
+                GROWTH_FACTOR as f32,
+                BACKOFF_FACTOR as f32,
+                GROWTH_INTERVAL,
+            )
+            .unwrap();
+            let mut host = LossScaler {
+                scale,
+                growth_tracker: tracker,
+            };
+            host.update(found_inf);
+            assert_eq!(
+                down(&state),
+                [host.scale as f32, host.growth_tracker as f32],
+                "from ({scale}, {tracker}), found_inf {found_inf}"
+            );
+        }
+    }
+}
+
+#[test]
+fn adamw_skips_on_the_overflow_flag() {
+    let (p, g) = (nonzero(9, 2190, 1.0), nonzero(9, 2191, 1.0));
+    let (pt, gt, m, v) = (up(&p), up(&g), BE.zeros(9).unwrap(), BE.zeros(9).unwrap());
+    let tensors = [AdamWTensor {
+        param: &pt,
+        grad: &gt,
+        exp_avg: &m,
+        exp_avg_sq: &v,
+        weight_decay: 0.01,
+    }];
+    let step = AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        step: 1,
+    };
+    BE.adamw_update(&tensors, &step, Some(&up(&[1.0]))).unwrap();
+    assert_eq!(
+        (down(&pt), down(&m), down(&v)),
+        (p.clone(), vec![0.0; 9], vec![0.0; 9])
+    );
+    BE.adamw_update(&tensors, &step, Some(&up(&[0.0]))).unwrap();
+    assert_ne!(down(&pt), p, "a clear flag must let the update through");
 }
 
 #[test]
@@ -1422,6 +1502,7 @@ fn adamw_update() {
                     eps,
                     step,
                 },
+                Some(&up(&[0.0])),
             )
             .unwrap();
             let g64 = f64s(&g);

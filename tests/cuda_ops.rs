@@ -667,39 +667,80 @@ fn sum_squares_and_clipping() {
     }
 }
 
-/// Loss-scale unscaling of finite values, then with an inf and a NaN planted.
-fn unscale_case<B: Backend>(be: &B, n: usize, offset: usize) -> Vec<(&'static str, Vec<f32>)> {
+/// fp16 loss scaling on the device: unscaling of finite values, then with an inf and a NaN
+/// planted; the scale applied to a tensor; the scale's update from states on each branch of
+/// its rule; AdamW skipped on the flag; and the flag read back through `download_start`.
+fn loss_scale_case<B: Backend>(be: &B, n: usize, offset: usize) -> Vec<(&'static str, Vec<f32>)> {
     let v = random_vec(n, 40 + n as u64, 3e4);
     let x = up_at(be, &v, offset);
-    let flag = up(be, &[0.0]);
-    be.unscale_and_check(&x, 1.0 / 65536.0, &flag).unwrap();
+    let (scale, flag) = (up(be, &[65536.0]), up(be, &[0.0]));
+    be.unscale_and_check(&x, &scale, &flag).unwrap();
     let mut planted = v.clone();
     planted[n / 2] = f32::INFINITY;
     planted[n - 1] = f32::NAN;
     let bad_flag = up(be, &[0.0]);
-    be.unscale_and_check(&up_at(be, &planted, offset), 0.5, &bad_flag)
+    be.unscale_and_check(&up_at(be, &planted, offset), &up(be, &[2.0]), &bad_flag)
         .unwrap();
+    let scaled = up_at(be, &v, offset);
+    be.scale_by(&scaled, &up(be, &[0.25])).unwrap();
+    let mut states = Vec::new();
+    for (s, tracker) in [
+        (65536.0f32, 0.0f32),
+        (65536.0, 1999.0),
+        (2f32.powi(127), 1999.0),
+    ] {
+        for found in [0.0, 1.0] {
+            let state = up(be, &[s, tracker]);
+            be.update_loss_scale(&state, &up(be, &[found]), 2.0, 0.5, 2000)
+                .unwrap();
+            states.extend(down(be, &state));
+        }
+    }
+    let p = up(be, &v);
+    let tensors = [AdamWTensor {
+        param: &p,
+        grad: &x,
+        exp_avg: &be.zeros(n).unwrap(),
+        exp_avg_sq: &be.zeros(n).unwrap(),
+        weight_decay: 0.01,
+    }];
+    let step = AdamWStep {
+        lr: 1e-3,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        step: 1,
+    };
+    be.adamw_update(&tensors, &step, Some(&bad_flag)).unwrap();
+    let pending = be.download_start(&bad_flag).unwrap();
     vec![
         ("unscaled", down(be, &x)),
         ("flag (finite)", down(be, &flag)),
         ("flag (inf, NaN)", down(be, &bad_flag)),
+        ("scaled by 0.25", down(be, &scaled)),
+        ("updated states", states),
+        ("params after a skipped AdamW", down(be, &p)),
+        (
+            "flag read back without waiting",
+            be.download_finish(pending).unwrap(),
+        ),
     ]
 }
 
 #[test]
-fn unscale_and_check() {
+fn loss_scaling() {
     let Some(g) = gpu() else { return };
     for n in [1, 7, 5000, 100_003] {
         for offset in [0, 1] {
-            let (gc, cc) = (unscale_case(&g, n, offset), unscale_case(&CPU, n, offset));
+            let (gc, cc) = (
+                loss_scale_case(&g, n, offset),
+                loss_scale_case(&CPU, n, offset),
+            );
             for ((name, a), (_, b)) in gc.iter().zip(&cc) {
-                exact(
-                    &format!("unscale_and_check n {n} offset {offset}: {name}"),
-                    a,
-                    b,
-                );
+                exact(&format!("loss scaling n {n} offset {offset}: {name}"), a, b);
             }
             assert_eq!(cc[2].1, [1.0]);
+            assert_eq!(cc[5].1, random_vec(n, 40 + n as u64, 3e4));
         }
     }
 }
@@ -791,6 +832,7 @@ fn adamw_case<B: Backend>(be: &B) -> Vec<(&'static str, Vec<f32>)> {
                 eps: 1e-8,
                 step: t,
             },
+            None,
         )
         .unwrap();
     }
@@ -1048,7 +1090,7 @@ fn cases_run_on_the_cpu() {
         }
     }
     norm_case(&CPU, 5000, 0.5);
-    unscale_case(&CPU, 5000, 1);
+    loss_scale_case(&CPU, 5000, 1);
     for p in [MatmulPrecision::F16, MatmulPrecision::Tf32] {
         let c = CpuBackend::with_matmul_precision(p);
         linear_case(&c, 33, 384, 1152, true, true);

@@ -89,7 +89,7 @@ fn only_fp16_has_a_loss_scaler() {
     ] {
         let run = Run::new(p);
         assert_eq!(
-            run.scratch.loss_scaler,
+            run.scratch.loss_scaler(),
             scaled.then(LossScaler::default),
             "{p:?}"
         );
@@ -123,10 +123,15 @@ fn fp16_overflow_skips_the_step_halves_the_scale_and_recovers() {
     // At 2⁴⁰ the scaled logit gradients (~2⁴⁰/4) overflow fp16 the moment the classifier's
     // backward GEMM reads them: inf gradients, so the step must change nothing.
     let mut run = Run::new(MatmulPrecision::F16);
-    run.scratch.loss_scaler = Some(LossScaler {
-        scale: 2f64.powi(40),
-        growth_tracker: 5,
-    });
+    run.scratch
+        .set_loss_scaler(
+            &run.be,
+            LossScaler {
+                scale: 2f64.powi(40),
+                growth_tracker: 5,
+            },
+        )
+        .unwrap();
     let before = run.params();
     let r = run.step();
     assert_eq!(
@@ -145,7 +150,7 @@ fn fp16_overflow_skips_the_step_halves_the_scale_and_recovers() {
         .unwrap()
         .iter()
         .all(|&m| m == 0.0));
-    assert_eq!(run.scratch.loss_scaler.unwrap().growth_tracker, 0);
+    assert_eq!(run.scratch.loss_scaler().unwrap().growth_tracker, 0);
 
     // The scale keeps halving until the gradients fit, then steps are taken.
     let mut skipped = 1;
@@ -154,17 +159,23 @@ fn fp16_overflow_skips_the_step_halves_the_scale_and_recovers() {
         assert!(skipped < 40, "the loss scale never recovered");
     }
     assert_eq!(run.opt.step, 1);
-    let recovered = run.scratch.loss_scaler.unwrap();
+    let recovered = run.scratch.loss_scaler().unwrap();
     assert_eq!(recovered.scale, 2f64.powi(40 - skipped));
     assert_eq!(recovered.growth_tracker, 1);
 
     // Skipped steps left no trace: a run started at the recovered scale takes the same step
     // (dropout is keyed by the micro-step, so that run's step is numbered as this one's).
     let mut direct = Run::new(MatmulPrecision::F16);
-    direct.scratch.loss_scaler = Some(LossScaler {
-        scale: recovered.scale,
-        growth_tracker: 0,
-    });
+    direct
+        .scratch
+        .set_loss_scaler(
+            &direct.be,
+            LossScaler {
+                scale: recovered.scale,
+                growth_tracker: 0,
+            },
+        )
+        .unwrap();
     direct.steps = skipped as u64;
     let r = direct.step();
     assert!(!r.skipped());

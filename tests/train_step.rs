@@ -7,10 +7,13 @@ mod common;
 
 use bertft_cuda::backend::cpu::CpuBackend;
 use bertft_cuda::backend::Backend;
+use bertft_cuda::backend::MatmulPrecision;
 use bertft_cuda::model::bert::Batch;
 use bertft_cuda::model::params::ParamLayout;
 use bertft_cuda::model::Classifier;
+use bertft_cuda::train::loss_scale::LossScaler;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
+use bertft_cuda::train::step::{queue_train_step, StepReport};
 use bertft_cuda::train::step::{train_step, StepScratch, StepSettings};
 use common::fixture::{has_zero_exact_gradient, max_abs_diff};
 use common::tiny::*;
@@ -88,15 +91,50 @@ fn accumulated_micro_batches_equal_one_combined_batch() {
 /// step has more rows than it holds.
 #[test]
 fn queued_steps_report_what_immediate_steps_report() {
-    use bertft_cuda::train::step::{queue_train_step, StepReport};
-    let be = CpuBackend::FP32;
+    let (immediate, _) = queued_matches_immediate(CpuBackend::FP32, None);
+    assert!(immediate.iter().all(|r| !r.skipped()));
+}
+
+/// The same in fp16 from a loss scale of 2²¹, which overflows for the first steps: the host
+/// learns of each skipped step one step late (the flag is settled before the next step, as the
+/// trainer does) and the reports, the skips, the weights and AdamW's step count still match.
+#[test]
+fn queued_fp16_steps_settle_their_overflows_as_immediate_steps_do() {
+    let be = CpuBackend::with_matmul_precision(MatmulPrecision::F16);
+    let (immediate, steps_taken) = queued_matches_immediate(be, Some(2f64.powi(21)));
+    let skipped = immediate.iter().filter(|r| r.skipped()).count();
+    assert!(
+        (1..7).contains(&skipped),
+        "the test needs some skipped and some taken steps, got {skipped} skipped of 7"
+    );
+    assert_eq!(steps_taken, 7 - skipped as u64);
+}
+
+fn bits(reports: &[StepReport]) -> Vec<(u64, u32, u64, String)> {
+    reports
+        .iter()
+        .map(|r| {
+            let change = format!("{:?}", r.scale_change);
+            (
+                r.loss.to_bits(),
+                r.grad_norm.to_bits(),
+                r.lr.to_bits(),
+                change,
+            )
+        })
+        .collect()
+}
+
+/// Runs 7 steps immediately and queued with several ledger sizes; asserts they agree and
+/// returns the immediate run's reports and its AdamW step count.
+fn queued_matches_immediate(be: CpuBackend, initial_scale: Option<f64>) -> (Vec<StepReport>, u64) {
     let cfg = tiny_config("gelu");
     let settings = StepSettings {
         max_grad_norm: 0.5,
         label_smoothing: 0.1,
         dropout_seed: Some(5),
     };
-    let run = |queued: Option<(usize, usize)>| -> (Vec<StepReport>, Vec<f32>) {
+    let run = |queued: Option<(usize, usize)>| -> (Vec<StepReport>, Vec<f32>, u64) {
         let model = Classifier::new(&be, cfg.clone(), &tiny_weights(&cfg, 3)).unwrap();
         let mut opt = AdamW::new(
             &be,
@@ -110,11 +148,19 @@ fn queued_steps_report_what_immediate_steps_report() {
             Some((rows, steps)) => StepScratch::with_ledger_capacity(&be, rows, steps).unwrap(),
             None => StepScratch::new(&be).unwrap(),
         };
+        if let Some(scale) = initial_scale {
+            let scaler = LossScaler {
+                scale,
+                growth_tracker: 0,
+            };
+            scratch.set_loss_scaler(&be, scaler).unwrap();
+        }
         let micro = [batch(&be, 0..3), batch(&be, 3..4)];
         let mut reports = Vec::new();
         for s in 0..7u64 {
             let lr = 1e-3 * (s + 1) as f64;
             if queued.is_some() {
+                scratch.settle(&be, &mut opt).unwrap();
                 queue_train_step(
                     &be,
                     &model,
@@ -127,7 +173,7 @@ fn queued_steps_report_what_immediate_steps_report() {
                 )
                 .unwrap();
                 if s == 4 {
-                    reports.extend(scratch.take_reports(&be).unwrap());
+                    reports.extend(scratch.take_reports(&be, &mut opt).unwrap());
                 }
             } else {
                 reports.push(
@@ -145,16 +191,19 @@ fn queued_steps_report_what_immediate_steps_report() {
                 );
             }
         }
-        reports.extend(scratch.take_reports(&be).unwrap());
-        (reports, be.download(&model.params).unwrap())
+        reports.extend(scratch.take_reports(&be, &mut opt).unwrap());
+        (reports, be.download(&model.params).unwrap(), opt.step)
     };
-    let (immediate, weights) = run(None);
+    let (immediate, weights, steps_taken) = run(None);
     assert_eq!(immediate.len(), 7);
     assert!(immediate.windows(2).all(|w| w[0].loss != w[1].loss));
     // (3, 100): each 4-row step is over the ledger's rows, which grows.
     for capacity in [(1 << 16, 1 << 12), (10, 100), (100, 3), (3, 100)] {
-        let (queued, queued_weights) = run(Some(capacity));
-        assert_eq!(queued, immediate, "ledger {capacity:?}");
+        let (queued, queued_weights, queued_steps) = run(Some(capacity));
+        // Bit for bit (an overflowed step's norm is NaN, which == would never match).
+        assert_eq!(bits(&queued), bits(&immediate), "ledger {capacity:?}");
         assert_eq!(queued_weights, weights, "ledger {capacity:?}");
+        assert_eq!(queued_steps, steps_taken, "ledger {capacity:?}");
     }
+    (immediate, steps_taken)
 }

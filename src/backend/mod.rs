@@ -459,20 +459,47 @@ pub trait Backend {
         sumsq: &Self::Tensor,
         max_norm: f32,
     ) -> Result<()>;
-    /// Loss-scale unscaling: `x *= inv_scale`, and `found_inf[0] = 1` when any result is inf
-    /// or NaN (`found_inf` is set, never cleared: the caller zeroes it before).
+    /// `x *= s[0]`, the factor read on the device (the fp16 loss scale).
+    fn scale_by(&self, x: &Self::Tensor, s: &Self::Tensor) -> Result<()>;
+    /// Loss-scale unscaling: `x *= 1/scale[0]` (the reciprocal in fp32), and `found_inf[0] = 1`
+    /// when any result is inf or NaN (`found_inf` is set, never cleared: the caller zeroes it).
     fn unscale_and_check(
         &self,
         x: &Self::Tensor,
-        inv_scale: f32,
+        scale: &Self::Tensor,
         found_inf: &Self::Tensor,
     ) -> Result<()>;
-    /// One `torch.optim.AdamW` step over each tensor.
+    /// `GradScaler`'s update of `state = [scale, growth_tracker]` after a step whose unscaled
+    /// gradients had an inf/NaN when `found_inf[0] != 0`: on one, `scale *= backoff` and the
+    /// tracker restarts; else the tracker counts the clean step, and at `growth_interval` the
+    /// scale is multiplied by `growth` (kept when that is not finite in fp32) and the tracker
+    /// restarts. All on the device, so the next step's loss scale needs no host round trip.
+    fn update_loss_scale(
+        &self,
+        state: &Self::Tensor,
+        found_inf: &Self::Tensor,
+        growth: f32,
+        backoff: f32,
+        growth_interval: u32,
+    ) -> Result<()>;
+    /// One `torch.optim.AdamW` step over each tensor; nothing at all when `skip` is given and
+    /// `skip[0] != 0` (an fp16 step whose gradients overflowed, decided on the device).
     fn adamw_update(
         &self,
         tensors: &[AdamWTensor<'_, Self::Tensor>],
         step: &AdamWStep,
+        skip: Option<&Self::Tensor>,
     ) -> Result<()>;
+
+    // ---- reading back without waiting for the queue ----
+    /// A copy of `t` on its way to the host.
+    type Pending;
+    /// Starts copying `t` to the host, in queue order but without waiting: the copy is made
+    /// once the work queued before it is done, and later work does not delay it.
+    fn download_start(&self, t: &Self::Tensor) -> Result<Self::Pending>;
+    /// Waits for a copy [`Backend::download_start`] started (only for it, not for the work
+    /// queued after it) and returns the values.
+    fn download_finish(&self, pending: Self::Pending) -> Result<Vec<f32>>;
 }
 
 #[cfg(test)]

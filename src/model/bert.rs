@@ -636,6 +636,32 @@ impl<B: Backend> Bert<'_, B> {
         mode: Mode,
         loss: LossSpec,
     ) -> Result<()> {
+        self.backward_with(grads, batch, acts, mode, loss, None)
+    }
+
+    /// [`Bert::backward`] with the loss also multiplied by `scale[0]`, a factor held on the
+    /// device (the fp16 loss scale, which the host does not wait to learn).
+    pub fn backward_device_scaled(
+        &self,
+        grads: &BertTensors<B::Tensor>,
+        batch: &Batch<B>,
+        acts: &Activations<B::Tensor>,
+        mode: Mode,
+        loss: LossSpec,
+        scale: &B::Tensor,
+    ) -> Result<()> {
+        self.backward_with(grads, batch, acts, mode, loss, Some(scale))
+    }
+
+    fn backward_with(
+        &self,
+        grads: &BertTensors<B::Tensor>,
+        batch: &Batch<B>,
+        acts: &Activations<B::Tensor>,
+        mode: Mode,
+        loss: LossSpec,
+        device_scale: Option<&B::Tensor>,
+    ) -> Result<()> {
         self.check_shape(batch, acts)?;
         let (be, w, cfg) = (self.backend, self.weights, self.cfg);
         let (h, _, c) = self.dims();
@@ -654,6 +680,9 @@ impl<B: Backend> Bert<'_, B> {
             loss.label_smoothing,
             scale,
         )?;
+        if let Some(s) = device_scale {
+            be.scale_by(&acts.g_logits, s)?;
+        }
         let [g_pool_drop, g_pooled, g_cls] = &acts.g_pool;
         be.linear_backward(
             Some(g_pool_drop),

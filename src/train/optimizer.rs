@@ -86,6 +86,13 @@ impl<B: Backend> AdamW<B> {
 
     /// One update of every parameter at learning rate `lr`.
     pub fn update(&mut self, backend: &B, lr: f64) -> Result<()> {
+        self.update_unless(backend, lr, None)
+    }
+
+    /// [`AdamW::update`], which the device skips when `skip[0] != 0` (an fp16 overflow). The
+    /// step count assumes it was not skipped; whoever learns otherwise calls
+    /// [`AdamW::uncount_skipped_step`].
+    pub fn update_unless(&mut self, backend: &B, lr: f64, skip: Option<&B::Tensor>) -> Result<()> {
         self.step += 1;
         let c = self.config;
         let tensors: Vec<AdamWTensor<'_, B::Tensor>> = self
@@ -106,7 +113,14 @@ impl<B: Backend> AdamW<B> {
             eps: c.eps,
             step: self.step,
         };
-        backend.adamw_update(&tensors, &step)
+        backend.adamw_update(&tensors, &step, skip)
+    }
+}
+
+impl<B: Backend> AdamW<B> {
+    /// Takes back the step count of an update the device skipped.
+    pub fn uncount_skipped_step(&mut self) {
+        self.step -= 1;
     }
 }
 

@@ -10,16 +10,23 @@
 //!
 //! A queued step does not wait for the device: its per-row losses and gradient norm are copied
 //! into a ledger on the device and read back only when the trainer asks (on logging steps), so
-//! the host can queue the next step while the device still runs this one. The one exception is
-//! fp16, whose step reads its inf/NaN flag back (one float), as `GradScaler.step` does, to
-//! decide whether to update and how to scale the next step's loss.
+//! the host can queue the next step while the device still runs this one.
+//!
+//! fp16 keeps that property (where `GradScaler.step` reads its inf/NaN flag back at once): the
+//! loss scale lives on the device, the overflow flag makes the AdamW kernel write nothing, and
+//! the scale is updated by a kernel. The host learns about an overflow one step late, from a
+//! copy of the flag queued right after the unscaling ([`StepScratch::settle`]): before the next
+//! step's learning rate is computed, so that the schedule and AdamW's step count leave out a
+//! skipped step exactly as accelerate's do.
 
 use anyhow::{ensure, Result};
 
 use crate::backend::{Backend, MatmulPrecision};
 use crate::model::bert::{ActivationArena, Activations, Batch, LossSpec, Mode};
 use crate::model::Classifier;
-use crate::train::loss_scale::{LossScaler, ScaleChange};
+use crate::train::loss_scale::{
+    LossScaler, ScaleChange, BACKOFF_FACTOR, GROWTH_FACTOR, GROWTH_INTERVAL,
+};
 use crate::train::optimizer::{clip_grad_norm, AdamW};
 
 /// Activation buffers for every batch shape of a run (see [`ActivationArena`]).
@@ -83,7 +90,18 @@ pub struct StepScratch<B: Backend> {
     found_inf: B::Tensor,
     ledger: Ledger<B>,
     /// Present when the backend's GEMMs read fp16 (`--fp16`): dynamic loss scaling.
-    pub loss_scaler: Option<LossScaler>,
+    scaler: Option<DeviceScaler<B>>,
+}
+
+/// fp16's loss scaler: its state on the device, the host's copy of it (exact once settled), and
+/// the overflow flag of the last queued step on its way to the host.
+struct DeviceScaler<B: Backend> {
+    /// `[scale, growth_tracker]`, as `update_loss_scale` keeps it.
+    state: B::Tensor,
+    /// `state[0]`.
+    scale: B::Tensor,
+    mirror: LossScaler,
+    pending: Option<B::Pending>,
 }
 
 /// Per-row losses and gradient norms of steps not yet read back, kept on the device so that a
@@ -108,6 +126,7 @@ struct PendingStep {
     /// Rows of all its micro-batches: the loss is their mean.
     rows: usize,
     lr: f64,
+    /// Known once the step is settled (fp16); `Kept` otherwise.
     scale_change: ScaleChange,
 }
 
@@ -192,19 +211,71 @@ impl<B: Backend> StepScratch<B> {
     /// With a ledger of `rows` loss rows and `steps` steps (tests use small ones to make it
     /// fill up).
     pub fn with_ledger_capacity(backend: &B, rows: usize, steps: usize) -> Result<Self> {
-        let fp16 = backend.matmul_precision() == MatmulPrecision::F16;
-        Ok(StepScratch {
+        let mut scratch = StepScratch {
             acts: ActivationCache::default(),
             sumsq: backend.zeros(1)?,
             found_inf: backend.zeros(1)?,
             ledger: Ledger::new(backend, rows, steps)?,
-            loss_scaler: fp16.then(LossScaler::default),
-        })
+            scaler: None,
+        };
+        if backend.matmul_precision() == MatmulPrecision::F16 {
+            scratch.set_loss_scaler(backend, LossScaler::default())?;
+        }
+        Ok(scratch)
+    }
+
+    /// The fp16 loss scaler as the host knows it (exact after [`StepScratch::settle`]); `None`
+    /// when the backend does not compute in fp16.
+    pub fn loss_scaler(&self) -> Option<LossScaler> {
+        self.scaler.as_ref().map(|s| s.mirror)
+    }
+
+    /// Sets the fp16 loss scaler (a resumed run's), on the device too. Does nothing when the
+    /// backend does not compute in fp16.
+    pub fn set_loss_scaler(&mut self, backend: &B, scaler: LossScaler) -> Result<()> {
+        if backend.matmul_precision() != MatmulPrecision::F16 {
+            return Ok(());
+        }
+        let state = backend.upload(&[scaler.scale as f32, scaler.growth_tracker as f32])?;
+        self.scaler = Some(DeviceScaler {
+            scale: backend.view(&state, 0, 1),
+            state,
+            mirror: scaler,
+            pending: None,
+        });
+        Ok(())
+    }
+
+    /// Reads back the overflow flag of the last queued fp16 step (waiting for that step's
+    /// unscaling only) and brings the host up to date: the scaler's copy and, when the step was
+    /// skipped, the optimizer's step count. Returns that step's change of scale (`None`: nothing
+    /// to settle). Call it before computing a step's learning rate from `opt.step`, and before
+    /// saving a checkpoint.
+    pub fn settle(&mut self, backend: &B, opt: &mut AdamW<B>) -> Result<Option<ScaleChange>> {
+        let Some(scaler) = self.scaler.as_mut() else {
+            return Ok(None);
+        };
+        let Some(pending) = scaler.pending.take() else {
+            return Ok(None);
+        };
+        let found_inf = backend.download_finish(pending)?[0] != 0.0;
+        let change = scaler.mirror.update(found_inf);
+        if found_inf {
+            opt.uncount_skipped_step();
+        }
+        let step = self
+            .ledger
+            .pending
+            .last_mut()
+            .ok_or_else(|| anyhow::anyhow!("an fp16 flag without its step"))?;
+        step.scale_change = change;
+        Ok(Some(change))
     }
 
     /// The reports of every step queued so far and not yet taken, oldest first. Waits for the
-    /// device to finish them (the one host synchronization of the training loop, outside fp16).
-    pub fn take_reports(&mut self, backend: &B) -> Result<Vec<StepReport>> {
+    /// device to finish them (the one host synchronization of the training loop).
+    pub fn take_reports(&mut self, backend: &B, opt: &mut AdamW<B>) -> Result<Vec<StepReport>> {
+        self.settle(backend, opt)?;
         let mut reports = std::mem::take(&mut self.ledger.ready);
         reports.extend(self.ledger.read(backend)?);
         Ok(reports)
@@ -236,7 +307,7 @@ pub fn train_step<B: Backend>(
         s,
     )?;
     scratch
-        .take_reports(backend)?
+        .take_reports(backend, opt)?
         .pop()
         .ok_or_else(|| anyhow::anyhow!("the step left no report"))
 }
@@ -244,8 +315,8 @@ pub fn train_step<B: Backend>(
 /// One optimizer step at learning rate `lr` over `micro_batches`, queued: its loss and
 /// gradient norm stay on the device until [`StepScratch::take_reports`]. `micro_step` numbers
 /// the first micro-batch among all micro-batches of the run (it keys the dropout streams).
-/// Returns the fp16 loss scale's change, which is known at once: with `--fp16` the step reads
-/// the inf/NaN flag back, as `GradScaler.step` does, to decide whether to skip the update.
+/// With fp16, whether it overflowed is learnt by the next [`StepScratch::settle`] (which this
+/// makes first, for the step before).
 #[allow(clippy::too_many_arguments)]
 pub fn queue_train_step<B: Backend>(
     backend: &B,
@@ -256,20 +327,17 @@ pub fn queue_train_step<B: Backend>(
     micro_step: u64,
     lr: f64,
     s: &StepSettings,
-) -> Result<ScaleChange> {
+) -> Result<()> {
     ensure!(
         !micro_batches.is_empty(),
         "an optimizer step needs at least one batch"
     );
+    scratch.settle(backend, opt)?;
     let normalizer: usize = micro_batches.iter().map(|b| b.size()).sum();
     scratch.ledger.reserve(backend, normalizer)?;
     let first_row = scratch.ledger.rows_used;
-    let scaler = scratch.loss_scaler;
-    let spec = LossSpec {
-        label_smoothing: s.label_smoothing,
-        normalizer,
-        loss_scale: scaler.map_or(1.0, |l| l.scale_f32()),
-    };
+    // fp16's loss scale is applied on the device (`backward_device_scaled`).
+    let spec = LossSpec::mean(s.label_smoothing, normalizer);
     let bert = model.bert(backend);
     model.zero_grads(backend)?;
     for (k, batch) in micro_batches.iter().enumerate() {
@@ -284,31 +352,43 @@ pub fn queue_train_step<B: Backend>(
         bert.forward(batch, acts, mode)?;
         bert.compute_losses(batch, acts, s.label_smoothing)?;
         scratch.ledger.record_losses(backend, &acts.losses)?;
-        bert.backward(&model.grad_views, batch, acts, mode, spec)?;
+        match &scratch.scaler {
+            Some(l) => {
+                bert.backward_device_scaled(&model.grad_views, batch, acts, mode, spec, &l.scale)?
+            }
+            None => bert.backward(&model.grad_views, batch, acts, mode, spec)?,
+        }
     }
-    if let Some(l) = scaler {
-        backend.fill_zero(&scratch.found_inf)?;
-        backend.unscale_and_check(&model.grads, l.inv_scale_f32(), &scratch.found_inf)?;
-    }
+    let skip = match scratch.scaler.as_mut() {
+        Some(l) => {
+            backend.fill_zero(&scratch.found_inf)?;
+            backend.unscale_and_check(&model.grads, &l.scale, &scratch.found_inf)?;
+            l.pending = Some(backend.download_start(&scratch.found_inf)?);
+            backend.update_loss_scale(
+                &l.state,
+                &scratch.found_inf,
+                GROWTH_FACTOR as f32,
+                BACKOFF_FACTOR as f32,
+                GROWTH_INTERVAL,
+            )?;
+            Some(&scratch.found_inf)
+        }
+        None => None,
+    };
     clip_grad_norm(backend, &model.grads, &scratch.sumsq, s.max_grad_norm)?;
     let slot = scratch.ledger.pending.len();
     backend.copy(
         &backend.view(&scratch.ledger.sumsq, slot, 1),
         &scratch.sumsq,
     )?;
-    let scale_change = match scratch.loss_scaler.as_mut() {
-        Some(l) => l.update(backend.download(&scratch.found_inf)?[0] != 0.0),
-        None => ScaleChange::Kept,
-    };
-    // An overflowed fp16 step changes nothing (GradScaler.step skips optimizer.step()).
-    if !matches!(scale_change, ScaleChange::Backoff { .. }) {
-        opt.update(backend, lr)?;
-    }
+    // An overflowed fp16 step changes nothing (GradScaler.step skips optimizer.step()): the
+    // kernel reads the flag.
+    opt.update_unless(backend, lr, skip)?;
     scratch.ledger.pending.push(PendingStep {
         first_row,
         rows: normalizer,
         lr,
-        scale_change,
+        scale_change: ScaleChange::Kept,
     });
-    Ok(scale_change)
+    Ok(())
 }

@@ -135,6 +135,23 @@ fn schedule_kind(c: SchedulerChoice) -> ScheduleKind {
     }
 }
 
+/// [`StepScratch::settle`], saying so when the settled fp16 step (`step`, 1-based) overflowed.
+fn settle<B: Backend>(
+    scratch: &mut StepScratch<B>,
+    be: &B,
+    opt: &mut AdamW<B>,
+    progress: &mut Progress,
+    step: u64,
+) -> Result<()> {
+    if let Some(ScaleChange::Backoff { from, to }) = scratch.settle(be, opt)? {
+        progress.log(&format!(
+            "step {step}: fp16 gradients overflowed (inf/NaN): step skipped, loss scale \
+             {from} -> {to}"
+        ));
+    }
+    Ok(())
+}
+
 fn round4(x: f64) -> f64 {
     (x * 1e4).round() / 1e4
 }
@@ -189,8 +206,8 @@ impl<B: Backend> Trainer<'_, B> {
             position = ck.position;
             state = ck.state;
             // A run resumed with --fp16 from a run without it starts a fresh scaler.
-            if let (Some(scaler), Some(saved)) = (scratch.loss_scaler.as_mut(), ck.loss_scaler) {
-                *scaler = saved;
+            if let Some(saved) = ck.loss_scaler {
+                scratch.set_loss_scaler(be, saved)?;
             }
         }
         let best = BestMetric::from_args(args);
@@ -234,10 +251,12 @@ impl<B: Backend> Trainer<'_, B> {
                     })
                     .collect::<Result<Vec<_>>>()?;
                 // The schedule advances with the optimizer: an fp16 step skipped on overflow
-                // does not step it (as accelerate's scheduler wrapper does not).
+                // does not step it (as accelerate's scheduler wrapper does not). Settling the
+                // previous fp16 step first makes `opt.step` exact.
+                settle(&mut scratch, be, &mut opt, &mut progress, state.global_step)?;
                 let lr = schedule.lr(opt.step);
                 // Queued: its loss and gradient norm are read on logging steps.
-                let scale_change = queue_train_step(
+                queue_train_step(
                     be,
                     model,
                     &mut opt,
@@ -252,13 +271,6 @@ impl<B: Backend> Trainer<'_, B> {
                     explain_out_of_memory(e, shape, "--per-device-train-batch-size")
                 })?;
                 state.global_step += 1;
-                if let ScaleChange::Backoff { from, to } = scale_change {
-                    progress.log(&format!(
-                        "step {}: fp16 gradients overflowed (inf/NaN): step skipped, loss scale \
-                         {from} -> {to}",
-                        state.global_step
-                    ));
-                }
                 position.step_in_epoch += 1;
                 position.micro_step += group.len() as u64;
                 let micro_done = (position.step_in_epoch
@@ -284,7 +296,8 @@ impl<B: Backend> Trainer<'_, B> {
                     IntervalStrategy::No => false,
                 };
                 if log_now {
-                    let reports = scratch.take_reports(be)?;
+                    settle(&mut scratch, be, &mut opt, &mut progress, g)?;
+                    let reports = scratch.take_reports(be, &mut opt)?;
                     let report = *reports.last().context("a logging step without a report")?;
                     for r in &reports {
                         loss_since_log += r.loss;
@@ -368,7 +381,8 @@ impl<B: Backend> Trainer<'_, B> {
                     position.step_in_epoch = 0;
                 }
                 if save_now {
-                    let scaler = scratch.loss_scaler;
+                    settle(&mut scratch, be, &mut opt, &mut progress, g)?;
+                    let scaler = scratch.loss_scaler();
                     self.save(
                         model,
                         &opt,
@@ -393,8 +407,9 @@ impl<B: Backend> Trainer<'_, B> {
         }
         progress.finish();
         // The steps after the last logging step, read back for train_loss.
+        settle(&mut scratch, be, &mut opt, &mut progress, state.global_step)?;
         train_loss_sum += scratch
-            .take_reports(be)?
+            .take_reports(be, &mut opt)?
             .iter()
             .map(|r| r.loss)
             .sum::<f64>();

@@ -413,19 +413,59 @@ impl Backend for CpuBackend {
         optim::clip_by_global_norm(x.data_mut(), sumsq.data()[0] as f64, max_norm);
         Ok(())
     }
+    fn scale_by(&self, x: &CpuTensor, s: &CpuTensor) -> Result<()> {
+        check_disjoint(&[x], &[s]);
+        let factor = s.data()[0];
+        x.data_mut().iter_mut().for_each(|v| *v *= factor);
+        Ok(())
+    }
     fn unscale_and_check(
         &self,
         x: &CpuTensor,
-        inv_scale: f32,
+        scale: &CpuTensor,
         found_inf: &CpuTensor,
     ) -> Result<()> {
-        check_disjoint(&[x, found_inf], &[]);
-        if optim::unscale_and_check(x.data_mut(), inv_scale) {
+        check_disjoint(&[x, found_inf], &[scale]);
+        if optim::unscale_and_check(x.data_mut(), 1.0 / scale.data()[0]) {
             found_inf.data_mut()[0] = 1.0;
         }
         Ok(())
     }
-    fn adamw_update(&self, tensors: &[AdamWTensor<'_, CpuTensor>], step: &AdamWStep) -> Result<()> {
+    fn update_loss_scale(
+        &self,
+        state: &CpuTensor,
+        found_inf: &CpuTensor,
+        growth: f32,
+        backoff: f32,
+        growth_interval: u32,
+    ) -> Result<()> {
+        check_disjoint(&[state], &[found_inf]);
+        let found = found_inf.data()[0] != 0.0;
+        optim::update_loss_scale(
+            &mut state.data_mut()[..2],
+            found,
+            growth,
+            backoff,
+            growth_interval,
+        );
+        Ok(())
+    }
+    type Pending = Vec<f32>;
+    fn download_start(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        self.download(t)
+    }
+    fn download_finish(&self, pending: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(pending)
+    }
+    fn adamw_update(
+        &self,
+        tensors: &[AdamWTensor<'_, CpuTensor>],
+        step: &AdamWStep,
+        skip: Option<&CpuTensor>,
+    ) -> Result<()> {
+        if skip.is_some_and(|s| s.data()[0] != 0.0) {
+            return Ok(());
+        }
         for t in tensors {
             check_disjoint(&[t.param, t.exp_avg, t.exp_avg_sq], &[t.grad]);
             optim::adamw_update(

@@ -7,7 +7,8 @@
 //!   `θ −= (lr/(1−β₁ᵗ))·m/(√v/√(1−β₂ᵗ) + ε)`.
 //! The scalars are computed in f64 (as Python floats) and applied in f32 (as torch does).
 //! Loss-scale unscaling as `GradScaler.unscale_`: `g *= 1/scale`, then report whether any
-//! result is inf or NaN (checked after the product, which also catches its overflow).
+//! result is inf or NaN (checked after the product, which also catches its overflow); the
+//! scale's update as `torch._amp_update_scale_`.
 
 use rayon::prelude::*;
 
@@ -40,6 +41,26 @@ pub fn unscale_and_check(x: &mut [f32], inv_scale: f32) -> bool {
             !v.is_finite()
         })
         .reduce(|| false, |a, b| a | b)
+}
+
+/// `GradScaler`'s scale update over `state = [scale, growth_tracker]` (fp32, as on the GPU;
+/// the scale stays a power of two, so fp32 holds it exactly).
+pub fn update_loss_scale(
+    state: &mut [f32],
+    found_inf: bool,
+    growth: f32,
+    backoff: f32,
+    growth_interval: u32,
+) {
+    let (scale, tracker) = (state[0], state[1]);
+    (state[0], state[1]) = if found_inf {
+        (scale * backoff, 0.0)
+    } else if tracker + 1.0 >= growth_interval as f32 {
+        let grown = scale * growth;
+        (if grown.is_finite() { grown } else { scale }, 0.0)
+    } else {
+        (scale, tracker + 1.0)
+    };
 }
 
 pub fn adamw_update(

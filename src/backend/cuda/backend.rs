@@ -57,10 +57,13 @@ use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::sys as blas;
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{result as dres, sys as dsys};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, PinnedHostSlice,
+};
 use cudarc::nvrtc::Ptx;
 
 use super::libs::check_cudarc_library;
+use super::readback::PendingDownload;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
     Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision,
@@ -91,6 +94,12 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuMemsetD8Async",
     "cuMemcpyHtoDAsync_v2",
     "cuMemcpyDtoHAsync_v2",
+    "cuMemHostAlloc",
+    "cuMemFreeHost",
+    "cuEventCreate",
+    "cuEventRecord",
+    "cuEventSynchronize",
+    "cuEventDestroy_v2",
     "cuMemcpyDtoDAsync_v2",
     "cuModuleLoadData",
     "cuModuleUnload",
@@ -122,6 +131,8 @@ pub const REQUIRED_KERNELS: &[&str] = &[
     "sum_squares_finalize",
     "clip_by_global_norm",
     "unscale_and_check",
+    "scale_by_device",
+    "update_loss_scale",
     "adamw_update",
     "cast_f32_to_f16",
     "cast_f32_to_bf16",
@@ -301,6 +312,8 @@ pub struct CudaBackend {
     max_smem_optin: u32,
     /// The pool the stream's allocations come from (`None`: synchronous allocations).
     pool: Option<MemPool>,
+    /// Page-locked buffers for [`PendingDownload`]s, reused (allocating one can synchronize).
+    pinned: Mutex<Vec<PinnedHostSlice<f32>>>,
 }
 
 fn grid_1d(n: usize, per_thread: usize, block: u32, cap: u32) -> u32 {
@@ -498,7 +511,25 @@ impl CudaBackend {
             sms,
             max_smem_optin,
             pool,
+            pinned: Mutex::new(Vec::new()),
         })
+    }
+
+    /// A page-locked buffer of at least `len` f32, from the pool or newly allocated.
+    pub(super) fn take_pinned(&self, len: usize) -> Result<PinnedHostSlice<f32>> {
+        let mut pool = self.pinned.lock().unwrap();
+        if let Some(i) = pool.iter().position(|b| b.len() >= len) {
+            return Ok(pool.swap_remove(i));
+        }
+        drop(pool);
+        self.bind()?;
+        // SAFETY: the buffer is written by a device-to-host copy before it is read.
+        unsafe { self.ctx.alloc_pinned_with_flags::<f32>(len.max(64), 0) }
+            .map_err(|e| anyhow!("cannot allocate {len} page-locked floats: {e}"))
+    }
+
+    pub(super) fn return_pinned(&self, buf: PinnedHostSlice<f32>) {
+        self.pinned.lock().unwrap().push(buf);
     }
 
     /// The most device memory the stream-ordered allocations have held at once since this
@@ -1748,13 +1779,34 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn scale_by(&self, x: &CudaTensor, s: &CudaTensor) -> Result<()> {
+        ensure!(s.len >= 1, "scale_by: the factor is empty");
+        if x.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "scale_by_device",
+            self.elementwise_grid(x.len),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(x.device_ptr()),
+                Arg::U64(x.len as u64),
+                Arg::P(s.device_ptr()),
+            ],
+        )
+    }
+
     fn unscale_and_check(
         &self,
         x: &CudaTensor,
-        inv_scale: f32,
+        scale: &CudaTensor,
         found_inf: &CudaTensor,
     ) -> Result<()> {
-        ensure!(found_inf.len >= 1, "unscale_and_check: found_inf is empty");
+        ensure!(
+            found_inf.len >= 1 && scale.len >= 1,
+            "unscale_and_check: found_inf or scale is empty"
+        );
         if x.len == 0 {
             return Ok(());
         }
@@ -1766,17 +1818,56 @@ impl Backend for CudaBackend {
             &[
                 Arg::P(x.device_ptr()),
                 Arg::U64(x.len as u64),
-                Arg::F32(inv_scale),
+                Arg::P(scale.device_ptr()),
                 Arg::P(found_inf.device_ptr()),
             ],
         )
+    }
+
+    fn update_loss_scale(
+        &self,
+        state: &CudaTensor,
+        found_inf: &CudaTensor,
+        growth: f32,
+        backoff: f32,
+        growth_interval: u32,
+    ) -> Result<()> {
+        ensure!(
+            state.len >= 2 && found_inf.len >= 1,
+            "update_loss_scale: state needs [scale, growth_tracker] and found_inf one element"
+        );
+        self.launch(
+            "update_loss_scale",
+            (1, 1, 1),
+            (1, 1, 1),
+            0,
+            &[
+                Arg::P(state.device_ptr()),
+                Arg::P(found_inf.device_ptr()),
+                Arg::F32(growth),
+                Arg::F32(backoff),
+                Arg::U32(growth_interval),
+            ],
+        )
+    }
+
+    type Pending = PendingDownload;
+
+    fn download_start(&self, t: &CudaTensor) -> Result<PendingDownload> {
+        PendingDownload::start(self, t)
+    }
+
+    fn download_finish(&self, pending: PendingDownload) -> Result<Vec<f32>> {
+        pending.finish(self)
     }
 
     fn adamw_update(
         &self,
         tensors: &[AdamWTensor<'_, CudaTensor>],
         step: &AdamWStep,
+        skip: Option<&CudaTensor>,
     ) -> Result<()> {
+        let skip = skip.map_or(0, |s| s.device_ptr());
         for t in tensors {
             ensure!(
                 t.grad.len == t.param.len
@@ -1841,9 +1932,8 @@ impl Backend for CudaBackend {
                     Arg::F32((1.0 - step.beta2) as f32),
                     Arg::F32(bc2_sqrt),
                     Arg::F32(step.eps as f32),
-                    // skip: none. Whether an fp16 step is skipped is decided on the host, after
-                    // the one read-back of [Σg², found_inf] the step makes anyway.
-                    Arg::P(0),
+                    // The fp16 overflow flag (or null): the kernel then writes nothing.
+                    Arg::P(skip),
                 ],
             )?;
         }

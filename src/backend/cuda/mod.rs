@@ -13,6 +13,7 @@ pub mod driver;
 pub mod kernel_cache;
 pub mod libs;
 pub mod nvrtc;
+mod readback;
 pub mod runtime;
 mod timing;
 
