@@ -36,8 +36,11 @@ use bertft_cuda::backend::{
 };
 use bertft_cuda::model::bert::{Activations, Batch, LossSpec, Mode};
 use bertft_cuda::model::Classifier;
+use bertft_cuda::train::loss_scale::LossScaler;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
-use bertft_cuda::train::step::{train_step, StepReport, StepScratch, StepSettings};
+use bertft_cuda::train::step::{
+    queue_train_step, train_step, StepReport, StepScratch, StepSettings,
+};
 use common::fixture::{has_zero_exact_gradient, max_abs_diff};
 use common::tiny::*;
 
@@ -970,6 +973,67 @@ fn training_reports<B: Backend>(be: &B, steps: u64) -> (Vec<f32>, Vec<StepReport
     (be.download(&model.params).unwrap(), reports)
 }
 
+/// `steps` queued fp16 steps from a loss scale of 2²¹ (the first few overflow), read back at the
+/// end: the reports, and AdamW's step count (skipped steps left out).
+fn queued_fp16_run<B: Backend>(be: &B, steps: u64) -> (Vec<StepReport>, u64) {
+    let cfg = tiny_config("gelu");
+    let model = Classifier::new(be, cfg.clone(), &tiny_weights(&cfg, 3)).unwrap();
+    let mut opt = AdamW::new(
+        be,
+        &model.layout,
+        &model.params,
+        &model.grads,
+        AdamWConfig::default(),
+    )
+    .unwrap();
+    let mut scratch = StepScratch::new(be).unwrap();
+    let scaler = LossScaler {
+        scale: 2f64.powi(21),
+        growth_tracker: 0,
+    };
+    scratch.set_loss_scaler(be, scaler).unwrap();
+    let settings = StepSettings {
+        max_grad_norm: 0.5,
+        label_smoothing: 0.1,
+        dropout_seed: Some(7),
+    };
+    let micro = [tiny_batch_on(be, false), tiny_batch_on(be, true)];
+    for s in 0..steps {
+        let schedule = |taken: u64| 1e-3 * (taken + 1) as f64;
+        queue_train_step(
+            be,
+            &model,
+            &mut opt,
+            &mut scratch,
+            &micro,
+            2 * s,
+            &schedule,
+            &settings,
+        )
+        .unwrap();
+    }
+    let reports = scratch.take_reports(be, &mut opt).unwrap();
+    (reports, opt.step)
+}
+
+#[test]
+fn queued_fp16_steps_skip_overflows_on_the_device_as_on_the_cpu() {
+    let Some((g, c)) = pair(MatmulPrecision::F16) else {
+        return;
+    };
+    let (gr, g_steps) = queued_fp16_run(&g, 8);
+    let (cr, c_steps) = queued_fp16_run(&c, 8);
+    let skipped = |r: &[StepReport]| r.iter().map(StepReport::skipped).collect::<Vec<_>>();
+    assert_eq!(skipped(&gr), skipped(&cr), "which steps overflowed");
+    assert!(skipped(&cr).contains(&true) && skipped(&cr).contains(&false));
+    assert_eq!(g_steps, c_steps, "AdamW steps taken");
+    for (s, (a, b)) in gr.iter().zip(&cr).enumerate() {
+        assert_eq!(a.lr, b.lr, "step {s}: learning rate");
+        let rel = (a.loss - b.loss).abs() / b.loss.abs();
+        assert!(rel <= 1e-2, "step {s}: gpu loss {}, cpu {}", a.loss, b.loss);
+    }
+}
+
 #[test]
 fn six_training_steps() {
     let Some(g) = gpu() else { return };
@@ -1096,6 +1160,8 @@ fn cases_run_on_the_cpu() {
         linear_case(&c, 33, 384, 1152, true, true);
         training_reports(&c, 1);
     }
+    let (reports, _) = queued_fp16_run(&CpuBackend::with_matmul_precision(MatmulPrecision::F16), 8);
+    assert!(reports.iter().any(StepReport::skipped) && !reports.iter().all(StepReport::skipped));
     adamw_case(&CPU);
     model_case(&CPU, "gelu", true, Mode::Train { seed: 5, step: 2 });
     let (w, _) = training(&CPU, 1);

@@ -681,6 +681,8 @@ impl<B: Backend> Bert<'_, B> {
             scale,
         )?;
         if let Some(s) = device_scale {
+            // (p − y)·fl(1/N)·2^k: the same bits as torch's (p − y)·fl(2^k/N) for a power-of-two
+            // scale, unless (p − y)/N is subnormal.
             be.scale_by(&acts.g_logits, s)?;
         }
         let [g_pool_drop, g_pooled, g_cls] = &acts.g_pool;

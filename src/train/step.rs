@@ -87,7 +87,6 @@ impl StepReport {
 pub struct StepScratch<B: Backend> {
     pub acts: ActivationCache<B>,
     sumsq: B::Tensor,
-    found_inf: B::Tensor,
     ledger: Ledger<B>,
     /// Present when the backend's GEMMs read fp16 (`--fp16`): dynamic loss scaling.
     scaler: Option<DeviceScaler<B>>,
@@ -96,11 +95,15 @@ pub struct StepScratch<B: Backend> {
 /// fp16's loss scaler: its state on the device, the host's copy of it (exact once settled), and
 /// the overflow flag of the last queued step on its way to the host.
 struct DeviceScaler<B: Backend> {
-    /// `[scale, growth_tracker]`, as `update_loss_scale` keeps it.
+    /// `[scale, growth_tracker, found_inf]`: the first two as `update_loss_scale` keeps them,
+    /// the last the step's overflow flag; read back whole, so the host's copy is the device's.
     state: B::Tensor,
-    /// `state[0]`.
+    /// `state[0..2]`, `state[0]`, `state[2]`.
+    scale_and_tracker: B::Tensor,
     scale: B::Tensor,
+    found_inf: B::Tensor,
     mirror: LossScaler,
+    /// The state after the last queued step, on its way to the host.
     pending: Option<B::Pending>,
 }
 
@@ -151,10 +154,15 @@ impl<B: Backend> Ledger<B> {
         })
     }
 
+    /// Whether making room for a step of `rows` rows reads back the pending steps.
+    fn must_read_before(&self, rows: usize) -> bool {
+        self.rows_used + rows > self.row_capacity || self.pending.len() == self.step_capacity
+    }
+
     /// Makes room for a step of `rows` rows, reading back the pending steps when it lacks it
     /// (and growing the loss buffer for a step larger than it).
     fn reserve(&mut self, backend: &B, rows: usize) -> Result<()> {
-        if self.rows_used + rows > self.row_capacity || self.pending.len() == self.step_capacity {
+        if self.must_read_before(rows) {
             let reports = self.read(backend)?;
             self.ready.extend(reports);
         }
@@ -214,7 +222,6 @@ impl<B: Backend> StepScratch<B> {
         let mut scratch = StepScratch {
             acts: ActivationCache::default(),
             sumsq: backend.zeros(1)?,
-            found_inf: backend.zeros(1)?,
             ledger: Ledger::new(backend, rows, steps)?,
             scaler: None,
         };
@@ -236,9 +243,15 @@ impl<B: Backend> StepScratch<B> {
         if backend.matmul_precision() != MatmulPrecision::F16 {
             return Ok(());
         }
-        let state = backend.upload(&[scaler.scale as f32, scaler.growth_tracker as f32])?;
+        ensure!(
+            self.scaler.as_ref().is_none_or(|s| s.pending.is_none()),
+            "the loss scaler was replaced before its last step was settled"
+        );
+        let state = backend.upload(&[scaler.scale as f32, scaler.growth_tracker as f32, 0.0])?;
         self.scaler = Some(DeviceScaler {
+            scale_and_tracker: backend.view(&state, 0, 2),
             scale: backend.view(&state, 0, 1),
+            found_inf: backend.view(&state, 2, 1),
             state,
             mirror: scaler,
             pending: None,
@@ -246,11 +259,11 @@ impl<B: Backend> StepScratch<B> {
         Ok(())
     }
 
-    /// Reads back the overflow flag of the last queued fp16 step (waiting for that step's
+    /// Reads back the scaler's state after the last queued fp16 step (waiting for that step's
     /// unscaling only) and brings the host up to date: the scaler's copy and, when the step was
     /// skipped, the optimizer's step count. Returns that step's change of scale (`None`: nothing
-    /// to settle). Call it before computing a step's learning rate from `opt.step`, and before
-    /// saving a checkpoint.
+    /// to settle). [`queue_train_step`] settles the step before it just ahead of its AdamW
+    /// update; call it before reading `opt.step` or the scaler otherwise (saving a checkpoint).
     pub fn settle(&mut self, backend: &B, opt: &mut AdamW<B>) -> Result<Option<ScaleChange>> {
         let Some(scaler) = self.scaler.as_mut() else {
             return Ok(None);
@@ -258,11 +271,21 @@ impl<B: Backend> StepScratch<B> {
         let Some(pending) = scaler.pending.take() else {
             return Ok(None);
         };
-        let found_inf = backend.download_finish(pending)?[0] != 0.0;
-        let change = scaler.mirror.update(found_inf);
-        if found_inf {
+        let state = backend.download_finish(pending)?;
+        let (before, found_inf) = (scaler.mirror, state[2] != 0.0);
+        scaler.mirror = LossScaler {
+            scale: state[0] as f64,
+            growth_tracker: state[1] as u32,
+        };
+        let (from, to) = (before.scale, scaler.mirror.scale);
+        let change = if found_inf {
             opt.uncount_skipped_step();
-        }
+            ScaleChange::Backoff { from, to }
+        } else if to != from {
+            ScaleChange::Growth { from, to }
+        } else {
+            ScaleChange::Kept
+        };
         let step = self
             .ledger
             .pending
@@ -303,7 +326,7 @@ pub fn train_step<B: Backend>(
         scratch,
         micro_batches,
         micro_step,
-        lr,
+        &|_| lr,
         s,
     )?;
     scratch
@@ -312,11 +335,13 @@ pub fn train_step<B: Backend>(
         .ok_or_else(|| anyhow::anyhow!("the step left no report"))
 }
 
-/// One optimizer step at learning rate `lr` over `micro_batches`, queued: its loss and
-/// gradient norm stay on the device until [`StepScratch::take_reports`]. `micro_step` numbers
-/// the first micro-batch among all micro-batches of the run (it keys the dropout streams).
-/// With fp16, whether it overflowed is learnt by the next [`StepScratch::settle`] (which this
-/// makes first, for the step before).
+/// One optimizer step over `micro_batches`, queued: its loss and gradient norm stay on the
+/// device until [`StepScratch::take_reports`]. `micro_step` numbers the first micro-batch among
+/// all micro-batches of the run (it keys the dropout streams). The learning rate is
+/// `lr(opt.step)`, taken just before the update, once the step before is settled: with fp16,
+/// whether that one overflowed is learnt only then, after this step's forward and backward are
+/// queued, so the host stays a step ahead of the device. Returns the step before's change of
+/// scale when this settled it (fp16).
 #[allow(clippy::too_many_arguments)]
 pub fn queue_train_step<B: Backend>(
     backend: &B,
@@ -325,15 +350,18 @@ pub fn queue_train_step<B: Backend>(
     scratch: &mut StepScratch<B>,
     micro_batches: &[Batch<B>],
     micro_step: u64,
-    lr: f64,
+    lr: &dyn Fn(u64) -> f64,
     s: &StepSettings,
-) -> Result<()> {
+) -> Result<Option<ScaleChange>> {
     ensure!(
         !micro_batches.is_empty(),
         "an optimizer step needs at least one batch"
     );
-    scratch.settle(backend, opt)?;
     let normalizer: usize = micro_batches.iter().map(|b| b.size()).sum();
+    if scratch.ledger.must_read_before(normalizer) {
+        // The reports read now must carry their settled scale changes.
+        scratch.settle(backend, opt)?;
+    }
     scratch.ledger.reserve(backend, normalizer)?;
     let first_row = scratch.ledger.rows_used;
     // fp16's loss scale is applied on the device (`backward_device_scaled`).
@@ -359,30 +387,34 @@ pub fn queue_train_step<B: Backend>(
             None => bert.backward(&model.grad_views, batch, acts, mode, spec)?,
         }
     }
-    let skip = match scratch.scaler.as_mut() {
-        Some(l) => {
-            backend.fill_zero(&scratch.found_inf)?;
-            backend.unscale_and_check(&model.grads, &l.scale, &scratch.found_inf)?;
-            l.pending = Some(backend.download_start(&scratch.found_inf)?);
-            backend.update_loss_scale(
-                &l.state,
-                &scratch.found_inf,
-                GROWTH_FACTOR as f32,
-                BACKOFF_FACTOR as f32,
-                GROWTH_INTERVAL,
-            )?;
-            Some(&scratch.found_inf)
-        }
-        None => None,
-    };
+    // fp16: unscale and check the gradients, and update the scale, on the device; the state
+    // after this step is copied to the host now and read one step later.
+    let mut scaler_state = None;
+    if let Some(l) = &scratch.scaler {
+        backend.fill_zero(&l.found_inf)?;
+        backend.unscale_and_check(&model.grads, &l.scale, &l.found_inf)?;
+        backend.update_loss_scale(
+            &l.scale_and_tracker,
+            &l.found_inf,
+            GROWTH_FACTOR as f32,
+            BACKOFF_FACTOR as f32,
+            GROWTH_INTERVAL,
+        )?;
+        scaler_state = Some(backend.download_start(&l.state)?);
+    }
     clip_grad_norm(backend, &model.grads, &scratch.sumsq, s.max_grad_norm)?;
     let slot = scratch.ledger.pending.len();
     backend.copy(
         &backend.view(&scratch.ledger.sumsq, slot, 1),
         &scratch.sumsq,
     )?;
+    // The step before is settled here, not earlier: its flag was copied a whole forward and
+    // backward ago, so reading it waits for nothing still queued.
+    let settled = scratch.settle(backend, opt)?;
+    let lr = lr(opt.step);
     // An overflowed fp16 step changes nothing (GradScaler.step skips optimizer.step()): the
     // kernel reads the flag.
+    let skip = scratch.scaler.as_ref().map(|l| &l.found_inf);
     opt.update_unless(backend, lr, skip)?;
     scratch.ledger.pending.push(PendingStep {
         first_row,
@@ -390,5 +422,8 @@ pub fn queue_train_step<B: Backend>(
         lr,
         scale_change: ScaleChange::Kept,
     });
-    Ok(())
+    if let Some(l) = scratch.scaler.as_mut() {
+        l.pending = scaler_state;
+    }
+    Ok(settled)
 }

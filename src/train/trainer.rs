@@ -143,13 +143,19 @@ fn settle<B: Backend>(
     progress: &mut Progress,
     step: u64,
 ) -> Result<()> {
-    if let Some(ScaleChange::Backoff { from, to }) = scratch.settle(be, opt)? {
+    let settled = scratch.settle(be, opt)?;
+    log_overflow(progress, settled, step);
+    Ok(())
+}
+
+/// Says so when a settled fp16 step (`step`, 1-based) overflowed.
+fn log_overflow(progress: &mut Progress, settled: Option<ScaleChange>, step: u64) {
+    if let Some(ScaleChange::Backoff { from, to }) = settled {
         progress.log(&format!(
             "step {step}: fp16 gradients overflowed (inf/NaN): step skipped, loss scale \
              {from} -> {to}"
         ));
     }
-    Ok(())
 }
 
 fn round4(x: f64) -> f64 {
@@ -250,26 +256,24 @@ impl<B: Backend> Trainer<'_, B> {
                         Batch::packed(be, &ids, &types, labels.as_deref())
                     })
                     .collect::<Result<Vec<_>>>()?;
-                // The schedule advances with the optimizer: an fp16 step skipped on overflow
-                // does not step it (as accelerate's scheduler wrapper does not). Settling the
-                // previous fp16 step first makes `opt.step` exact.
-                settle(&mut scratch, be, &mut opt, &mut progress, state.global_step)?;
-                let lr = schedule.lr(opt.step);
-                // Queued: its loss and gradient norm are read on logging steps.
-                queue_train_step(
+                // Queued: its loss and gradient norm are read on logging steps. The schedule
+                // advances with the optimizer (`opt.step`): an fp16 step skipped on overflow
+                // does not step it, as accelerate's scheduler wrapper does not.
+                let settled = queue_train_step(
                     be,
                     model,
                     &mut opt,
                     &mut scratch,
                     &batches,
                     position.micro_step,
-                    lr,
+                    &|step| schedule.lr(step),
                     &settings,
                 )
                 .map_err(|e| {
                     let shape = BatchShape::largest(&batches);
                     explain_out_of_memory(e, shape, "--per-device-train-batch-size")
                 })?;
+                log_overflow(&mut progress, settled, state.global_step);
                 state.global_step += 1;
                 position.step_in_epoch += 1;
                 position.micro_step += group.len() as u64;

@@ -14,11 +14,20 @@ use cudarc::driver::{CudaEvent, PinnedHostSlice};
 use super::backend::{CudaBackend, CudaTensor};
 
 /// A copy on its way to a page-locked buffer (taken from the backend's small pool, returned to
-/// it by `finish`).
+/// it by `finish`). Dropped unfinished, it still waits for the copy before the buffer is freed
+/// (`cuMemFreeHost` does not wait for copies into it).
 pub struct PendingDownload {
-    buf: PinnedHostSlice<f32>,
+    buf: Option<PinnedHostSlice<f32>>,
     len: usize,
     done: CudaEvent,
+}
+
+impl Drop for PendingDownload {
+    fn drop(&mut self) {
+        if self.buf.is_some() {
+            let _ = self.done.synchronize();
+        }
+    }
 }
 
 impl PendingDownload {
@@ -40,19 +49,23 @@ impl PendingDownload {
         let done = stream
             .record_event(None)
             .map_err(|e| anyhow!("recording a CUDA event: {e}"))?;
-        Ok(PendingDownload { buf, len, done })
+        Ok(PendingDownload {
+            buf: Some(buf),
+            len,
+            done,
+        })
     }
 
-    pub(super) fn finish(self, be: &CudaBackend) -> Result<Vec<f32>> {
+    pub(super) fn finish(mut self, be: &CudaBackend) -> Result<Vec<f32>> {
         self.done
             .synchronize()
             .map_err(|e| anyhow!("waiting for a device-to-host copy: {e}"))?;
-        let values = self
-            .buf
+        let buf = self.buf.take().expect("a pending download owns its buffer");
+        let values = buf
             .as_slice()
             .map_err(|e| anyhow!("page-locked buffer: {e}"))?[..self.len]
             .to_vec();
-        be.return_pinned(self.buf);
+        be.return_pinned(buf);
         Ok(values)
     }
 }
