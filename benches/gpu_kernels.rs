@@ -31,7 +31,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use bertft_cuda::backend::cuda::{driver, CudaBackend, CudaIds, CudaTensor};
 use bertft_cuda::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
+    MatmulPrecision, ResidualAdd, SeqLayout,
 };
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, BenchmarkId, Criterion, Throughput};
@@ -512,12 +513,12 @@ fn layernorm(r: &mut Runner<'_>, c: &mut Criterion) {
                 })
             }),
         );
-        // sum = x + residual fused: reads x, residual, gamma, beta; writes sum, out, mean, rstd:
-        // 4·(4·rows·cols + 2·cols + 2·rows).
+        // sum = dropout(x) + residual fused (training's hidden dropout): reads x, residual,
+        // gamma, beta; writes sum, out, mean, rstd: 4·(4·rows·cols + 2·cols + 2·rows).
         r.bench(
             &mut g,
             "layernorm",
-            "fwd_residual",
+            "fwd_dropout_residual",
             &param,
             case(be, Work::Bytes(4 * (4 * rc + 2 * c_ + 2 * r_)), move || {
                 let [x, gamma, beta, mean, rstd] = inputs()?;
@@ -529,7 +530,11 @@ fn layernorm(r: &mut Runner<'_>, c: &mut Criterion) {
                         &mean,
                         &rstd,
                         &x,
-                        Some((&residual, &sum)),
+                        Some(ResidualAdd {
+                            residual: &residual,
+                            sum: &sum,
+                            dropout: TRAIN_DROPOUT,
+                        }),
                         &gamma,
                         &beta,
                         rows,
@@ -557,7 +562,43 @@ fn layernorm(r: &mut Runner<'_>, c: &mut Criterion) {
                 let (dgamma, dbeta) = (be.zeros(cols)?, be.zeros(cols)?);
                 Ok(move || {
                     be.layernorm_backward(
-                        &dx, &dgamma, &dbeta, &dout, &x, &mean, &rstd, &gamma, rows, cols,
+                        &dx, &dgamma, &dbeta, &dout, &x, &mean, &rstd, &gamma, rows, cols, None,
+                    )
+                })
+            }),
+        );
+        // The same, also writing the dropped-out branch's gradient (training's residual
+        // blocks): one more rows·cols write, 4·(4·rows·cols + 2·rows + 5·cols).
+        r.bench(
+            &mut g,
+            "layernorm",
+            "bwd_dropout_branch",
+            &param,
+            case(be, Work::Bytes(4 * (4 * rc + 2 * r_ + 5 * c_)), move || {
+                let [x, gamma, beta, mean, rstd] = inputs()?;
+                let out = be.zeros(rows * cols)?;
+                be.layernorm_forward(
+                    &out, &mean, &rstd, &x, None, &gamma, &beta, rows, cols, 1e-12,
+                )?;
+                let dout = random(be, rows * cols, 5)?;
+                let (dx, dbranch) = (be.zeros(rows * cols)?, be.zeros(rows * cols)?);
+                let (dgamma, dbeta) = (be.zeros(cols)?, be.zeros(cols)?);
+                Ok(move || {
+                    be.layernorm_backward(
+                        &dx,
+                        &dgamma,
+                        &dbeta,
+                        &dout,
+                        &x,
+                        &mean,
+                        &rstd,
+                        &gamma,
+                        rows,
+                        cols,
+                        Some(BranchGrad {
+                            dx: &dbranch,
+                            dropout: TRAIN_DROPOUT,
+                        }),
                     )
                 })
             }),

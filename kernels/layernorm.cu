@@ -1,17 +1,24 @@
-// layernorm.cu — LayerNorm over the last dimension, optionally fused with the residual add before
-// it (cpu/layernorm.rs).
+// layernorm.cu — LayerNorm over the last dimension, optionally fused with the dropout and the
+// residual add before it (cpu/layernorm.rs): BERT's LayerNorm(dropout(dense(h)) + h).
 //
 // Forward (per row of `cols`):
-//   s = x (+ residual)            — with a residual, s is rounded to T and stored in `sum`, and the
-//                                   statistics are taken of the stored (rounded) s, so that backward,
-//                                   which reads `sum`, sees exactly the normalized values;
+//   s = x, or s = dropout(x) + residual — with a residual, dropout(x) is rounded to T (as
+//                                   dropout.cu stores it), s is rounded to T and stored in `sum`,
+//                                   and the statistics are taken of the stored (rounded) s, so that
+//                                   backward, which reads `sum`, sees exactly the normalized values;
 //   mean = Σs/cols, var = Σ(s − mean)²/cols (biased, two passes over the row, as PyTorch),
 //   rstd = 1/√(var + eps), out = (s − mean)·rstd·gamma + beta; mean, rstd kept (fp32, [rows]).
 // Backward, with ŝ = (s − mean)·rstd and g = dout·gamma:
 //   ds = rstd·(g − mean(g) − ŝ·mean(g·ŝ))   (overwrites dx; for a fused residual it is the
-//                                             gradient of both x and residual),
+//                                             gradient of the residual),
+//   dbranch = dropout_backward(ds)          (when dbranch is non-null: the gradient of the
+//                                             dropped-out x of a fused residual add; ds as
+//                                             stored in dx, i.e. rounded to T),
 //   dgamma += Σ_rows dout·ŝ, dbeta += Σ_rows dout.
-// Layout: x, residual, sum, out, dout, dx are T [rows, cols] row-major; gamma, beta, dgamma, dbeta
+// Dropout: element i = row·cols + c (the flat index) draws what dropout.cu draws for element i
+// (word i % 4 of Philox block i / 4 of the site (seed, stream)); kept iff uniform ≥ p, scale
+// 1/(1 − p) in fp32. p ≤ 0 (or NaN) is no dropout: no Philox draws, values pass unchanged.
+// Layout: x, residual, sum, out, dout, dx, dbranch are T [rows, cols] row-major; gamma, beta, dgamma, dbeta
 // fp32 [cols] (master weights and their gradients); mean, rstd fp32 [rows].
 // All statistics and accumulations are fp32 (the CPU reference uses f64).
 //
@@ -24,11 +31,33 @@
 // The result is bit-identical from run to run for the same launch configuration (grid, block).
 #include "common.cuh"
 
+// v[0..4B) = keep ? v·scale : 0 (rounded to T) for the 4B elements from flat index `first`, a
+// multiple of 4: B whole Philox blocks. Only called with p > 0.
+template <typename T, int B>
+__device__ __forceinline__ void ln_dropout_blocks(float* v, unsigned long long first, float p, float scale,
+                                                  unsigned long long seed, unsigned long long stream) {
+#pragma unroll
+    for (int q = 0; q < B; ++q) {
+        float u[4];
+        philox_uniform4(seed, stream, first / 4 + q, u);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[4 * q + j] = u[j] >= p ? round_to<T>(v[4 * q + j] * scale) : 0.0f;
+    }
+}
+
+// The dropout factor of the single element i (p > 0): the scalar paths' form of the above.
+__device__ __forceinline__ float ln_dropout_one(float v, unsigned long long i, float p, float scale,
+                                                unsigned long long seed, unsigned long long stream) {
+    float u[4];
+    philox_uniform4(seed, stream, i / 4, u);
+    return u[i % 4] >= p ? v * scale : 0.0f;
+}
+
 // ---- forward ----
 // Launch: one warp per row. block (256, 1, 1) (any multiple of 32, ≤ 1024), grid
 // (ceil(rows / (blockDim.x/32)), 1, 1); grid-stride over rows, so any grid is correct. No shared
-// memory. `residual` and `sum` are both null (plain LayerNorm of x) or both non-null (s = x +
-// residual, written to sum).
+// memory. `residual` and `sum` are both null (plain LayerNorm of x; p is then ignored) or both
+// non-null (s = dropout(x) + residual, written to sum).
 // Fast path: cols % N == 0 (N = Pack<T>::N: 4 fp32, 8 16-bit), cols ≤ 1024, all tensors 16-byte
 // aligned: the row is loaded once with 128-bit accesses and kept in registers (≤ 32 floats per
 // lane). Otherwise a scalar path reads the row three times (L1/L2 hits after the first).
@@ -38,11 +67,14 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, floa
                                                        const T* __restrict__ residual, T* __restrict__ sum,
                                                        const float* __restrict__ gamma,
                                                        const float* __restrict__ beta, unsigned int rows,
-                                                       unsigned int cols, float eps) {
+                                                       unsigned int cols, float eps, float p,
+                                                       unsigned long long seed, unsigned long long stream) {
     constexpr int N = Pack<T>::N;
     constexpr int KP = 32 / N;  // packs cached per lane
     const unsigned int lane = threadIdx.x & 31u, warps = blockDim.x >> 5;
     const bool res = residual != nullptr;
+    const bool drop = res && p > 0.0f;
+    const float scale = 1.0f / (1.0f - p);
     const bool vec = cols % N == 0 && cols <= 32u * KP * N && is_aligned16(out) && is_aligned16(x) &&
                      is_aligned16(gamma) && is_aligned16(beta) &&
                      (!res || (is_aligned16(residual) && is_aligned16(sum)));
@@ -60,6 +92,8 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, floa
                 for (int j = 0; j < N; ++j) v[k][j] = 0.0f;
                 if (c < cols) {
                     ld_pack_f32(x + base + c, v[k]);
+                    // base + c is a multiple of N, hence of 4: whole Philox blocks.
+                    if (drop) ln_dropout_blocks<T, N / 4>(v[k], base + c, p, scale, seed, stream);
                     if (res) {
                         float b[N];
                         ld_pack_f32(residual + base + c, b);
@@ -103,6 +137,7 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, floa
             float s = 0.0f;
             for (unsigned int c = lane; c < cols; c += 32u) {
                 float v = to_f32(x[base + c]);
+                if (drop) v = round_to<T>(ln_dropout_one(v, base + c, p, scale, seed, stream));
                 if (res) {
                     v = round_to<T>(v + to_f32(residual[base + c]));
                     sum[base + c] = from_f32<T>(v);
@@ -134,14 +169,18 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, floa
 // 48 KiB the launcher must raise cudaFuncAttributeMaxDynamicSharedMemorySize).
 // `partials`: fp32 scratch [gridDim.x][2][cols], fully overwritten (blocks without rows write 0);
 // pass it with P to layernorm_backward_reduce.
-// Vector path when cols % N == 0 and dx, dout, x, gamma are 16-byte aligned; otherwise scalar.
+// `dbranch` null: no branch gradient (p, seed, stream ignored).
+// Vector path when cols % N == 0 and dx, dout, x, gamma (and dbranch) are 16-byte aligned;
+// otherwise scalar.
 template <typename T>
-__device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, float* __restrict__ partials,
+__device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, T* __restrict__ dbranch,
+                                                        float* __restrict__ partials,
                                                         const T* __restrict__ dout, const T* __restrict__ x,
                                                         const float* __restrict__ mean,
                                                         const float* __restrict__ rstd,
                                                         const float* __restrict__ gamma, unsigned int rows,
-                                                        unsigned int cols) {
+                                                        unsigned int cols, float p, unsigned long long seed,
+                                                        unsigned long long stream) {
     constexpr int N = Pack<T>::N;
     extern __shared__ float4 ln_smem4[];  // float4: 16-byte aligned
     float* smem = reinterpret_cast<float*>(ln_smem4);
@@ -151,8 +190,10 @@ __device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, floa
     for (unsigned int c = lane; c < 2u * cols; c += 32u) dg[c] = 0.0f;
     __syncwarp();  // the loop below gives the columns to other lanes
     // With cols % N == 0 (N ≥ 4) every slice offset is a multiple of 16 bytes.
+    const bool branch = dbranch != nullptr, drop = branch && p > 0.0f;
+    const float scale = 1.0f / (1.0f - p);
     const bool vec = cols % N == 0 && is_aligned16(dx) && is_aligned16(dout) && is_aligned16(x) &&
-                     is_aligned16(gamma);
+                     is_aligned16(gamma) && (!branch || is_aligned16(dbranch));
     const float fcols = (float)cols;
     for (unsigned int row = blockIdx.x * warps + warp; row < rows; row += gridDim.x * warps) {
         const unsigned long long base = (unsigned long long)row * cols;
@@ -197,12 +238,21 @@ __device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, floa
                 st_pack_f32(dx + base + c, d);
                 st_f32xN(dg + c, ag);
                 st_f32xN(db + c, ab);
+                if (branch) {
+                    // From ds as stored in dx (rounded to T), as dropout_backward would read it.
+#pragma unroll
+                    for (int j = 0; j < N; ++j) d[j] = round_to<T>(d[j]);
+                    if (drop) ln_dropout_blocks<T, N / 4>(d, base + c, p, scale, seed, stream);
+                    st_pack_f32(dbranch + base + c, d);
+                }
             }
         } else {
             for (unsigned int c = lane; c < cols; c += 32u) {
                 const float dy = to_f32(dout[base + c]);
                 const float xhat = (to_f32(x[base + c]) - mu) * rs;
-                dx[base + c] = from_f32<T>(rs * (dy * gamma[c] - mean_g - xhat * mean_gx));
+                const float d = round_to<T>(rs * (dy * gamma[c] - mean_g - xhat * mean_gx));
+                dx[base + c] = from_f32<T>(d);
+                if (branch) dbranch[base + c] = from_f32<T>(drop ? ln_dropout_one(d, base + c, p, scale, seed, stream) : d);
                 dg[c] += dy * xhat;
                 db[c] += dy;
             }
@@ -222,14 +272,18 @@ __device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, floa
     extern "C" __global__ void layernorm_forward_##SUFFIX(                                                         \
         T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd, const T* __restrict__ x,          \
         const T* __restrict__ residual, T* __restrict__ sum, const float* __restrict__ gamma,                      \
-        const float* __restrict__ beta, unsigned int rows, unsigned int cols, float eps) {                         \
-        layernorm_forward_impl<T>(out, mean, rstd, x, residual, sum, gamma, beta, rows, cols, eps);                \
+        const float* __restrict__ beta, unsigned int rows, unsigned int cols, float eps, float p,                  \
+        unsigned long long seed, unsigned long long stream) {                                                      \
+        layernorm_forward_impl<T>(out, mean, rstd, x, residual, sum, gamma, beta, rows, cols, eps, p, seed,        \
+                                  stream);                                                                         \
     }                                                                                                              \
     extern "C" __global__ void layernorm_backward_##SUFFIX(                                                        \
-        T* __restrict__ dx, float* __restrict__ partials, const T* __restrict__ dout, const T* __restrict__ x,     \
-        const float* __restrict__ mean, const float* __restrict__ rstd, const float* __restrict__ gamma,           \
-        unsigned int rows, unsigned int cols) {                                                                    \
-        layernorm_backward_impl<T>(dx, partials, dout, x, mean, rstd, gamma, rows, cols);                          \
+        T* __restrict__ dx, T* __restrict__ dbranch, float* __restrict__ partials, const T* __restrict__ dout,     \
+        const T* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,                   \
+        const float* __restrict__ gamma, unsigned int rows, unsigned int cols, float p, unsigned long long seed,   \
+        unsigned long long stream) {                                                                               \
+        layernorm_backward_impl<T>(dx, dbranch, partials, dout, x, mean, rstd, gamma, rows, cols, p, seed,         \
+                                   stream);                                                                        \
     }
 
 LAYERNORM_KERNELS(float, f32)

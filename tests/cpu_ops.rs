@@ -20,7 +20,8 @@ use std::sync::Arc;
 use bertft_cuda::backend::cpu::{CpuBackend, CpuTensor};
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
+    MatmulPrecision, ResidualAdd, SeqLayout,
 };
 use common::naive::{self, abs, assert_close, dot, f64s, finite_differences, U};
 use common::tiny::random_vec;
@@ -440,7 +441,11 @@ impl LayerNormCase {
         );
         let a = up(&self.a);
         let (bt, sum) = (self.b.as_ref().map(|b| up(b)), garbage(rows * cols, 13));
-        let residual = bt.as_ref().map(|b| (b, &sum));
+        let residual = bt.as_ref().map(|b| ResidualAdd {
+            residual: b,
+            sum: &sum,
+            dropout: Dropout::NONE,
+        });
         BE.layernorm_forward(
             &out,
             &mean,
@@ -529,8 +534,10 @@ fn layernorm_backward() {
             let (dt, gt) = (up(&dout), up(&c.gamma));
             // Twice: dx is overwritten (the same both times), dgamma and dbeta accumulate.
             for _ in 0..2 {
-                BE.layernorm_backward(&dx, &dgamma, &dbeta, &dt, &s, &mean, &rstd, &gt, rows, cols)
-                    .unwrap();
+                BE.layernorm_backward(
+                    &dx, &dgamma, &dbeta, &dt, &s, &mean, &rstd, &gt, rows, cols, None,
+                )
+                .unwrap();
             }
             // The naive gradient at the input the op normalized (the fp32 sum, if fused).
             let (s64, g64, dout) = (f64s(&down(&s)), f64s(&c.gamma), f64s(&dout));
@@ -623,6 +630,138 @@ fn layernorm_backward() {
                 &add(&pb, &fbeta, 2.0),
                 |k| (rows + 4) as f64 * U * (pb[k].abs() + 2.0 * mag_b[k]) + 2.0 * FD_ERR,
             );
+        }
+    }
+}
+
+/// The dropout fused into LayerNorm's residual add is `dropout_forward` then the plain residual
+/// add, bit for bit, and its branch gradient is `dropout_backward` of the residual's gradient:
+/// the fusion changes no result (the unfused sequence is checked against f64 above and in the
+/// dropout tests).
+#[test]
+fn layernorm_fused_dropout() {
+    let eps = 1e-5f32;
+    for (case, &(rows, cols)) in LAYERNORM_SHAPES.iter().enumerate() {
+        for d in dropouts() {
+            let name = format!("layernorm fused dropout {rows}x{cols} p {}", d.p);
+            let seed = 1500 + 10 * case as u64;
+            let c = layernorm_case(rows, cols, true, seed);
+            let (x, residual) = (up(&c.a), up(c.b.as_ref().unwrap()));
+            let (gamma, beta) = (up(&c.gamma), up(&c.beta));
+            let dout = up(&nonzero(rows * cols, seed + 5, 1.0));
+            let n = rows * cols;
+            // Both paths start from the same garbage in every output, and both accumulate into
+            // the same non-zero dgamma/dbeta.
+            let fresh = |k: u64| up(&nonzero(n, seed + k, 50.0));
+            let run = |fused: bool| {
+                let (out, sum, dx, dbranch) = (fresh(10), fresh(11), fresh(12), fresh(13));
+                let (mean, rstd) = (
+                    up(&nonzero(rows, seed + 14, 9.0)),
+                    up(&nonzero(rows, seed + 15, 9.0)),
+                );
+                let (dgamma, dbeta) = (
+                    up(&nonzero(cols, seed + 16, 1.0)),
+                    up(&nonzero(cols, seed + 17, 1.0)),
+                );
+                if fused {
+                    let add = ResidualAdd {
+                        residual: &residual,
+                        sum: &sum,
+                        dropout: d,
+                    };
+                    BE.layernorm_forward(
+                        &out,
+                        &mean,
+                        &rstd,
+                        &x,
+                        Some(add),
+                        &gamma,
+                        &beta,
+                        rows,
+                        cols,
+                        eps,
+                    )
+                    .unwrap();
+                    let branch = BranchGrad {
+                        dx: &dbranch,
+                        dropout: d,
+                    };
+                    BE.layernorm_backward(
+                        &dx,
+                        &dgamma,
+                        &dbeta,
+                        &dout,
+                        &sum,
+                        &mean,
+                        &rstd,
+                        &gamma,
+                        rows,
+                        cols,
+                        Some(branch),
+                    )
+                    .unwrap();
+                } else {
+                    let dropped = fresh(18);
+                    BE.dropout_forward(&dropped, &x, d).unwrap();
+                    let add = ResidualAdd {
+                        residual: &residual,
+                        sum: &sum,
+                        dropout: Dropout::NONE,
+                    };
+                    BE.layernorm_forward(
+                        &out,
+                        &mean,
+                        &rstd,
+                        &dropped,
+                        Some(add),
+                        &gamma,
+                        &beta,
+                        rows,
+                        cols,
+                        eps,
+                    )
+                    .unwrap();
+                    BE.layernorm_backward(
+                        &dx, &dgamma, &dbeta, &dout, &sum, &mean, &rstd, &gamma, rows, cols, None,
+                    )
+                    .unwrap();
+                    BE.dropout_backward(&dbranch, &dx, d).unwrap();
+                }
+                [out, sum, mean, rstd, dx, dbranch, dgamma, dbeta].map(|t| down(&t))
+            };
+            let (fused, unfused) = (run(true), run(false));
+            let names = [
+                "out", "sum", "mean", "rstd", "dx", "dbranch", "dgamma", "dbeta",
+            ];
+            for ((what, f), u) in names.iter().zip(&fused).zip(&unfused) {
+                assert_eq!(f, u, "{name}: {what}");
+            }
+            // The mask is really applied: where an element is dropped, sum is the residual alone
+            // and the branch gets no gradient; elsewhere the branch gradient is dx/(1 − p).
+            let (sum, dx, dbranch) = (&fused[1], &fused[4], &fused[5]);
+            let (xs, rs) = (&c.a, c.b.as_ref().unwrap());
+            let mut dropped = 0;
+            for i in 0..n {
+                if naive::dropout_keep(d, i as u64) {
+                    assert_eq!(
+                        sum[i],
+                        xs[i] * (1.0 / (1.0 - d.p)) + rs[i],
+                        "{name}: sum[{i}]"
+                    );
+                    assert_eq!(
+                        dbranch[i],
+                        dx[i] * (1.0 / (1.0 - d.p)),
+                        "{name}: dbranch[{i}]"
+                    );
+                } else {
+                    dropped += 1;
+                    assert_eq!(sum[i], rs[i], "{name}: sum[{i}], dropped");
+                    assert_eq!(dbranch[i], 0.0, "{name}: dbranch[{i}], dropped");
+                }
+            }
+            if n > 100 {
+                assert!(dropped > 0, "{name}: nothing dropped");
+            }
         }
     }
 }

@@ -206,6 +206,26 @@ impl Dropout {
     }
 }
 
+/// The residual add a LayerNorm starts with, fused into it: `sum = dropout(x) + residual`
+/// (BERT's `LayerNorm(dropout(dense(h)) + input)`), so the dropped-out branch is never written
+/// to memory. The dropout draws element `i` of `x` (its flat index), as `dropout_forward` over
+/// `x` would: the fusion changes no bit.
+#[derive(Clone, Copy)]
+pub struct ResidualAdd<'a, T> {
+    pub residual: &'a T,
+    /// Where `s` is kept for backward.
+    pub sum: &'a T,
+    pub dropout: Dropout,
+}
+
+/// Backward of [`ResidualAdd`]'s dropped-out branch, fused into LayerNorm's backward:
+/// `dx = dropout_backward(∂/∂sum)` with the forward's mask regenerated.
+#[derive(Clone, Copy)]
+pub struct BranchGrad<'a, T> {
+    pub dx: &'a T,
+    pub dropout: Dropout,
+}
+
 /// Hyper-parameters of one AdamW step, as `torch.optim.AdamW` applies them.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
@@ -323,7 +343,7 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- LayerNorm (layernorm.rs) ----
-    /// `sum = a + b` (when `residual` is given as `(b, sum)`), then
+    /// `s = dropout(x) + residual` into `sum` (when `residual` is given; else `s = x`), then
     /// `out = (s − mean)·rstd·gamma + beta` per row, keeping `mean` and `rstd` for backward.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
@@ -332,7 +352,7 @@ pub trait Backend {
         mean: &Self::Tensor,
         rstd: &Self::Tensor,
         x: &Self::Tensor,
-        residual: Option<(&Self::Tensor, &Self::Tensor)>,
+        residual: Option<ResidualAdd<'_, Self::Tensor>>,
         gamma: &Self::Tensor,
         beta: &Self::Tensor,
         rows: usize,
@@ -340,7 +360,9 @@ pub trait Backend {
         eps: f32,
     ) -> Result<()>;
     /// `dx` (overwritten) from `dout`, the normalized input `x` (the `sum` of a fused residual),
-    /// `mean`, `rstd`; `dgamma`, `dbeta` accumulated.
+    /// `mean`, `rstd`; `dgamma`, `dbeta` accumulated. With `branch`, also the gradient of the
+    /// dropped-out branch of a fused residual add: `branch.dx = dropout_backward(dx)` (`dx`
+    /// itself is the residual's gradient).
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
@@ -354,6 +376,7 @@ pub trait Backend {
         gamma: &Self::Tensor,
         rows: usize,
         cols: usize,
+        branch: Option<BranchGrad<'_, Self::Tensor>>,
     ) -> Result<()>;
 
     // ---- activations (activation.rs) ----

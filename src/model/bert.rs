@@ -14,12 +14,14 @@
 //! ```
 //! Kept for backward (per layer): qkv, the attention output and its log-sum-exp, both residual
 //! sums with their LayerNorm statistics, both LayerNorm outputs, the feed-forward
-//! pre-activation and activation. Dropout masks are regenerated, never stored.
+//! pre-activation and activation. Dropout masks are regenerated, never stored; the dropout of
+//! each residual block's branch is fused into the LayerNorm after it (`ResidualAdd`,
+//! `BranchGrad`), so the dropped-out branch is never written.
 
 use anyhow::{ensure, Result};
 
 use crate::backend::philox::stream_id;
-use crate::backend::{AttentionDims, Backend, Dropout, SeqLayout};
+use crate::backend::{AttentionDims, Backend, BranchGrad, Dropout, ResidualAdd, SeqLayout};
 use crate::config::BertConfig;
 use crate::model::params::{BertTensors, LayerTensors};
 
@@ -200,8 +202,9 @@ pub struct Activations<T> {
     pub logits: T,
     pub losses: T,
     // Scratch, not kept between forward and backward.
+    /// A dense layer's output before the dropout fused into the next LayerNorm (forward), and
+    /// that dropout's input gradient (backward).
     proj: T,
-    proj_drop: T,
     g_hidden: [T; 3],
     g_qkv: T,
     g_inter: [T; 2],
@@ -269,7 +272,6 @@ impl<T: Clone> Activations<T> {
             logits: z(batch * cfg.num_labels())?,
             losses: z(batch)?,
             proj: z(rows * h)?,
-            proj_drop: z(rows * h)?,
             g_hidden: [z(rows * h)?, z(rows * h)?, z(rows * h)?],
             g_qkv: z(rows * 3 * h)?,
             g_inter: [z(rows * i)?, z(rows * i)?],
@@ -540,17 +542,17 @@ impl<B: Backend> Bert<'_, B> {
             h,
             h,
         )?;
-        be.dropout_forward(
-            &acts.proj_drop,
-            &acts.proj,
-            self.dropout(mode, Site::AttentionOutput(l), p_hidden),
-        )?;
+        // attn_sum = dropout(proj) + x, fused into the LayerNorm.
         be.layernorm_forward(
             &a.attn_ln_out,
             &a.attn_ln_mean,
             &a.attn_ln_rstd,
-            &acts.proj_drop,
-            Some((x, &a.attn_sum)),
+            &acts.proj,
+            Some(ResidualAdd {
+                residual: x,
+                sum: &a.attn_sum,
+                dropout: self.dropout(mode, Site::AttentionOutput(l), p_hidden),
+            }),
             &w.attn_ln_g,
             &w.attn_ln_b,
             rows,
@@ -576,17 +578,17 @@ impl<B: Backend> Bert<'_, B> {
             i,
             h,
         )?;
-        be.dropout_forward(
-            &acts.proj_drop,
-            &acts.proj,
-            self.dropout(mode, Site::FeedForwardOutput(l), p_hidden),
-        )?;
+        // ffn_sum = dropout(proj) + attn_ln_out, fused into the LayerNorm.
         be.layernorm_forward(
             &a.ffn_ln_out,
             &a.ffn_ln_mean,
             &a.ffn_ln_rstd,
-            &acts.proj_drop,
-            Some((&a.attn_ln_out, &a.ffn_sum)),
+            &acts.proj,
+            Some(ResidualAdd {
+                residual: &a.attn_ln_out,
+                sum: &a.ffn_sum,
+                dropout: self.dropout(mode, Site::FeedForwardOutput(l), p_hidden),
+            }),
             &w.ffn_ln_g,
             &w.ffn_ln_b,
             rows,
@@ -759,6 +761,7 @@ impl<B: Backend> Bert<'_, B> {
             &w.emb_ln_g,
             rows,
             h,
+            None,
         )?;
         be.embeddings_backward(
             &grads.word,
@@ -796,7 +799,8 @@ impl<B: Backend> Bert<'_, B> {
         let [g_act, g_pre] = &acts.g_inter;
 
         // Feed-forward block: x' = LN(dropout(W2·act(W1·h)) + h).
-        // g_tmp = ∂/∂ffn_sum, which is also the residual branch's share of ∂/∂h.
+        // g_tmp = ∂/∂ffn_sum, which is also the residual branch's share of ∂/∂h; proj = the
+        // dropout's backward of it (fused).
         be.layernorm_backward(
             g_tmp,
             &g.ffn_ln_g,
@@ -808,11 +812,10 @@ impl<B: Backend> Bert<'_, B> {
             &w.ffn_ln_g,
             rows,
             h,
-        )?;
-        be.dropout_backward(
-            &acts.proj,
-            g_tmp,
-            self.dropout(mode, Site::FeedForwardOutput(l), p_hidden),
+            Some(BranchGrad {
+                dx: &acts.proj,
+                dropout: self.dropout(mode, Site::FeedForwardOutput(l), p_hidden),
+            }),
         )?;
         be.linear_backward(
             Some(g_act),
@@ -842,7 +845,8 @@ impl<B: Backend> Bert<'_, B> {
         )?;
 
         // Attention block: h = LN(dropout(Wo·attn(Wqkv·x)) + x).
-        // g_in = ∂/∂attn_sum, the residual branch's share of ∂/∂x.
+        // g_in = ∂/∂attn_sum, the residual branch's share of ∂/∂x; proj = the dropout's
+        // backward of it (fused).
         be.layernorm_backward(
             g_in,
             &g.attn_ln_g,
@@ -854,11 +858,10 @@ impl<B: Backend> Bert<'_, B> {
             &w.attn_ln_g,
             rows,
             h,
-        )?;
-        be.dropout_backward(
-            &acts.proj,
-            g_in,
-            self.dropout(mode, Site::AttentionOutput(l), p_hidden),
+            Some(BranchGrad {
+                dx: &acts.proj,
+                dropout: self.dropout(mode, Site::AttentionOutput(l), p_hidden),
+            }),
         )?;
         be.linear_backward(
             Some(g_tmp),

@@ -1,14 +1,18 @@
 //! LayerNorm over the last dimension, optionally fused with the residual add before it.
 //!
 //! Forward (per row of `cols`):
-//!   `s = x (+ residual)`, `mean = Σs/cols`, `var = Σ(s − mean)²/cols` (biased, as PyTorch),
+//!   `s = x`, or with a fused residual add `s = dropout(x) + residual` (kept in `sum`), `mean = Σs/cols`, `var = Σ(s − mean)²/cols` (biased, as PyTorch),
 //!   `rstd = 1/√(var + eps)`, `out = (s − mean)·rstd·gamma + beta`; `mean`, `rstd` are kept.
 //! Backward, with `ŝ = (s − mean)·rstd` and `g = dout·gamma`:
 //!   `ds = rstd·(g − mean(g) − ŝ·mean(g·ŝ))`, `dgamma += Σ_rows dout·ŝ`, `dbeta += Σ_rows dout`.
-//!   For a fused residual, `ds` is the gradient of both `x` and `residual`.
+//!   For a fused residual, `ds` is the gradient of `residual`, and `dropout_backward(ds)` (with
+//!   the forward's mask) the gradient of the branch `x`, written by the backend when asked.
 //! Statistics are accumulated in f64 here (the reference); kernels keep them in fp32.
 
 use rayon::prelude::*;
+
+use super::dropout::dropout_forward;
+use crate::backend::Dropout;
 
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_forward(
@@ -41,12 +45,14 @@ pub fn layernorm_forward(
         });
 }
 
-/// `sum = a + b`, the residual add a fused LayerNorm starts with.
-pub fn residual_add(sum: &mut [f32], a: &[f32], b: &[f32]) {
-    assert_eq!((a.len(), b.len()), (sum.len(), sum.len()));
+/// `sum = dropout(x) + residual`, the residual add a fused LayerNorm starts with (the same
+/// mask as `dropout_forward` over `x`).
+pub fn residual_add(sum: &mut [f32], x: &[f32], residual: &[f32], d: Dropout) {
+    assert_eq!((x.len(), residual.len()), (sum.len(), sum.len()));
+    dropout_forward(sum, x, d);
     sum.par_iter_mut()
-        .zip(a.par_iter().zip(b))
-        .for_each(|(s, (a, b))| *s = a + b);
+        .zip(residual.par_iter())
+        .for_each(|(s, r)| *s += r);
 }
 
 #[allow(clippy::too_many_arguments)]

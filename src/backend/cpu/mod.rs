@@ -23,7 +23,8 @@ use tensor::check_disjoint;
 pub use tensor::CpuTensor;
 
 use super::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
+    MatmulPrecision, ResidualAdd, SeqLayout,
 };
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -203,7 +204,7 @@ impl Backend for CpuBackend {
         mean: &CpuTensor,
         rstd: &CpuTensor,
         x: &CpuTensor,
-        residual: Option<(&CpuTensor, &CpuTensor)>,
+        residual: Option<ResidualAdd<'_, CpuTensor>>,
         gamma: &CpuTensor,
         beta: &CpuTensor,
         rows: usize,
@@ -211,9 +212,13 @@ impl Backend for CpuBackend {
         eps: f32,
     ) -> Result<()> {
         let normalized = match residual {
-            Some((b, sum)) => {
-                check_disjoint(&[sum, out, mean, rstd], &[x, b, gamma, beta]);
-                layernorm::residual_add(sum.data_mut(), x.data(), b.data());
+            Some(ResidualAdd {
+                residual,
+                sum,
+                dropout,
+            }) => {
+                check_disjoint(&[sum, out, mean, rstd], &[x, residual, gamma, beta]);
+                layernorm::residual_add(sum.data_mut(), x.data(), residual.data(), dropout);
                 sum
             }
             None => {
@@ -247,8 +252,15 @@ impl Backend for CpuBackend {
         gamma: &CpuTensor,
         rows: usize,
         cols: usize,
+        branch: Option<BranchGrad<'_, CpuTensor>>,
     ) -> Result<()> {
         check_disjoint(&[dx, dgamma, dbeta], &[dout, x, mean, rstd, gamma]);
+        if let Some(branch) = &branch {
+            check_disjoint(
+                &[branch.dx],
+                &[dx, dgamma, dbeta, dout, x, mean, rstd, gamma],
+            );
+        }
         layernorm::layernorm_backward(
             dx.data_mut(),
             dgamma.data_mut(),
@@ -261,6 +273,13 @@ impl Backend for CpuBackend {
             rows,
             cols,
         );
+        if let Some(BranchGrad {
+            dx: dbranch,
+            dropout,
+        }) = branch
+        {
+            dropout::dropout_backward(dbranch.data_mut(), dx.data(), dropout);
+        }
         Ok(())
     }
 

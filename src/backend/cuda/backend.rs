@@ -66,8 +66,8 @@ use super::libs::check_cudarc_library;
 use super::readback::PendingDownload;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision,
-    OutOfMemory, SeqLayout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
+    MatmulPrecision, OutOfMemory, ResidualAdd, SeqLayout,
 };
 
 /// The driver functions cudarc calls for this backend (cudarc panics on a missing one, so they
@@ -1228,7 +1228,7 @@ impl Backend for CudaBackend {
         mean: &CudaTensor,
         rstd: &CudaTensor,
         x: &CudaTensor,
-        residual: Option<(&CudaTensor, &CudaTensor)>,
+        residual: Option<ResidualAdd<'_, CudaTensor>>,
         gamma: &CudaTensor,
         beta: &CudaTensor,
         rows: usize,
@@ -1247,8 +1247,12 @@ impl Backend for CudaBackend {
             gamma.len,
             beta.len
         );
-        let (res, sum) = match residual {
-            Some((b, s)) => {
+        let (res, sum, dropout) = match residual {
+            Some(ResidualAdd {
+                residual: b,
+                sum: s,
+                dropout,
+            }) => {
                 ensure!(
                     (b.len, s.len) == (rows * cols, rows * cols),
                     "layernorm_forward: residual {} and sum {} elements, not {}",
@@ -1256,9 +1260,9 @@ impl Backend for CudaBackend {
                     s.len,
                     rows * cols
                 );
-                (b.device_ptr(), s.device_ptr())
+                (b.device_ptr(), s.device_ptr(), dropout)
             }
-            None => (0, 0),
+            None => (0, 0, Dropout::NONE),
         };
         if rows == 0 {
             return Ok(());
@@ -1282,6 +1286,9 @@ impl Backend for CudaBackend {
                 Arg::U32(u32_of(rows, "rows")?),
                 Arg::U32(u32_of(cols, "cols")?),
                 Arg::F32(eps),
+                Arg::F32(dropout_p(dropout)),
+                Arg::U64(dropout.seed),
+                Arg::U64(dropout.stream),
             ],
         )
     }
@@ -1298,7 +1305,20 @@ impl Backend for CudaBackend {
         gamma: &CudaTensor,
         rows: usize,
         cols: usize,
+        branch: Option<BranchGrad<'_, CudaTensor>>,
     ) -> Result<()> {
+        let (dbranch, dropout) = match branch {
+            Some(BranchGrad { dx: d, dropout }) => {
+                ensure!(
+                    d.len == rows * cols,
+                    "layernorm_backward: the branch gradient has {} elements, not {}",
+                    d.len,
+                    rows * cols
+                );
+                (d.device_ptr(), dropout)
+            }
+            None => (0, Dropout::NONE),
+        };
         ensure!(
             (dx.len, dout.len, x.len, mean.len, rstd.len)
                 == (rows * cols, rows * cols, rows * cols, rows, rows)
@@ -1342,6 +1362,7 @@ impl Backend for CudaBackend {
             smem as u32,
             &[
                 Arg::P(dx.device_ptr()),
+                Arg::P(dbranch),
                 Arg::P(partials.device_ptr()),
                 Arg::P(dout.device_ptr()),
                 Arg::P(x.device_ptr()),
@@ -1350,6 +1371,9 @@ impl Backend for CudaBackend {
                 Arg::P(gamma.device_ptr()),
                 Arg::U32(u32_of(rows, "rows")?),
                 Arg::U32(u32_of(cols, "cols")?),
+                Arg::F32(dropout_p(dropout)),
+                Arg::U64(dropout.seed),
+                Arg::U64(dropout.stream),
             ],
         )?;
         // Stage 2: dgamma/dbeta += Σ over the partials (fixed order).
