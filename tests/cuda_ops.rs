@@ -198,6 +198,48 @@ fn linear() {
     }
 }
 
+/// `out = x·wᵀ + bias` with every tensor a view at `offset` elements into a larger buffer.
+fn linear_forward_at<B: Backend>(
+    be: &B,
+    (rows, k, n): (usize, usize, usize),
+    offset: usize,
+) -> Vec<f32> {
+    let s = (rows * 1000 + k * 10 + n + offset) as u64;
+    let out = up_at(be, &random_vec(rows * n, s, 9.0), offset);
+    let x = up_at(be, &random_vec(rows * k, s + 1, 1.0), offset);
+    let w = up_at(be, &random_vec(n * k, s + 2, 0.5), offset);
+    let bias = up_at(be, &random_vec(n, s + 3, 0.5), offset);
+    be.linear_forward(&out, &x, &w, &bias, rows, k, n).unwrap();
+    down(be, &out)
+}
+
+/// The forward GEMM takes the bias in cuBLASLt's epilogue where it can, and two cuBLAS GEMMs
+/// where it cannot (a bias not 16-byte aligned, as a view at an odd offset of the flat parameter
+/// buffer can be): both paths, with every operand a view at that offset, in every GEMM
+/// precision, against the CPU emulating it (tolerances as `linear_reduced_precision`'s).
+#[test]
+fn linear_forward_bias_epilogue_and_fallback() {
+    for (p, rtol) in [
+        (MatmulPrecision::F32, 1e-5),
+        (MatmulPrecision::F16, 1e-5),
+        (MatmulPrecision::Bf16, 1e-5),
+        (MatmulPrecision::Tf32, 2e-3),
+    ] {
+        let Some((g, c)) = pair(p) else { return };
+        // Offset 1: 4-byte aligned (the fallback); 4: 16-byte aligned (the epilogue).
+        for offset in [0, 1, 4] {
+            for shape in [(33, 64, 96), (7, 37, 20), (128, 384, 1152)] {
+                close(
+                    &format!("{} {shape:?} at offset {offset}", p.name()),
+                    &linear_forward_at(&g, shape, offset),
+                    &linear_forward_at(&c, shape, offset),
+                    rtol,
+                );
+            }
+        }
+    }
+}
+
 /// GPU 0 with its dense layers' GEMMs in `p`, and the CPU emulating the same.
 fn pair(p: MatmulPrecision) -> Option<(CudaBackend, CpuBackend)> {
     Some((
@@ -1152,6 +1194,7 @@ fn cases_run_on_the_cpu() {
             let c = linear_case(&CPU, rows, k, n, true, true);
             compare("linear", &c, &c, 1e-5);
             linear_case(&CPU, rows, k, n, false, false);
+            linear_forward_at(&CPU, (rows, k, n), 1);
         }
         for hidden in [5, 64] {
             embeddings_case(&CPU, rows, hidden, Some(0));

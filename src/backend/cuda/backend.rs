@@ -17,15 +17,16 @@
 //! matrix (its transpose) with leading dimension `c`. So each row-major product `C = A·B` is
 //! computed as the column-major `Cᵀ = Bᵀ·Aᵀ`, i.e. with the operands swapped:
 //! - forward `out[rows,n] = x·wᵀ`: `outᵀ(n×rows) = op(w)·xᵀ` with `w` (col-major `k×n`) transposed:
-//!   `gemm(T, N, m=n, n=rows, k, A=w lda=k, B=x ldb=k, C=out ldc=n)`, after `out` is set to the
-//!   bias by a rank-1 product `outᵀ = bias(n×1)·ones(1×rows)` (beta 0), then beta 1.
+//!   `gemm(T, N, m=n, n=rows, k, A=w lda=k, B=x ldb=k, C=out ldc=n)`, with the bias added by
+//!   cuBLASLt's epilogue in the same call (`lt`); where that is not available, `out` is first set
+//!   to the bias by a rank-1 product `outᵀ = bias(n×1)·ones(1×rows)` (beta 0), then beta 1.
 //! - `dx[rows,k] (=|+=) dout·w`: `dxᵀ(k×rows) = wᵀ(k×n)·doutᵀ(n×rows)`:
 //!   `gemm(N, N, m=k, n=rows, k=n, A=w lda=k, B=dout ldb=n, C=dx ldc=k)`, beta 0 or 1.
 //! - `dw[n,k] += doutᵀ·x`: `dwᵀ(k×n) = xᵀ(k×rows)·dout(rows×n)`:
 //!   `gemm(N, T, m=k, n=n, k=rows, A=x lda=k, B=dout ldb=n, C=dw ldc=k)`, beta 1.
 //! - `dbias[n] += Σ_rows dout`: `dbias(n×1) = doutᵀ(n×rows)·ones(rows×1)`, beta 1.
 //!
-//! All GEMMs are `cublasGemmEx` with fp32 output and `CUBLAS_COMPUTE_32F` accumulation. What the
+//! All other GEMMs are `cublasGemmEx` with fp32 output and `CUBLAS_COMPUTE_32F` accumulation. What the
 //! operands `x`, `w` and `dout` are read as follows [`MatmulPrecision`]:
 //! - `F32`: fp32 operands, `CUBLAS_COMPUTE_32F` under `CUBLAS_DEFAULT_MATH` (no TF32), so results
 //!   match the CPU up to fp32 summation order.
@@ -55,6 +56,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::sys as blas;
+use cudarc::cublaslt::sys::{cublasComputeType_t as LtComputeType, cudaDataType as LtDataType};
 use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{result as dres, sys as dsys};
 use cudarc::driver::{
@@ -63,6 +65,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::Ptx;
 
 use super::libs::check_cudarc_library;
+use super::lt::{self, BiasGemm, Lt};
 use super::readback::PendingDownload;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
@@ -314,6 +317,9 @@ pub struct CudaBackend {
     pool: Option<MemPool>,
     /// Page-locked buffers for [`PendingDownload`]s, reused (allocating one can synchronize).
     pinned: Mutex<Vec<PinnedHostSlice<f32>>>,
+    /// cuBLASLt for the dense layers' forward with the bias in the epilogue, and its
+    /// workspace (`None`: turned off by `BERTFT_CUBLASLT=0`, or unavailable).
+    lt: Option<(Lt, Arc<Buffer<u8>>)>,
 }
 
 fn grid_1d(n: usize, per_thread: usize, block: u32, cap: u32) -> u32 {
@@ -498,7 +504,7 @@ impl CudaBackend {
             "cuda:{device_index} ({}, {arch}, {} SMs, cuBLAS {}.{}.{})",
             gpu.name, sms, v.0, v.1, v.2
         );
-        Ok(CudaBackend {
+        let mut backend = CudaBackend {
             ctx,
             stream,
             _modules: modules,
@@ -512,7 +518,14 @@ impl CudaBackend {
             max_smem_optin,
             pool,
             pinned: Mutex::new(Vec::new()),
-        })
+            lt: None,
+        };
+        // BERTFT_CUBLASLT=0 keeps the two-GEMM bias path (for comparing the two on a GPU).
+        if std::env::var_os("BERTFT_CUBLASLT").is_none_or(|v| v != "0") {
+            let workspace = backend.alloc_raw::<u8>(lt::WORKSPACE_BYTES)?;
+            backend.lt = Some((Lt::new(workspace.ptr)?, workspace));
+        }
+        Ok(backend)
     }
 
     /// A page-locked buffer of at least `len` f32, from the pool or newly allocated.
@@ -727,6 +740,19 @@ impl CudaBackend {
             dtype,
             _copy: Some(copy),
         })
+    }
+
+    /// The operand and compute types of the dense layers' GEMMs, as cuBLASLt names them.
+    fn lt_types(&self) -> (LtDataType, LtComputeType) {
+        match self.precision {
+            MatmulPrecision::F32 => (LtDataType::CUDA_R_32F, LtComputeType::CUBLAS_COMPUTE_32F),
+            MatmulPrecision::Tf32 => (
+                LtDataType::CUDA_R_32F,
+                LtComputeType::CUBLAS_COMPUTE_32F_FAST_TF32,
+            ),
+            MatmulPrecision::F16 => (LtDataType::CUDA_R_16F, LtComputeType::CUBLAS_COMPUTE_32F),
+            MatmulPrecision::Bf16 => (LtDataType::CUDA_R_16BF, LtComputeType::CUBLAS_COMPUTE_32F),
+        }
     }
 
     /// The compute type of the dense layers' GEMMs.
@@ -994,6 +1020,30 @@ impl Backend for CudaBackend {
         );
         if rows == 0 || n == 0 {
             return Ok(());
+        }
+        if k > 0 {
+            if let Some((lt, _)) = &self.lt {
+                let (w, x) = (self.gemm_operand(w)?, self.gemm_operand(x)?);
+                let (ty, compute) = self.lt_types();
+                self.bind()?;
+                // outᵀ(n×rows) = op(w)·xᵀ + bias, the bias in the epilogue (see `lt`).
+                let queued = lt.matmul_bias(
+                    &BiasGemm {
+                        a: w.ptr,
+                        a_type: ty,
+                        b: x.ptr,
+                        b_type: ty,
+                        bias: bias.device_ptr(),
+                        d: out.device_ptr(),
+                        mnk: (n, rows, k),
+                        compute,
+                    },
+                    self.stream.cu_stream() as _,
+                )?;
+                if queued {
+                    return Ok(());
+                }
+            }
         }
         let ones = self.ones(rows)?;
         // outᵀ(n×rows) = bias(n×1)·ones(1×rows)

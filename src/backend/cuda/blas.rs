@@ -34,6 +34,10 @@ const CUBLASLT_SYMBOLS: &[&str] = &[
     "cublasLtMatrixLayoutCreate",
     "cublasLtMatmulPreferenceCreate",
     "cublasLtMatmulAlgoGetHeuristic",
+    "cublasLtMatmulDescDestroy",
+    "cublasLtMatrixLayoutDestroy",
+    "cublasLtMatmulPreferenceSetAttribute",
+    "cublasLtMatmulPreferenceDestroy",
 ];
 
 /// cuBLAS and cuBLASLt, opened and checked.

@@ -12,6 +12,7 @@ pub mod cubin;
 pub mod driver;
 pub mod kernel_cache;
 pub mod libs;
+mod lt;
 pub mod nvrtc;
 mod readback;
 pub mod runtime;
