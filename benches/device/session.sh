@@ -92,6 +92,9 @@ stage_bench() {
     done
     run_logged ours-fp32 "$b" bench --device cuda --config bert-base-uncased --batch-size 32 \
         --seq-len 128 --steps 10 --warmup-steps 3 --json "$OUT/ours-fp32.json"
+    # The same fp16 step with the bias GEMMs instead of cuBLASLt's bias epilogue: what it buys.
+    BERTFT_CUBLASLT=0 run_logged ours-fp16-no-cublaslt "$b" bench --device cuda --config bert-base-uncased \
+        --batch-size 32 --seq-len 128 --steps 30 --warmup-steps 5 --fp16 --json "$OUT/ours-fp16-no-cublaslt.json"
     run_logged theirs python3 benches/hf_reference.py --batch-sizes 32,64 --seq-len 128 --steps 30 \
         --json "$OUT/theirs.json"
 }

@@ -24,7 +24,8 @@
 //!   `gemm(N, N, m=k, n=rows, k=n, A=w lda=k, B=dout ldb=n, C=dx ldc=k)`, beta 0 or 1.
 //! - `dw[n,k] += doutᵀ·x`: `dwᵀ(k×n) = xᵀ(k×rows)·dout(rows×n)`:
 //!   `gemm(N, T, m=k, n=n, k=rows, A=x lda=k, B=dout ldb=n, C=dw ldc=k)`, beta 1.
-//! - `dbias[n] += Σ_rows dout`: `dbias(n×1) = doutᵀ(n×rows)·ones(rows×1)`, beta 1.
+//! - `dbias[n] += Σ_rows dout`: a column sum (`bias_grad.cu`) in the same pass over `dout` as
+//!   its 16-bit cast for the two GEMMs above.
 //!
 //! All other GEMMs are `cublasGemmEx` with fp32 output and `CUBLAS_COMPUTE_32F` accumulation. What the
 //! operands `x`, `w` and `dout` are read as follows [`MatmulPrecision`]:
@@ -33,12 +34,14 @@
 //! - `Tf32`: fp32 operands, `CUBLAS_COMPUTE_32F_FAST_TF32` (tensor cores read 10-bit mantissas).
 //! - `F16`/`Bf16`: each operand is cast (`cast.cu`, round to nearest even) into a 16-bit copy
 //!   made for the call, and the GEMM reads `CUDA_R_16F`/`CUDA_R_16BF` with fp32 accumulation on
-//!   the tensor cores. The master weights, the activations and every other op stay fp32; the
-//!   bias GEMMs (`ones` products) stay fp32 too. The CPU backend rounds the same operands the
-//!   same way, so the two differ only by summation order.
+//!   the tensor cores (`dout`'s copy is written by the bias-gradient kernel). The master
+//!   weights, the activations, the biases, the bias gradients and every other op stay fp32. The
+//!   CPU backend rounds the same operands the same way, so the two differ only by summation
+//!   order.
 //!
 //! # Scratch
-//! Per-call scratch (LayerNorm's dgamma/dbeta partials, Σx² partials, attention's `delta`, the
+//! Per-call scratch (LayerNorm's dgamma/dbeta partials, the bias gradients' partials, Σx²
+//! partials, attention's `delta`, the
 //! AdamW segment table, the 16-bit GEMM operand copies) is allocated stream-ordered per call
 //! (`cuMemAllocAsync`) and freed stream-ordered when dropped. Those allocations come from the
 //! device's default memory pool, whose release threshold is raised to "never" when the backend
@@ -46,8 +49,8 @@
 //! from it, with no driver allocation after the first step of each batch shape (by default the
 //! pool returns everything to the driver at each synchronization). The pool's high-water mark of
 //! memory in use is the backend's peak memory. An allocation that fails for lack of memory is an
-//! [`OutOfMemory`] error, which the trainer words in terms of the batch. The `ones` vector of the bias GEMMs is kept and
-//! grown on demand; the `SeqLayout` arrays (starts, rows, valid) are uploaded once per distinct
+//! [`OutOfMemory`] error, which the trainer words in terms of the batch. The `ones` vector of the
+//! fallback bias GEMM is kept and grown on demand; the `SeqLayout` arrays (starts, rows, valid) are uploaded once per distinct
 //! layout and kept in a small cache (forward and backward of every layer share one layout).
 
 use std::collections::HashMap;
@@ -139,6 +142,8 @@ pub const REQUIRED_KERNELS: &[&str] = &[
     "adamw_update",
     "cast_f32_to_f16",
     "cast_f32_to_bf16",
+    "bias_grad_partial",
+    "bias_grad_reduce",
     "attention_forward_f32_d32",
     "attention_forward_f32_d64",
     "attention_forward_f32_generic",
@@ -755,6 +760,67 @@ impl CudaBackend {
         }
     }
 
+    /// `dbias += Σ_rows dout` (`dout` `[rows, n]`), and `dout` as the GEMMs read it, in one
+    /// pass over `dout` (`bias_grad.cu`): the 16-bit copy is written by the same kernel that
+    /// sums the columns.
+    fn bias_grad_and_operand(
+        &self,
+        dout: &CudaTensor,
+        dbias: &CudaTensor,
+        rows: usize,
+        n: usize,
+    ) -> Result<GemmOperand> {
+        let (format, dtype) = match self.precision {
+            MatmulPrecision::F32 | MatmulPrecision::Tf32 => (0, blas::cudaDataType::CUDA_R_32F),
+            MatmulPrecision::F16 => (1, blas::cudaDataType::CUDA_R_16F),
+            MatmulPrecision::Bf16 => (2, blas::cudaDataType::CUDA_R_16BF),
+        };
+        let copy = match format {
+            0 => None,
+            _ => Some(self.alloc_raw::<u16>(dout.len)?),
+        };
+        if rows > 0 && n > 0 {
+            // About four blocks per SM, each over 32 columns and a share of the rows.
+            let col_tiles = n.div_ceil(32);
+            let parts = (4 * self.sms as usize)
+                .div_ceil(col_tiles)
+                .min(rows.div_ceil(8))
+                .clamp(1, 65535);
+            let partials = self.scratch(parts * n)?;
+            self.launch(
+                "bias_grad_partial",
+                (u32_of(col_tiles, "bias columns")?, parts as u32, 1),
+                (32, 8, 1),
+                0,
+                &[
+                    Arg::P(partials.device_ptr()),
+                    Arg::P(copy.as_ref().map_or(0, |c| c.ptr)),
+                    Arg::I32(format),
+                    Arg::P(dout.device_ptr()),
+                    Arg::U32(u32_of(rows, "rows")?),
+                    Arg::U32(u32_of(n, "n")?),
+                ],
+            )?;
+            self.launch(
+                "bias_grad_reduce",
+                (u32_of(n.div_ceil(256), "bias columns")?, 1, 1),
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(dbias.device_ptr()),
+                    Arg::P(partials.device_ptr()),
+                    Arg::U32(parts as u32),
+                    Arg::U32(u32_of(n, "n")?),
+                ],
+            )?;
+        }
+        Ok(GemmOperand {
+            ptr: copy.as_ref().map_or(dout.device_ptr(), |c| c.ptr),
+            dtype,
+            _copy: copy,
+        })
+    }
+
     /// The compute type of the dense layers' GEMMs.
     fn gemm_compute(&self) -> blas::cublasComputeType_t {
         match self.precision {
@@ -1109,7 +1175,7 @@ impl Backend for CudaBackend {
                 rows * k
             );
         }
-        let dout_op = self.gemm_operand(dout)?;
+        let dout_op = self.bias_grad_and_operand(dout, dbias, rows, n)?;
         if let Some(dx) = dx {
             if n == 0 {
                 if !dx_accumulate {
@@ -1144,22 +1210,6 @@ impl Backend for CudaBackend {
             1.0,
             (dw.device_ptr(), k),
             self.gemm_compute(),
-        )?;
-        // dbias(n×1) += doutᵀ(n×rows)·ones(rows×1)
-        let ones = self.ones(rows)?;
-        self.gemm(
-            false,
-            false,
-            n,
-            1,
-            rows,
-            dout.device_ptr(),
-            n,
-            ones.device_ptr(),
-            rows,
-            1.0,
-            dbias.device_ptr(),
-            n,
         )
     }
 
