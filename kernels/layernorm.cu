@@ -32,7 +32,9 @@
 #include "common.cuh"
 
 // v[0..4B) = keep ? v·scale : 0 (rounded to T) for the 4B elements from flat index `first`, a
-// multiple of 4: B whole Philox blocks. Only called with p > 0.
+// multiple of 4: B whole Philox blocks. Only called with p > 0. The product is __fmul_rn so that
+// it is never contracted with the residual add that follows into an FMA (one rounding instead of
+// the two that dropout.cu followed by the add make).
 template <typename T, int B>
 __device__ __forceinline__ void ln_dropout_blocks(float* v, unsigned long long first, float p, float scale,
                                                   unsigned long long seed, unsigned long long stream) {
@@ -41,7 +43,7 @@ __device__ __forceinline__ void ln_dropout_blocks(float* v, unsigned long long f
         float u[4];
         philox_uniform4(seed, stream, first / 4 + q, u);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v[4 * q + j] = u[j] >= p ? round_to<T>(v[4 * q + j] * scale) : 0.0f;
+        for (int j = 0; j < 4; ++j) v[4 * q + j] = u[j] >= p ? round_to<T>(__fmul_rn(v[4 * q + j], scale)) : 0.0f;
     }
 }
 
@@ -50,7 +52,7 @@ __device__ __forceinline__ float ln_dropout_one(float v, unsigned long long i, f
                                                 unsigned long long seed, unsigned long long stream) {
     float u[4];
     philox_uniform4(seed, stream, i / 4, u);
-    return u[i % 4] >= p ? v * scale : 0.0f;
+    return u[i % 4] >= p ? __fmul_rn(v, scale) : 0.0f;
 }
 
 // ---- forward ----

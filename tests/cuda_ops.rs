@@ -198,25 +198,28 @@ fn linear() {
     }
 }
 
-/// `out = x·wᵀ + bias` with every tensor a view at `offset` elements into a larger buffer.
+/// `out = x·wᵀ + bias` with `out`, `x` and `w` views at `offset` elements into larger buffers,
+/// and `bias` at `bias_offset`.
 fn linear_forward_at<B: Backend>(
     be: &B,
     (rows, k, n): (usize, usize, usize),
-    offset: usize,
+    (offset, bias_offset): (usize, usize),
 ) -> Vec<f32> {
     let s = (rows * 1000 + k * 10 + n + offset) as u64;
     let out = up_at(be, &random_vec(rows * n, s, 9.0), offset);
     let x = up_at(be, &random_vec(rows * k, s + 1, 1.0), offset);
     let w = up_at(be, &random_vec(n * k, s + 2, 0.5), offset);
-    let bias = up_at(be, &random_vec(n, s + 3, 0.5), offset);
+    let bias = up_at(be, &random_vec(n, s + 3, 0.5), bias_offset);
     be.linear_forward(&out, &x, &w, &bias, rows, k, n).unwrap();
     down(be, &out)
 }
 
 /// The forward GEMM takes the bias in cuBLASLt's epilogue where it can, and two cuBLAS GEMMs
-/// where it cannot (a bias not 16-byte aligned, as a view at an odd offset of the flat parameter
-/// buffer can be): both paths, with every operand a view at that offset, in every GEMM
-/// precision, against the CPU emulating it (tolerances as `linear_reduced_precision`'s).
+/// where it cannot: a bias not 16-byte aligned (a view at an odd offset of the flat parameter
+/// buffer can be one), or a single row or column. Both paths, in every GEMM precision, against
+/// the CPU emulating it (tolerances as `linear_reduced_precision`'s), and which path ran is
+/// checked: the epilogue must be taken wherever the bias is aligned, also with operands that are
+/// only 4-byte aligned (the heuristic is told their real alignment).
 #[test]
 fn linear_forward_bias_epilogue_and_fallback() {
     for (p, rtol) in [
@@ -226,14 +229,25 @@ fn linear_forward_bias_epilogue_and_fallback() {
         (MatmulPrecision::Tf32, 2e-3),
     ] {
         let Some((g, c)) = pair(p) else { return };
-        // Offset 1: 4-byte aligned (the fallback); 4: 16-byte aligned (the epilogue).
-        for offset in [0, 1, 4] {
-            for shape in [(33, 64, 96), (7, 37, 20), (128, 384, 1152)] {
-                close(
-                    &format!("{} {shape:?} at offset {offset}", p.name()),
-                    &linear_forward_at(&g, shape, offset),
-                    &linear_forward_at(&c, shape, offset),
-                    rtol,
+        // (operands, bias) offsets in elements: 1 is 4-byte aligned, 0 and 4 are 16-byte.
+        for offsets in [(0, 0), (4, 4), (1, 1), (1, 4), (0, 1)] {
+            for shape in [
+                (33, 64, 96),
+                (7, 37, 20),
+                (128, 384, 1152),
+                (1, 64, 96),
+                (33, 64, 1),
+            ] {
+                let before = g.bias_epilogue_gemms();
+                let got = linear_forward_at(&g, shape, offsets);
+                let epilogue = g.bias_epilogue_gemms() - before;
+                let case = format!("{} {shape:?} at offsets {offsets:?}", p.name());
+                close(&case, &got, &linear_forward_at(&c, shape, offsets), rtol);
+                let (rows, _, n) = shape;
+                let expected = u64::from(offsets.1 % 4 == 0 && rows > 1 && n > 1);
+                assert_eq!(
+                    epilogue, expected,
+                    "{case}: GEMMs through the bias epilogue"
                 );
             }
         }
@@ -1194,7 +1208,7 @@ fn cases_run_on_the_cpu() {
             let c = linear_case(&CPU, rows, k, n, true, true);
             compare("linear", &c, &c, 1e-5);
             linear_case(&CPU, rows, k, n, false, false);
-            linear_forward_at(&CPU, (rows, k, n), 1);
+            linear_forward_at(&CPU, (rows, k, n), (1, 4));
         }
         for hidden in [5, 64] {
             embeddings_case(&CPU, rows, hidden, Some(0));

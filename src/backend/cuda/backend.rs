@@ -528,7 +528,11 @@ impl CudaBackend {
         // BERTFT_CUBLASLT=0 keeps the two-GEMM bias path (for comparing the two on a GPU).
         if std::env::var_os("BERTFT_CUBLASLT").is_none_or(|v| v != "0") {
             let workspace = backend.alloc_raw::<u8>(lt::WORKSPACE_BYTES)?;
-            backend.lt = Some((Lt::new(workspace.ptr)?, workspace));
+            match Lt::new(workspace.ptr) {
+                Ok(lt) => backend.lt = Some((lt, workspace)),
+                // Only a slower path: the bias then takes a GEMM of its own.
+                Err(e) => eprintln!("notice: cuBLASLt unavailable ({e:#}); biases added by cuBLAS"),
+            }
         }
         Ok(backend)
     }
@@ -745,6 +749,36 @@ impl CudaBackend {
             dtype,
             _copy: Some(copy),
         })
+    }
+
+    /// `outᵀ(n×rows) = bias(n×1)·ones(1×rows)`: every row of `out` set to the bias.
+    fn fill_with_bias(
+        &self,
+        out: &CudaTensor,
+        bias: &CudaTensor,
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        let ones = self.ones(rows)?;
+        self.gemm(
+            false,
+            false,
+            n,
+            rows,
+            1,
+            bias.device_ptr(),
+            n,
+            ones.device_ptr(),
+            1,
+            0.0,
+            out.device_ptr(),
+            n,
+        )
+    }
+
+    /// How many dense-layer forwards took cuBLASLt's bias epilogue (0 without cuBLASLt).
+    pub fn bias_epilogue_gemms(&self) -> u64 {
+        self.lt.as_ref().map_or(0, |(lt, _)| lt.queued())
     }
 
     /// The operand and compute types of the dense layers' GEMMs, as cuBLASLt names them.
@@ -1087,51 +1121,34 @@ impl Backend for CudaBackend {
         if rows == 0 || n == 0 {
             return Ok(());
         }
-        if k > 0 {
-            if let Some((lt, _)) = &self.lt {
-                let (w, x) = (self.gemm_operand(w)?, self.gemm_operand(x)?);
-                let (ty, compute) = self.lt_types();
-                self.bind()?;
-                // outᵀ(n×rows) = op(w)·xᵀ + bias, the bias in the epilogue (see `lt`).
-                let queued = lt.matmul_bias(
-                    &BiasGemm {
-                        a: w.ptr,
-                        a_type: ty,
-                        b: x.ptr,
-                        b_type: ty,
-                        bias: bias.device_ptr(),
-                        d: out.device_ptr(),
-                        mnk: (n, rows, k),
-                        compute,
-                    },
-                    self.stream.cu_stream() as _,
-                )?;
-                if queued {
-                    return Ok(());
-                }
+        if k == 0 {
+            return self.fill_with_bias(out, bias, rows, n);
+        }
+        // Cast once: the fallback below reads the same operands.
+        let (w, x) = (self.gemm_operand(w)?, self.gemm_operand(x)?);
+        if let Some((lt, _)) = &self.lt {
+            let (ty, compute) = self.lt_types();
+            self.bind()?;
+            // outᵀ(n×rows) = op(w)·xᵀ + bias, the bias in the epilogue (see `lt`).
+            let queued = lt.matmul_bias(
+                &BiasGemm {
+                    a: w.ptr,
+                    a_type: ty,
+                    b: x.ptr,
+                    b_type: ty,
+                    bias: bias.device_ptr(),
+                    d: out.device_ptr(),
+                    mnk: (n, rows, k),
+                    compute,
+                },
+                self.stream.cu_stream() as _,
+            )?;
+            if queued {
+                return Ok(());
             }
         }
-        let ones = self.ones(rows)?;
-        // outᵀ(n×rows) = bias(n×1)·ones(1×rows)
-        self.gemm(
-            false,
-            false,
-            n,
-            rows,
-            1,
-            bias.device_ptr(),
-            n,
-            ones.device_ptr(),
-            1,
-            0.0,
-            out.device_ptr(),
-            n,
-        )?;
-        if k == 0 {
-            return Ok(());
-        }
+        self.fill_with_bias(out, bias, rows, n)?;
         // outᵀ(n×rows) += op(w)·xᵀ, w col-major k×n transposed.
-        let (w, x) = (self.gemm_operand(w)?, self.gemm_operand(x)?);
         self.gemm_ex(
             true,
             false,

@@ -72,7 +72,16 @@ struct PlanKey {
     mnk: (usize, usize, usize),
     types: (i32, i32),
     compute: i32,
-    align: [u32; 3],
+    /// A, B, D and the bias (the heuristic reads the bias pointer's alignment from its value).
+    align: [u32; 4],
+}
+
+/// Plans kept at most (packed batches have a row count per batch); beyond, the cache restarts.
+const MAX_PLANS: usize = 512;
+
+/// Whether a bias at `ptr` can take the epilogue path (the 16-byte alignment of a float4 read).
+pub fn bias_fits(ptr: u64) -> bool {
+    ptr % 16 == 0
 }
 
 /// Descriptors and the chosen algorithm of one shape; destroyed on drop.
@@ -98,6 +107,8 @@ struct State {
     handle: lt::cublasLtHandle_t,
     /// `None`: no algorithm for that key.
     plans: HashMap<PlanKey, Option<Plan>>,
+    /// GEMMs queued through the epilogue (what the GPU tests check was taken).
+    queued: u64,
 }
 
 // SAFETY: the handle and descriptors are only used under `Lt`'s Mutex, one thread at a time.
@@ -130,25 +141,40 @@ impl Lt {
             state: Mutex::new(State {
                 handle,
                 plans: HashMap::new(),
+                queued: 0,
             }),
             workspace,
         })
     }
 
-    /// Queues `D = op(A)·B + bias` on `stream`; `Ok(false)` (nothing queued) where cuBLASLt has
-    /// no algorithm for it or the bias is not 16-byte aligned.
+    /// How many GEMMs took the epilogue path so far.
+    pub fn queued(&self) -> u64 {
+        self.state.lock().unwrap().queued
+    }
+
+    /// Queues `D = op(A)·B + bias` on `stream`; `Ok(false)` (nothing queued) where the bias does
+    /// not [`bias_fits`], D is a single row or column (cuBLASLt's heuristic refuses those), or
+    /// cuBLASLt offers no algorithm or refuses the call (the plan is then remembered as refused).
     pub fn matmul_bias(&self, g: &BiasGemm, stream: lt::cudaStream_t) -> Result<bool> {
-        if g.bias % 16 != 0 {
+        if !bias_fits(g.bias) || g.mnk.0 <= 1 || g.mnk.1 <= 1 {
             return Ok(false);
         }
         let key = PlanKey {
             mnk: g.mnk,
             types: (g.a_type as i32, g.b_type as i32),
             compute: g.compute as i32,
-            align: [alignment(g.a), alignment(g.b), alignment(g.d)],
+            align: [
+                alignment(g.a),
+                alignment(g.b),
+                alignment(g.d),
+                alignment(g.bias),
+            ],
         };
         let mut state = self.state.lock().unwrap();
         let handle = state.handle;
+        if state.plans.len() >= MAX_PLANS && !state.plans.contains_key(&key) {
+            state.plans.clear();
+        }
         let plan = match state.plans.entry(key) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(Plan::new(handle, g, key.align)?),
@@ -159,35 +185,49 @@ impl Lt {
         let (alpha, beta) = (1.0f32, 0.0f32);
         // SAFETY: the descriptors are live (plan), the pointers address the shapes the plan was
         // made for (checked by the caller), and the workspace is WORKSPACE_BYTES long.
-        unsafe {
+        let status = unsafe {
             set_desc(
                 plan.desc,
                 lt::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                 &g.bias,
             )?;
-            check(
-                "cublasLtMatmul",
-                lt::cublasLtMatmul(
-                    handle,
-                    plan.desc,
-                    &alpha as *const f32 as *const c_void,
-                    g.a as *const c_void,
-                    plan.layouts[0],
-                    g.b as *const c_void,
-                    plan.layouts[1],
-                    &beta as *const f32 as *const c_void,
-                    g.d as *const c_void,
-                    plan.layouts[2],
-                    g.d as *mut c_void,
-                    plan.layouts[2],
-                    &plan.algo,
-                    self.workspace as *mut c_void,
-                    WORKSPACE_BYTES,
-                    stream,
-                ),
-            )?;
+            lt::cublasLtMatmul(
+                handle,
+                plan.desc,
+                &alpha as *const f32 as *const c_void,
+                g.a as *const c_void,
+                plan.layouts[0],
+                g.b as *const c_void,
+                plan.layouts[1],
+                &beta as *const f32 as *const c_void,
+                g.d as *const c_void,
+                plan.layouts[2],
+                g.d as *mut c_void,
+                plan.layouts[2],
+                &plan.algo,
+                self.workspace as *mut c_void,
+                WORKSPACE_BYTES,
+                stream,
+            )
+        };
+        match status {
+            lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS => {
+                state.queued += 1;
+                Ok(true)
+            }
+            // Refused before anything was queued: the two-GEMM path does it, from now on.
+            lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED
+            | lt::cublasStatus_t::CUBLAS_STATUS_INVALID_VALUE => {
+                state.plans.insert(key, None);
+                Ok(false)
+            }
+            s => bail!(
+                "cublasLtMatmul ({}×{}×{}): {s:?}",
+                g.mnk.0,
+                g.mnk.1,
+                g.mnk.2
+            ),
         }
-        Ok(true)
     }
 }
 
@@ -212,8 +252,9 @@ unsafe fn set_desc<T>(
 }
 
 impl Plan {
-    /// `None` where the heuristic offers no algorithm.
-    fn new(handle: lt::cublasLtHandle_t, g: &BiasGemm, align: [u32; 3]) -> Result<Option<Plan>> {
+    /// `None` where the heuristic offers no algorithm or refuses the problem (whatever its
+    /// status: a refusal only sends the GEMM down the two-GEMM path).
+    fn new(handle: lt::cublasLtHandle_t, g: &BiasGemm, align: [u32; 4]) -> Result<Option<Plan>> {
         use lt::cublasLtMatmulDescAttributes_t as D;
         use lt::cublasLtMatmulPreferenceAttributes_t as P;
         let (m, n, k) = (g.mnk.0 as u64, g.mnk.1 as u64, g.mnk.2 as u64);
@@ -304,10 +345,9 @@ impl Plan {
                     &mut count,
                 )
             };
-            if status == lt::cublasStatus_t::CUBLAS_STATUS_NOT_SUPPORTED {
+            if status != lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 return Ok(0);
             }
-            check("cublasLtMatmulAlgoGetHeuristic", status)?;
             if count > 0 && result.state == lt::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
                 plan.algo = result.algo;
                 Ok(count)
