@@ -9,6 +9,7 @@ pub mod metrics;
 pub mod optimizer;
 pub mod out_of_memory;
 pub mod plan;
+pub mod prefetch;
 pub mod progress;
 pub mod schedule;
 pub mod state;

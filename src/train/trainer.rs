@@ -27,6 +27,7 @@ use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::out_of_memory::{explain_out_of_memory, BatchShape};
 use crate::train::plan::train_batcher;
 pub use crate::train::plan::Plan;
+use crate::train::prefetch::{prefetch, train_steps, HostStep, AHEAD};
 use crate::train::progress::Progress;
 use crate::train::schedule::{Schedule, ScheduleKind};
 use crate::train::state::TrainerState;
@@ -237,24 +238,29 @@ impl<B: Backend> Trainer<'_, B> {
         let (mut loss_since_log, mut steps_since_log) = (0.0f64, 0u64);
         let mut train_loss_sum = 0.0f64;
         let mut early_stop_count = 0u32;
-        let mut stop = state.global_step >= plan.max_steps;
+        let already_done = state.global_step >= plan.max_steps;
         let mut interrupted = false;
 
-        while !stop && position.epoch < plan.epochs {
-            let micro = batcher.micro_batches(position.epoch);
-            // This epoch's own count: with a token budget it varies from epoch to epoch.
-            let micro_in_epoch = micro.len() as u64;
-            let groups: Vec<&[Vec<usize>]> = micro
-                .chunks(args.gradient_accumulation_steps.max(1))
-                .collect();
-            for group in groups.iter().skip(position.step_in_epoch as usize) {
-                let batches = group
-                    .iter()
-                    .map(|rows| {
-                        let (ids, types, labels) = self.train.rows(rows);
-                        // Packed: no padding rows, which cost compute and change no result.
-                        Batch::packed(be, &ids, &types, labels.as_deref())
-                    })
+        // The steps from the resumed position on, assembled ahead on a producer thread; each is
+        // uploaded and queued here. Leaving the loop (the last step, early stopping, Ctrl-C, an
+        // error) stops the producer.
+        let steps = train_steps(
+            self.train,
+            batcher,
+            args.gradient_accumulation_steps,
+            (position.epoch, position.step_in_epoch),
+            plan.epochs,
+        );
+        let consume = |steps: &mut dyn Iterator<Item = Result<HostStep>>| -> Result<()> {
+            for step in steps {
+                let mut stop = false;
+                let step = step?;
+                let micro_in_epoch = step.micro_in_epoch;
+                let group_len = step.micro_batches.len() as u64;
+                let batches = step
+                    .micro_batches
+                    .into_iter()
+                    .map(|host| Batch::upload(be, host))
                     .collect::<Result<Vec<_>>>()?;
                 // Queued: its loss and gradient norm are read on logging steps. The schedule
                 // advances with the optimizer (`opt.step`): an fp16 step skipped on overflow
@@ -275,8 +281,9 @@ impl<B: Backend> Trainer<'_, B> {
                 })?;
                 log_overflow(&mut progress, settled, state.global_step);
                 state.global_step += 1;
-                position.step_in_epoch += 1;
-                position.micro_step += group.len() as u64;
+                position.epoch = step.epoch;
+                position.step_in_epoch = step.index + 1;
+                position.micro_step += group_len;
                 let micro_done = (position.step_in_epoch
                     * args.gradient_accumulation_steps.max(1) as u64)
                     .min(micro_in_epoch);
@@ -289,7 +296,7 @@ impl<B: Backend> Trainer<'_, B> {
                 };
                 progress.step(state.global_step, samples_done);
 
-                let epoch_end = position.step_in_epoch as usize == groups.len();
+                let epoch_end = step.index + 1 == step.steps_in_epoch;
                 let last = state.global_step >= plan.max_steps;
                 let g = state.global_step;
                 let log_now = match args.logging_strategy {
@@ -396,18 +403,14 @@ impl<B: Backend> Trainer<'_, B> {
                         &mut state,
                     )?;
                 }
-                if last {
-                    stop = true;
-                }
-                if stop {
+                if stop || last {
                     break;
                 }
             }
-            if !stop && position.step_in_epoch != 0 {
-                // Every group of the epoch ran: move on.
-                position.epoch += 1;
-                position.step_in_epoch = 0;
-            }
+            Ok(())
+        };
+        if !already_done {
+            prefetch(AHEAD, steps, consume)?;
         }
         progress.finish();
         // The steps after the last logging step, read back for train_loss.
