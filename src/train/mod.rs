@@ -11,6 +11,7 @@ pub mod out_of_memory;
 pub mod plan;
 pub mod prefetch;
 pub mod progress;
+pub mod pyjson;
 pub mod schedule;
 pub mod state;
 pub mod step;

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
@@ -29,6 +29,7 @@ use crate::train::plan::train_batcher;
 pub use crate::train::plan::Plan;
 use crate::train::prefetch::{prefetch, train_steps, HostStep, AHEAD};
 use crate::train::progress::Progress;
+use crate::train::pyjson::{dumps_line, PyDict, PyValue};
 use crate::train::schedule::{Schedule, ScheduleKind};
 use crate::train::state::TrainerState;
 use crate::train::step::{queue_train_step, StepScratch, StepSettings};
@@ -85,14 +86,15 @@ struct RunLogs {
 }
 
 impl RunLogs {
-    fn write(&mut self, entry: &Map<String, Value>) -> Result<()> {
+    fn write(&mut self, entry: &PyDict) -> Result<()> {
         use std::io::Write;
         if let Some(f) = &mut self.jsonl {
-            writeln!(f, "{}", Value::Object(entry.clone()))?;
+            // As `json.dumps(entry)`: an inf or NaN float is written `Infinity` or `NaN`.
+            writeln!(f, "{}", dumps_line(&PyValue::Dict(entry.clone())))?;
         }
         if let Some(ev) = &mut self.events {
-            let step = entry.get("step").and_then(Value::as_i64).unwrap_or(0);
-            for (k, v) in entry {
+            let step = entry.get("step").and_then(PyValue::as_i64).unwrap_or(0);
+            for (k, v) in entry.iter() {
                 let Some(x) = v.as_f64() else { continue };
                 if k == "step" {
                     continue;
@@ -316,19 +318,17 @@ impl<B: Backend> Trainer<'_, B> {
                     }
                     let mean_loss = loss_since_log / steps_since_log as f64;
                     progress.update_stats(mean_loss, report.lr, report.grad_norm, state.epoch);
-                    let mut entry = Map::new();
-                    entry.insert("loss".into(), json!(round4(mean_loss)));
-                    entry.insert("grad_norm".into(), json!(report.grad_norm));
-                    entry.insert("learning_rate".into(), json!(report.lr));
-                    entry.insert("epoch".into(), json!(state.epoch));
-                    entry.insert("step".into(), json!(g));
-                    // Printed as the Trainer's ProgressCallback prints it: without the step.
-                    let printed: Vec<(String, f64)> = entry
-                        .iter()
-                        .filter(|(k, _)| *k != "step")
-                        .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
-                        .collect();
+                    // Printed as the Trainer's ProgressCallback prints it: without the step (an
+                    // overflowed fp16 step's norm as `inf`, as Python prints a float).
+                    let printed = [
+                        ("loss".to_string(), round4(mean_loss)),
+                        ("grad_norm".to_string(), report.grad_norm as f64),
+                        ("learning_rate".to_string(), report.lr),
+                        ("epoch".to_string(), state.epoch),
+                    ];
                     progress.log(&format_metrics_line(&printed));
+                    let mut entry = PyDict::of_floats(&printed);
+                    entry.insert("step", PyValue::Int(g.into()));
                     logs.write(&entry)?;
                     state.log_history.push(entry);
                     (loss_since_log, steps_since_log) = (0.0, 0);
@@ -342,9 +342,8 @@ impl<B: Backend> Trainer<'_, B> {
                 let mut new_best = false;
                 if eval_now {
                     let metrics = self.evaluate(&mut scratch, state.epoch)?;
-                    let mut entry: Map<String, Value> =
-                        metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-                    entry.insert("step".into(), json!(g));
+                    let mut entry = PyDict::of_floats(&metrics);
+                    entry.insert("step", PyValue::Int(g.into()));
                     progress.log(&format_metrics_line(&metrics));
                     logs.write(&entry)?;
                     state.log_history.push(entry);
@@ -444,11 +443,8 @@ impl<B: Backend> Trainer<'_, B> {
             ("train_loss".to_string(), train_loss_sum / steps_run as f64),
             ("epoch".to_string(), state.epoch),
         ];
-        let mut entry: Map<String, Value> = train_metrics
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
-        entry.insert("step".into(), json!(state.global_step));
+        let mut entry = PyDict::of_floats(&train_metrics);
+        entry.insert("step", PyValue::Int(state.global_step.into()));
         logs.write(&entry)?;
         state.log_history.push(entry);
         if args.load_best_model_at_end {
