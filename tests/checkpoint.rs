@@ -17,10 +17,11 @@ use bertft_cuda::model::Classifier;
 use bertft_cuda::train::checkpoint::*;
 use bertft_cuda::train::loss_scale::LossScaler;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
+use bertft_cuda::train::pyjson::{PyDict, PyValue};
 use bertft_cuda::train::schedule::{Schedule, ScheduleKind};
 use bertft_cuda::train::state::TrainerState;
 use common::tiny::{random_vec, tiny_config, tiny_weights};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 /// A model and an optimizer that has taken `steps` real updates (non-zero, distinct moments).
 struct Run {
@@ -110,8 +111,11 @@ fn args() -> Value {
            "lr_scheduler_type": "cosine", "save_total_limit": null, "fp16": false})
 }
 
-fn entry(v: Value) -> Map<String, Value> {
-    v.as_object().unwrap().clone()
+fn entry(v: Value) -> PyDict {
+    match PyValue::from(&v) {
+        PyValue::Dict(d) => d,
+        other => panic!("not an object: {other:?}"),
+    }
 }
 
 fn state(global_step: u64) -> TrainerState {
@@ -326,6 +330,117 @@ fn trainer_state_json_is_what_transformers_writes() {
     assert_eq!(fs::read_to_string(&path).unwrap(), PYTHON_TRAINER_STATE);
     assert_eq!(TrainerState::load(&path).unwrap(), st);
     assert_eq!(names_in(tmp.path()), ["trainer_state.json"]);
+}
+
+/// A state whose log holds the floats JSON has no literal for: an fp16 step that overflowed
+/// (`grad_norm` inf), a diverged one (NaN), and a NaN best metric.
+fn state_with_non_finite_floats() -> TrainerState {
+    let mut overflowed = entry(json!({"loss": 0.6934, "learning_rate": 5e-05, "step": 5}));
+    overflowed.insert("grad_norm", PyValue::Float(f64::INFINITY));
+    let mut diverged = entry(json!({"step": 10, "epoch": 0.5}));
+    diverged.insert("loss", PyValue::Float(f64::NAN));
+    diverged.insert("grad_norm", PyValue::Float(f64::NEG_INFINITY));
+    TrainerState {
+        global_step: 10,
+        log_history: vec![overflowed, diverged],
+        best_metric: Some(f64::NAN),
+        ..TrainerState::default()
+    }
+}
+
+/// The state's floats, NaN compared by its bits (NaN != NaN).
+fn float_bits(st: &TrainerState) -> Vec<Vec<(String, Option<u64>)>> {
+    let mut all: Vec<Vec<(String, Option<u64>)>> = st
+        .log_history
+        .iter()
+        .map(|e| {
+            let mut items: Vec<_> = e
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.as_f64().map(f64::to_bits)))
+                .collect();
+            items.sort();
+            items
+        })
+        .collect();
+    all.push(vec![(
+        "best_metric".into(),
+        st.best_metric.map(f64::to_bits),
+    )]);
+    all
+}
+
+#[test]
+fn non_finite_floats_are_written_as_python_writes_them_and_read_back() {
+    let tmp = TempDir::new("checkpoint-non-finite");
+    let path = tmp.path().join("trainer_state.json");
+    let st = state_with_non_finite_floats();
+    st.save(&path).unwrap();
+    let text = fs::read_to_string(&path).unwrap();
+    // json.dumps writes float('inf') as Infinity, float('nan') as NaN.
+    for line in [
+        "\"best_metric\": NaN,",
+        "      \"grad_norm\": Infinity,",
+        "      \"grad_norm\": -Infinity,",
+        "      \"loss\": NaN,",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    assert!(!text.contains("null,\n      \"learning_rate\""), "{text}");
+    let back = TrainerState::load(&path).unwrap();
+    assert_eq!(float_bits(&back), float_bits(&st));
+    assert_eq!(back.to_json(), text);
+
+    // Python's json module reads it back to the same values and writes the same bytes.
+    let check = "import json, math, sys\n\
+        text = open(sys.argv[1]).read()\n\
+        s = json.loads(text)\n\
+        assert math.isnan(s['best_metric'])\n\
+        assert s['log_history'][0]['grad_norm'] == float('inf')\n\
+        assert s['log_history'][1]['grad_norm'] == -float('inf')\n\
+        assert math.isnan(s['log_history'][1]['loss'])\n\
+        assert json.dumps(s, indent=2, sort_keys=True) + '\\n' == text\n";
+    match std::process::Command::new("python3")
+        .args(["-c", check])
+        .arg(&path)
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "python3's json module disagrees:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("skipped the Python check: no python3")
+        }
+        Err(e) => panic!("python3: {e}"),
+    }
+}
+
+#[test]
+fn a_malformed_log_history_is_a_one_line_error_naming_the_file() {
+    let tmp = TempDir::new("checkpoint-bad-history");
+    let path = tmp.path().join("trainer_state.json");
+    for (text, want) in [
+        (
+            "{\"log_history\": [{\"loss\": 1}, 3]}",
+            "log_history[1] is not an object",
+        ),
+        ("{\"log_history\": {}}", "log_history is not a list"),
+        ("{\"best_metric\": \"x\"}", "best_metric is not a number"),
+        ("[]", "not a JSON object"),
+        ("{\"global_step\": Infinity}", "expected u64"),
+        (
+            "{\"log_history\": [\n{\"loss\": Infinit}]}",
+            "line 2 column",
+        ),
+    ] {
+        fs::write(&path, text).unwrap();
+        let e = format!("{:#}", TrainerState::load(&path).unwrap_err());
+        assert!(
+            e.contains(want) && e.contains("trainer_state.json") && !e.contains('\n'),
+            "{text}: {e}"
+        );
+    }
 }
 
 #[test]

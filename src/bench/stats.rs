@@ -19,7 +19,10 @@ pub struct Setting {
 #[derive(Clone, Debug)]
 pub struct Measurement {
     pub setting: Setting,
-    /// Wall-clock time of each timed step, in order.
+    /// Wall-clock time of each timed step, in order: the steps are queued without waiting for
+    /// the device, and these are the gaps between the host's returns from queueing them, the
+    /// last one ending when every step has finished (see `bench::measure`). They add up to the
+    /// timed window.
     pub step_times: Vec<Duration>,
     /// Model FLOPs of one step (`model::flops`).
     pub flops_per_step: u64,

@@ -15,7 +15,8 @@ use crate::model::Classifier;
 use crate::train::args::EvaluateArgs;
 use crate::train::evaluate::{eval_metrics, predict};
 use crate::train::metrics::format_metrics_line;
-use crate::train::state::write_json;
+use crate::train::pyjson::{PyDict, PyValue};
+use crate::train::state::write_python_json;
 use crate::train::step::ActivationCache;
 
 /// A labelled file, tokenized, its labels mapped through the model's labels.
@@ -42,14 +43,8 @@ pub fn print_and_save_metrics(metrics: &[(String, f64)], output_dir: Option<&Pat
     println!("{}", format_metrics_line(metrics));
     if let Some(dir) = output_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        let map: serde_json::Map<String, serde_json::Value> = metrics
-            .iter()
-            .map(|(k, v)| (k.clone(), serde_json::json!(v)))
-            .collect();
-        write_json(
-            &dir.join("eval_results.json"),
-            &serde_json::Value::Object(map),
-        )?;
+        let map = PyDict::of_floats(metrics);
+        write_python_json(&dir.join("eval_results.json"), &PyValue::Dict(map))?;
     }
     Ok(())
 }

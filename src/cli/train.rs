@@ -15,7 +15,8 @@ use crate::model::weights::save_pretrained;
 use crate::model::Classifier;
 use crate::train::args::TrainArgs;
 use crate::train::checkpoint::{latest_checkpoint, load_checkpoint};
-use crate::train::state::write_json;
+use crate::train::pyjson::{PyDict, PyValue};
+use crate::train::state::write_python_json;
 use crate::train::step::ActivationCache;
 use crate::train::trainer::{Trainer, INTERRUPTED};
 
@@ -138,15 +139,11 @@ fn run_on<B: Backend>(backend: &B, args: &TrainArgs) -> Result<()> {
     outcome
         .state
         .save(&args.output_dir.join("trainer_state.json"))?;
-    let mut train_results: serde_json::Map<String, serde_json::Value> = outcome
-        .train_metrics
-        .iter()
-        .map(|(k, v)| (k.clone(), serde_json::json!(v)))
-        .collect();
-    train_results.insert("train_samples".into(), serde_json::json!(train.len()));
-    write_json(
+    let mut train_results = PyDict::of_floats(&outcome.train_metrics);
+    train_results.insert("train_samples", PyValue::Int(train.len() as i128));
+    write_python_json(
         &args.output_dir.join("train_results.json"),
-        &serde_json::Value::Object(train_results),
+        &PyValue::Dict(train_results),
     )?;
 
     let mut acts = ActivationCache::default();

@@ -34,34 +34,33 @@ pub enum Mode {
     Train { seed: u64, step: u64 },
 }
 
-/// One batch of token ids on the backend, with where each sequence lies.
-pub struct Batch<B: Backend> {
+/// A batch as the host builds it, before upload: token ids, positions and token type ids laid
+/// out as `layout` says, and the labels. Plain vectors, so that it can be built on another
+/// thread than the one that owns the backend (see `train::prefetch`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostBatch {
     pub layout: SeqLayout,
-    pub ids: B::Ids,
-    pub positions: B::Ids,
-    pub type_ids: B::Ids,
-    pub labels: Option<B::Ids>,
-    /// Host copy of the labels (loss reduction and metrics).
-    pub host_labels: Option<Vec<u32>>,
+    pub ids: Vec<u32>,
+    pub positions: Vec<u32>,
+    pub type_ids: Vec<u32>,
+    pub labels: Option<Vec<u32>>,
 }
 
-impl<B: Backend> Batch<B> {
+impl HostBatch {
     /// Sequences right-padded with `pad_id` to the longest of the batch, as transformers'
     /// dynamic padding does (positions 0.. on every row, padding rows of token type 0).
     pub fn padded(
-        backend: &B,
         ids: &[&[u32]],
         type_ids: &[&[u32]],
         labels: Option<&[u32]>,
         pad_id: u32,
     ) -> Result<Self> {
         let seq_len = ids.iter().map(|s| s.len()).max().unwrap_or(0);
-        Self::padded_to(backend, ids, type_ids, labels, pad_id, seq_len)
+        Self::padded_to(ids, type_ids, labels, pad_id, seq_len)
     }
 
-    /// As [`Batch::padded`], to a fixed `seq_len`.
+    /// As [`HostBatch::padded`], to a fixed `seq_len`.
     pub fn padded_to(
-        backend: &B,
         ids: &[&[u32]],
         type_ids: &[&[u32]],
         labels: Option<&[u32]>,
@@ -94,23 +93,17 @@ impl<B: Backend> Batch<B> {
         }
         let positions: Vec<u32> = (0..ids.len()).flat_map(|_| 0..seq_len as u32).collect();
         let lengths: Vec<usize> = ids.iter().map(|s| s.len()).collect();
-        Self::from_rows(
-            backend,
+        Self::new(
             SeqLayout::padded(&lengths, seq_len),
-            &flat_ids,
-            &positions,
-            &flat_types,
+            flat_ids,
+            positions,
+            flat_types,
             labels,
         )
     }
 
     /// Sequences back to back with no padding rows (the variable-length path).
-    pub fn packed(
-        backend: &B,
-        ids: &[&[u32]],
-        type_ids: &[&[u32]],
-        labels: Option<&[u32]>,
-    ) -> Result<Self> {
+    pub fn packed(ids: &[&[u32]], type_ids: &[&[u32]], labels: Option<&[u32]>) -> Result<Self> {
         ensure!(!ids.is_empty(), "empty batch");
         let lengths: Vec<usize> = ids.iter().map(|s| s.len()).collect();
         ensure!(lengths.iter().all(|&l| l > 0), "empty sequence in batch");
@@ -121,22 +114,20 @@ impl<B: Backend> Batch<B> {
             "ids and token type ids differ in length"
         );
         let positions: Vec<u32> = lengths.iter().flat_map(|&l| 0..l as u32).collect();
-        Self::from_rows(
-            backend,
+        Self::new(
             SeqLayout::packed(&lengths),
-            &flat_ids,
-            &positions,
-            &flat_types,
+            flat_ids,
+            positions,
+            flat_types,
             labels,
         )
     }
 
-    fn from_rows(
-        backend: &B,
+    fn new(
         layout: SeqLayout,
-        ids: &[u32],
-        positions: &[u32],
-        type_ids: &[u32],
+        ids: Vec<u32>,
+        positions: Vec<u32>,
+        type_ids: Vec<u32>,
         labels: Option<&[u32]>,
     ) -> Result<Self> {
         if let Some(l) = labels {
@@ -147,13 +138,79 @@ impl<B: Backend> Batch<B> {
                 layout.batch()
             );
         }
-        Ok(Batch {
-            ids: backend.upload_ids(ids)?,
-            positions: backend.upload_ids(positions)?,
-            type_ids: backend.upload_ids(type_ids)?,
-            labels: labels.map(|l| backend.upload_ids(l)).transpose()?,
-            host_labels: labels.map(|l| l.to_vec()),
+        Ok(HostBatch {
             layout,
+            ids,
+            positions,
+            type_ids,
+            labels: labels.map(<[u32]>::to_vec),
+        })
+    }
+
+    pub fn size(&self) -> usize {
+        self.layout.batch()
+    }
+}
+
+/// One batch of token ids on the backend, with where each sequence lies.
+pub struct Batch<B: Backend> {
+    pub layout: SeqLayout,
+    pub ids: B::Ids,
+    pub positions: B::Ids,
+    pub type_ids: B::Ids,
+    pub labels: Option<B::Ids>,
+    /// Host copy of the labels (loss reduction and metrics).
+    pub host_labels: Option<Vec<u32>>,
+}
+
+impl<B: Backend> Batch<B> {
+    /// [`HostBatch::padded`], uploaded.
+    pub fn padded(
+        backend: &B,
+        ids: &[&[u32]],
+        type_ids: &[&[u32]],
+        labels: Option<&[u32]>,
+        pad_id: u32,
+    ) -> Result<Self> {
+        Self::upload(backend, HostBatch::padded(ids, type_ids, labels, pad_id)?)
+    }
+
+    /// [`HostBatch::padded_to`], uploaded.
+    pub fn padded_to(
+        backend: &B,
+        ids: &[&[u32]],
+        type_ids: &[&[u32]],
+        labels: Option<&[u32]>,
+        pad_id: u32,
+        seq_len: usize,
+    ) -> Result<Self> {
+        let host = HostBatch::padded_to(ids, type_ids, labels, pad_id, seq_len)?;
+        Self::upload(backend, host)
+    }
+
+    /// [`HostBatch::packed`], uploaded.
+    pub fn packed(
+        backend: &B,
+        ids: &[&[u32]],
+        type_ids: &[&[u32]],
+        labels: Option<&[u32]>,
+    ) -> Result<Self> {
+        Self::upload(backend, HostBatch::packed(ids, type_ids, labels)?)
+    }
+
+    /// Copies a host batch to the backend.
+    pub fn upload(backend: &B, host: HostBatch) -> Result<Self> {
+        Ok(Batch {
+            ids: backend.upload_ids(&host.ids)?,
+            positions: backend.upload_ids(&host.positions)?,
+            type_ids: backend.upload_ids(&host.type_ids)?,
+            labels: host
+                .labels
+                .as_deref()
+                .map(|l| backend.upload_ids(l))
+                .transpose()?,
+            host_labels: host.labels,
+            layout: host.layout,
         })
     }
 

@@ -12,6 +12,7 @@ use crate::model::bert::{Batch, Mode};
 use crate::model::Classifier;
 use crate::train::metrics::{classification_metrics, Metrics};
 use crate::train::out_of_memory::{explain_out_of_memory, BatchShape};
+use crate::train::prefetch::{eval_batches, prefetch, AHEAD};
 use crate::train::step::ActivationCache;
 
 pub struct Predictions {
@@ -42,26 +43,29 @@ pub fn predict<B: Backend>(
     let all_losses = backend.zeros(set.len())?;
     let order: Vec<usize> = (0..set.len()).collect();
     let chunks = batching.cut(&order, &set.lengths());
-    let mut done = 0;
-    for rows in &chunks {
-        let (ids, types, labels) = set.rows(rows);
-        // Packed: no padding rows, which cost compute and change no logit.
-        let batch = Batch::packed(backend, &ids, &types, labels.as_deref())?;
-        let explain = |e| {
-            let shape = Some(BatchShape::of(&batch));
-            explain_out_of_memory(e, shape, "--per-device-eval-batch-size")
-        };
-        let a = &acts.get(backend, model, &batch).map_err(explain)?;
-        bert.forward(&batch, a, Mode::Eval).map_err(explain)?;
-        let n = rows.len();
-        let logits_at = backend.view(&all_logits, done * classes, n * classes);
-        backend.copy(&logits_at, &a.logits)?;
-        if labels.is_some() {
-            bert.compute_losses(&batch, a, label_smoothing)?;
-            backend.copy(&backend.view(&all_losses, done, n), &a.losses)?;
+    // Assembled on a producer thread while the device runs the batches before.
+    prefetch(AHEAD, eval_batches(set, &chunks), |batches| {
+        let mut done = 0;
+        for host in batches {
+            let host = host?;
+            let (n, labelled) = (host.size(), host.labels.is_some());
+            let batch = Batch::upload(backend, host)?;
+            let explain = |e| {
+                let shape = Some(BatchShape::of(&batch));
+                explain_out_of_memory(e, shape, "--per-device-eval-batch-size")
+            };
+            let a = &acts.get(backend, model, &batch).map_err(explain)?;
+            bert.forward(&batch, a, Mode::Eval).map_err(explain)?;
+            let logits_at = backend.view(&all_logits, done * classes, n * classes);
+            backend.copy(&logits_at, &a.logits)?;
+            if labelled {
+                bert.compute_losses(&batch, a, label_smoothing)?;
+                backend.copy(&backend.view(&all_losses, done, n), &a.losses)?;
+            }
+            done += n;
         }
-        done += n;
-    }
+        Ok(())
+    })?;
     let logits: Vec<Vec<f32>> = backend
         .download(&all_logits)?
         .chunks(classes)

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
@@ -27,7 +27,9 @@ use crate::train::optimizer::{AdamW, AdamWConfig};
 use crate::train::out_of_memory::{explain_out_of_memory, BatchShape};
 use crate::train::plan::train_batcher;
 pub use crate::train::plan::Plan;
+use crate::train::prefetch::{prefetch, train_steps, HostStep, AHEAD};
 use crate::train::progress::Progress;
+use crate::train::pyjson::{dumps_line, PyDict, PyValue};
 use crate::train::schedule::{Schedule, ScheduleKind};
 use crate::train::state::TrainerState;
 use crate::train::step::{queue_train_step, StepScratch, StepSettings};
@@ -84,14 +86,15 @@ struct RunLogs {
 }
 
 impl RunLogs {
-    fn write(&mut self, entry: &Map<String, Value>) -> Result<()> {
+    fn write(&mut self, entry: &PyDict) -> Result<()> {
         use std::io::Write;
         if let Some(f) = &mut self.jsonl {
-            writeln!(f, "{}", Value::Object(entry.clone()))?;
+            // As `json.dumps(entry)`: an inf or NaN float is written `Infinity` or `NaN`.
+            writeln!(f, "{}", dumps_line(&PyValue::Dict(entry.clone())))?;
         }
         if let Some(ev) = &mut self.events {
-            let step = entry.get("step").and_then(Value::as_i64).unwrap_or(0);
-            for (k, v) in entry {
+            let step = entry.get("step").and_then(PyValue::as_i64).unwrap_or(0);
+            for (k, v) in entry.iter() {
                 let Some(x) = v.as_f64() else { continue };
                 if k == "step" {
                     continue;
@@ -237,24 +240,29 @@ impl<B: Backend> Trainer<'_, B> {
         let (mut loss_since_log, mut steps_since_log) = (0.0f64, 0u64);
         let mut train_loss_sum = 0.0f64;
         let mut early_stop_count = 0u32;
-        let mut stop = state.global_step >= plan.max_steps;
+        let already_done = state.global_step >= plan.max_steps;
         let mut interrupted = false;
 
-        while !stop && position.epoch < plan.epochs {
-            let micro = batcher.micro_batches(position.epoch);
-            // This epoch's own count: with a token budget it varies from epoch to epoch.
-            let micro_in_epoch = micro.len() as u64;
-            let groups: Vec<&[Vec<usize>]> = micro
-                .chunks(args.gradient_accumulation_steps.max(1))
-                .collect();
-            for group in groups.iter().skip(position.step_in_epoch as usize) {
-                let batches = group
-                    .iter()
-                    .map(|rows| {
-                        let (ids, types, labels) = self.train.rows(rows);
-                        // Packed: no padding rows, which cost compute and change no result.
-                        Batch::packed(be, &ids, &types, labels.as_deref())
-                    })
+        // The steps from the resumed position on, assembled ahead on a producer thread; each is
+        // uploaded and queued here. Leaving the loop (the last step, early stopping, Ctrl-C, an
+        // error) stops the producer.
+        let steps = train_steps(
+            self.train,
+            batcher,
+            args.gradient_accumulation_steps,
+            (position.epoch, position.step_in_epoch),
+            plan.epochs,
+        );
+        let consume = |steps: &mut dyn Iterator<Item = Result<HostStep>>| -> Result<()> {
+            for step in steps {
+                let mut stop = false;
+                let step = step?;
+                let micro_in_epoch = step.micro_in_epoch;
+                let group_len = step.micro_batches.len() as u64;
+                let batches = step
+                    .micro_batches
+                    .into_iter()
+                    .map(|host| Batch::upload(be, host))
                     .collect::<Result<Vec<_>>>()?;
                 // Queued: its loss and gradient norm are read on logging steps. The schedule
                 // advances with the optimizer (`opt.step`): an fp16 step skipped on overflow
@@ -275,8 +283,9 @@ impl<B: Backend> Trainer<'_, B> {
                 })?;
                 log_overflow(&mut progress, settled, state.global_step);
                 state.global_step += 1;
-                position.step_in_epoch += 1;
-                position.micro_step += group.len() as u64;
+                position.epoch = step.epoch;
+                position.step_in_epoch = step.index + 1;
+                position.micro_step += group_len;
                 let micro_done = (position.step_in_epoch
                     * args.gradient_accumulation_steps.max(1) as u64)
                     .min(micro_in_epoch);
@@ -289,7 +298,7 @@ impl<B: Backend> Trainer<'_, B> {
                 };
                 progress.step(state.global_step, samples_done);
 
-                let epoch_end = position.step_in_epoch as usize == groups.len();
+                let epoch_end = step.index + 1 == step.steps_in_epoch;
                 let last = state.global_step >= plan.max_steps;
                 let g = state.global_step;
                 let log_now = match args.logging_strategy {
@@ -309,19 +318,17 @@ impl<B: Backend> Trainer<'_, B> {
                     }
                     let mean_loss = loss_since_log / steps_since_log as f64;
                     progress.update_stats(mean_loss, report.lr, report.grad_norm, state.epoch);
-                    let mut entry = Map::new();
-                    entry.insert("loss".into(), json!(round4(mean_loss)));
-                    entry.insert("grad_norm".into(), json!(report.grad_norm));
-                    entry.insert("learning_rate".into(), json!(report.lr));
-                    entry.insert("epoch".into(), json!(state.epoch));
-                    entry.insert("step".into(), json!(g));
-                    // Printed as the Trainer's ProgressCallback prints it: without the step.
-                    let printed: Vec<(String, f64)> = entry
-                        .iter()
-                        .filter(|(k, _)| *k != "step")
-                        .filter_map(|(k, v)| v.as_f64().map(|x| (k.clone(), x)))
-                        .collect();
+                    // Printed as the Trainer's ProgressCallback prints it: without the step (an
+                    // overflowed fp16 step's norm as `inf`, as Python prints a float).
+                    let printed = [
+                        ("loss".to_string(), round4(mean_loss)),
+                        ("grad_norm".to_string(), report.grad_norm as f64),
+                        ("learning_rate".to_string(), report.lr),
+                        ("epoch".to_string(), state.epoch),
+                    ];
                     progress.log(&format_metrics_line(&printed));
+                    let mut entry = PyDict::of_floats(&printed);
+                    entry.insert("step", PyValue::Int(g.into()));
                     logs.write(&entry)?;
                     state.log_history.push(entry);
                     (loss_since_log, steps_since_log) = (0.0, 0);
@@ -335,9 +342,8 @@ impl<B: Backend> Trainer<'_, B> {
                 let mut new_best = false;
                 if eval_now {
                     let metrics = self.evaluate(&mut scratch, state.epoch)?;
-                    let mut entry: Map<String, Value> =
-                        metrics.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
-                    entry.insert("step".into(), json!(g));
+                    let mut entry = PyDict::of_floats(&metrics);
+                    entry.insert("step", PyValue::Int(g.into()));
                     progress.log(&format_metrics_line(&metrics));
                     logs.write(&entry)?;
                     state.log_history.push(entry);
@@ -396,18 +402,14 @@ impl<B: Backend> Trainer<'_, B> {
                         &mut state,
                     )?;
                 }
-                if last {
-                    stop = true;
-                }
-                if stop {
+                if stop || last {
                     break;
                 }
             }
-            if !stop && position.step_in_epoch != 0 {
-                // Every group of the epoch ran: move on.
-                position.epoch += 1;
-                position.step_in_epoch = 0;
-            }
+            Ok(())
+        };
+        if !already_done {
+            prefetch(AHEAD, steps, consume)?;
         }
         progress.finish();
         // The steps after the last logging step, read back for train_loss.
@@ -441,11 +443,8 @@ impl<B: Backend> Trainer<'_, B> {
             ("train_loss".to_string(), train_loss_sum / steps_run as f64),
             ("epoch".to_string(), state.epoch),
         ];
-        let mut entry: Map<String, Value> = train_metrics
-            .iter()
-            .map(|(k, v)| (k.clone(), json!(v)))
-            .collect();
-        entry.insert("step".into(), json!(state.global_step));
+        let mut entry = PyDict::of_floats(&train_metrics);
+        entry.insert("step", PyValue::Int(state.global_step.into()));
         logs.write(&entry)?;
         state.log_history.push(entry);
         if args.load_best_model_at_end {
