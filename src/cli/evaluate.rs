@@ -16,7 +16,7 @@ use crate::train::args::EvaluateArgs;
 use crate::train::evaluate::{eval_metrics, predict};
 use crate::train::metrics::format_metrics_line;
 use crate::train::pyjson::{PyDict, PyValue};
-use crate::train::state::write_python_json;
+use crate::train::state::write_metrics_json;
 use crate::train::step::ActivationCache;
 
 /// A labelled file, tokenized, its labels mapped through the model's labels.
@@ -44,7 +44,7 @@ pub fn print_and_save_metrics(metrics: &[(String, f64)], output_dir: Option<&Pat
     if let Some(dir) = output_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let map = PyDict::of_floats(metrics);
-        write_python_json(&dir.join("eval_results.json"), &PyValue::Dict(map))?;
+        write_metrics_json(&dir.join("eval_results.json"), &PyValue::Dict(map))?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::model::Classifier;
 use crate::train::args::TrainArgs;
 use crate::train::checkpoint::{latest_checkpoint, load_checkpoint};
 use crate::train::pyjson::{PyDict, PyValue};
-use crate::train::state::write_python_json;
+use crate::train::state::write_metrics_json;
 use crate::train::step::ActivationCache;
 use crate::train::trainer::{Trainer, INTERRUPTED};
 
@@ -141,7 +141,7 @@ fn run_on<B: Backend>(backend: &B, args: &TrainArgs) -> Result<()> {
         .save(&args.output_dir.join("trainer_state.json"))?;
     let mut train_results = PyDict::of_floats(&outcome.train_metrics);
     train_results.insert("train_samples", PyValue::Int(train.len() as i128));
-    write_python_json(
+    write_metrics_json(
         &args.output_dir.join("train_results.json"),
         &PyValue::Dict(train_results),
     )?;

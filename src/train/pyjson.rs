@@ -148,12 +148,42 @@ impl From<&Value> for PyValue {
 }
 
 /// `json.dumps(value, indent=2, sort_keys=True) + "\n"`, byte for byte: how the Trainer writes
-/// its JSON files.
+/// `trainer_state.json`.
 pub fn dumps_file(value: &PyValue) -> String {
-    let mut out = String::new();
-    write_value(&mut out, value, Some(0));
+    let mut out = dumps_indented(value, 2);
     out.push('\n');
     out
+}
+
+/// `json.dumps(value, indent=indent, sort_keys=True)`, byte for byte (no final newline:
+/// `Trainer.save_metrics` writes the `*_results.json` files with `json.dump(indent=4)`).
+pub fn dumps_indented(value: &PyValue, indent: usize) -> String {
+    let mut out = String::new();
+    write_value(
+        &mut out,
+        value,
+        Some(Indent {
+            level: 0,
+            width: indent,
+        }),
+    );
+    out
+}
+
+/// Where the indented form is: nesting level and spaces per level.
+#[derive(Clone, Copy)]
+struct Indent {
+    level: usize,
+    width: usize,
+}
+
+impl Indent {
+    fn inner(self) -> Indent {
+        Indent {
+            level: self.level + 1,
+            ..self
+        }
+    }
 }
 
 /// `json.dumps(value)`, byte for byte: one line, keys in their order, `", "` and `": "` between
@@ -177,14 +207,14 @@ pub fn json_float(x: f64) -> String {
 
 /// Before an item of a container: a new line indented to `level` (indented form), or the
 /// separator after the first item (one-line form).
-fn item_start(out: &mut String, level: Option<usize>, first: bool) {
+fn item_start(out: &mut String, level: Option<Indent>, first: bool) {
     match level {
-        Some(level) => {
+        Some(Indent { level, width }) => {
             if !first {
                 out.push(',');
             }
             out.push('\n');
-            out.extend(std::iter::repeat_n(' ', 2 * level));
+            out.extend(std::iter::repeat_n(' ', width * level));
         }
         None if !first => out.push_str(", "),
         None => {}
@@ -193,8 +223,8 @@ fn item_start(out: &mut String, level: Option<usize>, first: bool) {
 
 /// Writes `value`; `level` is the indentation level in the indented, key-sorted form, `None`
 /// for the one-line form.
-fn write_value(out: &mut String, value: &PyValue, level: Option<usize>) {
-    let inner = level.map(|l| l + 1);
+fn write_value(out: &mut String, value: &PyValue, level: Option<Indent>) {
+    let inner = level.map(Indent::inner);
     match value {
         PyValue::Null => out.push_str("null"),
         PyValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -534,6 +564,34 @@ impl Reader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn metrics_files_are_json_dump_with_indent_4() {
+        // Python 3.11: json.dumps({...}, indent=4, sort_keys=True).
+        let nested: PyDict = [(
+            "b".to_string(),
+            PyValue::List(vec![PyValue::Int(1), PyValue::Int(2)]),
+        )]
+        .into_iter()
+        .collect();
+        let metrics: PyDict = [
+            ("nested".to_string(), PyValue::Dict(nested)),
+            (
+                "eval_samples_per_second".to_string(),
+                PyValue::Float(f64::INFINITY),
+            ),
+            ("eval_loss".to_string(), PyValue::Float(0.5)),
+            ("epoch".to_string(), PyValue::Float(1.0)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            dumps_indented(&PyValue::Dict(metrics), 4),
+            "{\n    \"epoch\": 1.0,\n    \"eval_loss\": 0.5,\n    \"eval_samples_per_second\": \
+             Infinity,\n    \"nested\": {\n        \"b\": [\n            1,\n            2\n        ]\n    \
+             }\n}"
+        );
+    }
 
     #[test]
     fn floats_print_as_python_repr() {

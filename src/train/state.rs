@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::model::weights::write_atomic;
-use crate::train::pyjson::{dumps_file, loads, PyDict, PyValue};
+use crate::train::pyjson::{dumps_file, dumps_indented, loads, PyDict, PyValue};
 
 /// transformers' `TrainerState` (5.x): the same fields under the same names.
 ///
@@ -160,9 +160,16 @@ pub(crate) fn write_json(path: &Path, value: &Value) -> Result<()> {
     write_python_json(path, &PyValue::from(value))
 }
 
-/// As [`write_json`], for a value whose floats may be inf or NaN (metrics).
+/// As [`write_json`], for a value whose floats may be inf or NaN.
 pub(crate) fn write_python_json(path: &Path, value: &PyValue) -> Result<()> {
     let text = dumps_file(value);
+    write_atomic(path, |tmp| fs::write(tmp, &text).map_err(Into::into))
+}
+
+/// A `*_results.json` file as `Trainer.save_metrics` writes it: `json.dump(metrics, f,
+/// indent=4, sort_keys=True)`, atomically.
+pub(crate) fn write_metrics_json(path: &Path, metrics: &PyValue) -> Result<()> {
+    let text = dumps_indented(metrics, 4);
     write_atomic(path, |tmp| fs::write(tmp, &text).map_err(Into::into))
 }
 
