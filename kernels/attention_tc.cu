@@ -76,7 +76,8 @@
 //   <t> ∈ {f16, bf16}, <v> ∈ {d32, d64}; grid (ceil(S/64), heads, B), block 128, no dynamic
 //   shared memory. Backward = attention_backward_delta_f32 (attention.cu), then dq and dkdv in
 //   any order. head_dim ≠ the variant's d, rows > 65535 or valid > rows: __trap().
-//   Needs sm_80 or newer (bf16 wmma).
+//   Needs sm_80 or newer (bf16 wmma); compiled for an older GPU every kernel traps, and the
+//   backend keeps attention.cu there.
 
 #include "common.cuh"
 #include <cuda_fp16.h>
@@ -696,13 +697,21 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
 
 // ---- exported entry points -----------------------------------------------------------------------
 
+// bf16 wmma needs sm_80: older GPUs get a kernel that traps (the backend does not launch it).
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define ATTN_TC_SM80(...) __VA_ARGS__
+#else
+#define ATTN_TC_SM80(...) __trap()
+#endif
+
 #define ATTN_TC_FORWARD(NAME, T, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(128)                                                        \
         NAME(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ qkv,                \
              const unsigned* __restrict__ starts, const unsigned* __restrict__ rows,                         \
              const unsigned* __restrict__ valid, unsigned heads, unsigned head_dim, float dropout_p,         \
              unsigned long long seed, unsigned long long stream) {                                           \
-        attn_tc::forward<T, D>(out, lse, qkv, starts, rows, valid, heads, head_dim, dropout_p, seed, stream); \
+        ATTN_TC_SM80(attn_tc::forward<T, D>(out, lse, qkv, starts, rows, valid, heads, head_dim, dropout_p, \
+                                             seed, stream));                                                  \
     }
 
 #define ATTN_TC_BACKWARD(NAME, IMPL, T, D)                                                                   \
@@ -712,8 +721,8 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
              const unsigned* __restrict__ starts, const unsigned* __restrict__ rows,                         \
              const unsigned* __restrict__ valid, unsigned heads, unsigned head_dim, float dropout_p,         \
              unsigned long long seed, unsigned long long stream) {                                           \
-        attn_tc::IMPL<T, D>(dqkv, dout, qkv, lse, delta, starts, rows, valid, heads, head_dim, dropout_p,    \
-                            seed, stream);                                                                   \
+        ATTN_TC_SM80(attn_tc::IMPL<T, D>(dqkv, dout, qkv, lse, delta, starts, rows, valid, heads, head_dim,  \
+                                         dropout_p, seed, stream));                                          \
     }
 
 ATTN_TC_FORWARD(attention_tc_forward_f16_d32, __half, 32)

@@ -23,7 +23,8 @@ use tensor::check_disjoint;
 pub use tensor::CpuTensor;
 
 use super::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout, MatmulPrecision, SeqLayout,
+    attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, Dropout,
+    MatmulPrecision, SeqLayout,
 };
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -342,6 +343,7 @@ impl Backend for CpuBackend {
             layout,
             dims,
             dropout,
+            attention_rounding(self.precision, dims.head_dim),
         );
         Ok(())
     }
@@ -366,6 +368,7 @@ impl Backend for CpuBackend {
             layout,
             dims,
             dropout,
+            attention_rounding(self.precision, dims.head_dim),
         );
         Ok(())
     }
