@@ -514,6 +514,7 @@ pub fn attention_backward(
 ///   `(n + 8)·2U·Σ|terms|` (2U: tensor cores may truncate instead of rounding);
 /// - fp16's subnormal probabilities (e < 2⁻¹⁴) may be rounded at a shifted exponent by the
 ///   tiled online softmax: ≤ 2⁻²⁴ each.
+///
 /// The forward runs from `qkv`; the backward from `qkv`, `dout` and the given `out` and `lse`
 /// (those the implementation under test is given).
 pub struct Attention16 {
@@ -525,7 +526,7 @@ pub struct Attention16 {
     pub dqkv_tol: Vec<f64>,
 }
 
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 pub fn attention_16(
     qkv: &[f32],
     dout: &[f32],
