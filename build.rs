@@ -5,7 +5,11 @@ use std::path::Path;
 use std::{env, fs};
 
 fn main() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    // The manifest folder of this run (cargo sets it for every build-script run), not the one
+    // the build script was compiled in: a target folder shared or copied between checkouts
+    // would otherwise embed another checkout's kernels.
+    let manifest = env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
+    let dir = Path::new(&manifest).join("kernels");
     println!("cargo:rerun-if-changed={}", dir.display());
     let mut sources: Vec<_> = fs::read_dir(&dir)
         .expect("kernels/ exists")

@@ -114,8 +114,9 @@ enum Work {
     Bytes(u64),
     /// FLOPs of GEMMs; bound by the GEMM ceiling of their precision.
     Flops(u64, Ceiling),
-    /// Attention: FLOPs (fp32 CUDA cores, bound by the fp32 GEMM) and bytes (by the copy).
-    FlopsAndBytes(u64, u64),
+    /// Attention: FLOPs, bound by the GEMM ceiling of its precision (the fp32 GEMM for the
+    /// CUDA-core kernels, the fp16 GEMM for the tensor-core ones), and bytes (by the copy).
+    FlopsAndBytes(u64, u64, Ceiling),
 }
 
 impl Work {
@@ -123,7 +124,7 @@ impl Work {
         match self {
             Work::Bytes(b) => Throughput::BytesDecimal(b),
             Work::Flops(f, _) => Throughput::Elements(f),
-            Work::FlopsAndBytes(f, b) => Throughput::ElementsAndBytes {
+            Work::FlopsAndBytes(f, b, _) => Throughput::ElementsAndBytes {
                 elements: f,
                 bytes: b,
             },
@@ -163,12 +164,15 @@ where
 struct Gpus {
     fp32: CudaBackend,
     fp16: CudaBackend,
+    /// bf16 GEMM operands: the bf16 tensor-core attention.
+    bf16: CudaBackend,
 }
 
 impl Gpus {
     fn be(&self, p: MatmulPrecision) -> &CudaBackend {
         match p {
             MatmulPrecision::F16 => &self.fp16,
+            MatmulPrecision::Bf16 => &self.bf16,
             _ => &self.fp32,
         }
     }
@@ -311,8 +315,8 @@ impl<'g> Runner<'g> {
         let achieved = match work {
             Work::Bytes(b) => gbs(self, b),
             Work::Flops(f, c) => tflops(self, f, c),
-            Work::FlopsAndBytes(f, b) => {
-                format!("{}; {}", tflops(self, f, Ceiling::GemmF32), gbs(self, b))
+            Work::FlopsAndBytes(f, b, c) => {
+                format!("{}; {}", tflops(self, f, c), gbs(self, b))
             }
         };
         let line = format!("{id:<58} {:>11}  {achieved}", fmt_time(secs));
@@ -383,7 +387,7 @@ fn measure_ceiling(gpus: &Gpus, c: Ceiling) -> Result<f64> {
     let secs = median(&mut per_run);
     Ok(match work {
         Work::Bytes(b) => b as f64 / secs,
-        Work::Flops(f, _) | Work::FlopsAndBytes(f, _) => f as f64 / secs,
+        Work::Flops(f, _) | Work::FlopsAndBytes(f, _, _) => f as f64 / secs,
     })
 }
 
@@ -403,7 +407,7 @@ fn ceiling(r: &mut Runner<'_>, c: &mut Criterion) {
         if let Some(secs) = r.time(&mut g, &id, function, &param, case) {
             r.ceilings[k as usize] = Some(match work {
                 Work::Bytes(b) => b as f64 / secs,
-                Work::Flops(f, _) | Work::FlopsAndBytes(f, _) => f as f64 / secs,
+                Work::Flops(f, _) | Work::FlopsAndBytes(f, _, _) => f as f64 / secs,
             });
             r.report(&id, secs, work);
         }
@@ -671,11 +675,30 @@ fn dropout(r: &mut Runner<'_>, c: &mut Criterion) {
     g.finish();
 }
 
+/// Attention at the models' shapes: the fp32 CUDA-core kernels (attention.cu, `fwd`/`bwd`,
+/// against the fp32 GEMM) and, under fp16/bf16 GEMMs, the tensor-core kernels (attention_tc.cu,
+/// `fwd_fp16`, `bwd_bf16`, …, against the fp16 GEMM ceiling, as PyTorch AMP + SDPA would be).
 fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
     let mut g = c.benchmark_group("attention");
-    let be = &r.gpus.fp32;
-    for m in MODELS {
-        for seq in [128, 512] {
+    let gpus = r.gpus;
+    for (prec, m, seq) in [
+        MatmulPrecision::F32,
+        MatmulPrecision::F16,
+        MatmulPrecision::Bf16,
+    ]
+    .into_iter()
+    .flat_map(|p| {
+        MODELS
+            .into_iter()
+            .flat_map(move |m| [128, 512].map(|s| (p, m, s)))
+    }) {
+        let be = gpus.be(prec);
+        let ceiling = Ceiling::of(prec);
+        let (fwd_id, bwd_id) = match prec {
+            MatmulPrecision::F32 => ("fwd".to_string(), "bwd".to_string()),
+            p => (format!("fwd_{}", p.name()), format!("bwd_{}", p.name())),
+        };
+        {
             // Padded layout, every sequence full length; 4096 rows at either length.
             let batch = ROWS / seq;
             let rows = batch * seq;
@@ -708,14 +731,18 @@ fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
                 r.bench(
                     &mut g,
                     "attention",
-                    "fwd",
+                    &fwd_id,
                     &param,
-                    case(be, Work::FlopsAndBytes(fwd_flops, fwd_bytes), move || {
-                        let [qkv, out, lse] = inputs()?;
-                        Ok(move || {
-                            be.attention_forward(&out, &lse, &qkv, &layout, dims, TRAIN_DROPOUT)
-                        })
-                    }),
+                    case(
+                        be,
+                        Work::FlopsAndBytes(fwd_flops, fwd_bytes, ceiling),
+                        move || {
+                            let [qkv, out, lse] = inputs()?;
+                            Ok(move || {
+                                be.attention_forward(&out, &lse, &qkv, &layout, dims, TRAIN_DROPOUT)
+                            })
+                        },
+                    ),
                 );
             }
             // Reads qkv, out, dout, lse; writes dqkv; delta written and read:
@@ -724,11 +751,11 @@ fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
             r.bench(
                 &mut g,
                 "attention",
-                "bwd",
+                &bwd_id,
                 &param,
                 case(
                     be,
-                    Work::FlopsAndBytes(fwd_flops * 5 / 2, bwd_bytes),
+                    Work::FlopsAndBytes(fwd_flops * 5 / 2, bwd_bytes, ceiling),
                     move || {
                         let [qkv, out, lse] = inputs()?;
                         let dout = random(be, rows * hidden, 2)?;
@@ -929,8 +956,11 @@ fn main() {
     let fp16 = CudaBackend::new(0)
         .unwrap_or_else(|e| fail("CudaBackend::new(0)", e))
         .with_matmul_precision(MatmulPrecision::F16);
+    let bf16 = CudaBackend::new(0)
+        .unwrap_or_else(|e| fail("CudaBackend::new(0)", e))
+        .with_matmul_precision(MatmulPrecision::Bf16);
     println!("gpu: {}", fp32.name());
-    let gpus = Gpus { fp32, fp16 };
+    let gpus = Gpus { fp32, fp16, bf16 };
 
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))

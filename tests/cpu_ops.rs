@@ -20,8 +20,8 @@ use std::sync::Arc;
 use bertft_cuda::backend::cpu::{CpuBackend, CpuTensor};
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
-    MatmulPrecision, ResidualAdd, SeqLayout,
+    attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
+    Dropout, MatmulPrecision, ResidualAdd, SeqLayout,
 };
 use common::naive::{self, abs, assert_close, dot, f64s, finite_differences, U};
 use common::tiny::random_vec;
@@ -1155,6 +1155,129 @@ fn attention_forward() {
             }
         }
     }
+}
+
+/// Forward then backward (from the forward's out and lse) of attention on `be`:
+/// (out, lse, dqkv).
+fn attention_run(
+    be: &CpuBackend,
+    qkv: &[f32],
+    dout: &[f32],
+    layout: &SeqLayout,
+    dims: AttentionDims,
+    d: Dropout,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let rows = layout.total_rows();
+    let hidden = dims.heads * dims.head_dim;
+    let out = be.upload(&nonzero(rows * hidden, 1, 50.0)).unwrap();
+    let lse = be.upload(&nonzero(rows * dims.heads, 2, 50.0)).unwrap();
+    let qkv = be.upload(qkv).unwrap();
+    be.attention_forward(&out, &lse, &qkv, layout, dims, d)
+        .unwrap();
+    let dqkv = be.upload(&nonzero(rows * 3 * hidden, 3, 50.0)).unwrap();
+    be.attention_backward(
+        &dqkv,
+        &be.upload(dout).unwrap(),
+        &qkv,
+        &out,
+        &lse,
+        layout,
+        dims,
+        d,
+    )
+    .unwrap();
+    let down = |t| be.download(t).unwrap();
+    (down(&out), down(&lse), down(&dqkv))
+}
+
+/// Attention with 16-bit products (`--fp16`/`--bf16` at head_dim 32 or 64: the emulation of the
+/// GPU's tensor-core kernels) against `naive::attention_16`, an f64 computation from the
+/// rounded operands whose per-element bounds are fp32 summation error plus the 16-bit rounding
+/// flips it allows (its doc comment). The rounding must matter: somewhere the result differs
+/// from fp32 attention by more than those bounds (else this test could not fail).
+#[test]
+fn attention_16bit() {
+    let mut wide = layouts();
+    wide.push(("padded [70, 33] in 70", SeqLayout::padded(&[70, 33], 70)));
+    wide.push((
+        "packed rows [40, 9] valid [21, 9]",
+        SeqLayout {
+            starts: vec![0, 40],
+            rows: vec![40, 9],
+            valid: vec![21, 9],
+        },
+    ));
+    for prec in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        let be = CpuBackend::with_matmul_precision(prec);
+        let (mut out_differs, mut dqkv_differs) = (false, false);
+        for (li, (lname, layout)) in wide.iter().enumerate() {
+            for (heads, hd) in [(2, 32), (1, 64)] {
+                for d in attention_dropouts() {
+                    let name = format!(
+                        "attention {} {lname} heads {heads} head_dim {hd} p {}",
+                        prec.name(),
+                        d.p
+                    );
+                    assert_eq!(attention_rounding(prec, hd), prec);
+                    let dims = AttentionDims {
+                        heads,
+                        head_dim: hd,
+                    };
+                    let rows = layout.total_rows();
+                    let seed = 2500 + 100 * li as u64 + hd as u64;
+                    // Queries and keys of 2.5 give peaked softmax rows (large probabilities,
+                    // whose rounding shows in the output).
+                    let mut qkv = nonzero(rows * 3 * heads * hd, seed, 1.5);
+                    for (x, r) in qkv.iter_mut().zip(0..) {
+                        if (r / (heads * hd)) % 3 < 2 {
+                            *x *= 2.5 / 1.5;
+                        }
+                    }
+                    let dout = nonzero(rows * heads * hd, seed + 1, 1.0);
+                    let (out, lse, dqkv) = attention_run(&be, &qkv, &dout, layout, dims, d);
+                    let r = naive::attention_16(&qkv, &dout, &out, &lse, layout, dims, d, prec);
+                    assert_close(&format!("{name} out"), &out, &r.out, |i| {
+                        r.out_tol[i] + 1e-30
+                    });
+                    assert_close(&format!("{name} lse"), &lse, &r.lse, |i| r.lse_tol[i]);
+                    assert_close(&format!("{name} dqkv"), &dqkv, &r.dqkv, |i| {
+                        r.dqkv_tol[i] + 1e-30
+                    });
+                    let (out32, _, dqkv32) = attention_run(&BE, &qkv, &dout, layout, dims, d);
+                    let beyond = |x: &[f32], w: &[f64], tol: &[f64]| {
+                        (0..x.len()).any(|i| (x[i] as f64 - w[i]).abs() > 2.0 * tol[i])
+                    };
+                    out_differs |= beyond(&out32, &r.out, &r.out_tol);
+                    dqkv_differs |= beyond(&dqkv32, &r.dqkv, &r.dqkv_tol);
+                }
+            }
+        }
+        assert!(
+            out_differs && dqkv_differs,
+            "{}: fp32 attention is within the 16-bit bounds everywhere (out {out_differs}, \
+             dqkv {dqkv_differs}): the test cannot tell rounding from none",
+            prec.name()
+        );
+    }
+    // Other head dims keep fp32 attention under 16-bit GEMMs (the GPU has no tensor-core
+    // kernel for them): bit-identical to the fp32 backend.
+    let layout = SeqLayout::padded(&[7, 3], 7);
+    let dims = AttentionDims {
+        heads: 2,
+        head_dim: 12,
+    };
+    let qkv = nonzero(14 * 3 * 24, 7, 1.5);
+    let dout = nonzero(14 * 24, 8, 1.0);
+    let d = attention_dropouts()[1];
+    let be = CpuBackend::with_matmul_precision(MatmulPrecision::F16);
+    assert_eq!(
+        attention_rounding(MatmulPrecision::F16, 12),
+        MatmulPrecision::F32
+    );
+    assert_eq!(
+        attention_run(&be, &qkv, &dout, &layout, dims, d),
+        attention_run(&BE, &qkv, &dout, &layout, dims, d)
+    );
 }
 
 #[test]

@@ -43,6 +43,7 @@ use bertft_cuda::train::step::{
     queue_train_step, train_step, StepReport, StepScratch, StepSettings,
 };
 use common::fixture::{has_zero_exact_gradient, max_abs_diff};
+use common::naive;
 use common::tiny::*;
 
 use std::io::Write;
@@ -650,9 +651,12 @@ fn attention_case<B: Backend>(
     ]
 }
 
+/// fp32 attention (attention.cu): `gpu()` is an fp32 backend, so head dims 32 and 64 here run
+/// the CUDA-core kernels, not the tensor-core ones (those are `attention_tensor_cores`).
 #[test]
 fn attention() {
     let Some(g) = gpu() else { return };
+    assert_eq!(g.matmul_precision(), MatmulPrecision::F32);
     for (name, layout) in layouts() {
         for (heads, head_dim) in [(2, 5), (3, 12), (2, 32), (1, 64), (2, 100)] {
             for p in [0.0, 0.1, 0.5] {
@@ -669,6 +673,137 @@ fn attention() {
                 );
                 compare(&case, &gg[..2], &cc[..2], 1e-5);
                 compare(&case, &gg[2..], &cc[2..], 5e-5);
+            }
+        }
+    }
+}
+
+/// The tensor-core attention (kernels/attention_tc.cu: `--fp16`/`--bf16` at head_dim 32 and 64)
+/// against the CPU's emulation of it and against `naive::attention_16`'s per-element bounds.
+///
+/// Tolerances (see `naive::attention_16`): both sides compute in fp32 from the same 16-bit
+/// operands, in different summation orders (tensor cores vs the CPU's GEMM), so a sum of n
+/// terms may differ by (n + 8)·2U·Σ|terms|. Where a value is rounded to 16 bits (P̃ in forward,
+/// P̂ and dŜ in backward), an fp32 difference δ before rounding changes the rounded value only
+/// if the value lies within δ of a rounding midpoint; then it moves by one 16-bit ulp of that
+/// element (2⁻¹⁰ relative for fp16, 2⁻⁷ for bf16), which reaches the outputs through one
+/// product: one ulp of p_ij times |v_j|·rp/l_i in o_i, of P̂_ij times rp·|dO_i| in dv_j, of dŜ_ij
+/// times scale·|k_j| or scale·|q_i| in dq_i and dk_j. δ is bounded from the operands: the score's
+/// dot product ((d + 8)·2U·c2·Σ|q̂·k̂|, times ln 2 in the exponential), exp2f's error (2⁻²¹), the
+/// fp32 roundings of the scaled score and of the shift (4U each), and for dŜ the dot products
+/// dÔ·v̂ and dO·o of dP and D. The reference adds each possible flip's full width to the bound
+/// of the outputs it reaches, so the bound is rigorous but only loose at the few elements near a
+/// midpoint; elsewhere it is the fp32 summation bound. fp16's subnormal probabilities
+/// (e < 2⁻¹⁴) add 2⁻²⁴ each (the online softmax may round them at a shifted exponent).
+/// The backward runs on the CPU's out and lse on both sides, so forward flips do not move it.
+#[test]
+fn attention_tensor_cores() {
+    let layouts = [
+        (
+            "padded [1, 7, 33, 100] in 129",
+            SeqLayout::padded(&[1, 7, 33, 100], 129),
+        ),
+        (
+            "packed [1, 7, 33, 128, 129, 300]",
+            SeqLayout::packed(&[1, 7, 33, 128, 129, 300]),
+        ),
+        (
+            "padded [512, 128] in 512",
+            SeqLayout::padded(&[512, 128], 512),
+        ),
+        (
+            "packed rows [512, 100] valid [300, 37]",
+            SeqLayout {
+                starts: vec![0, 512],
+                rows: vec![512, 100],
+                valid: vec![300, 37],
+            },
+        ),
+    ];
+    for prec in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        let Some(g) = gpu() else { return };
+        let g = g.with_matmul_precision(prec);
+        let cpu = CpuBackend::with_matmul_precision(prec);
+        for (li, (lname, layout)) in layouts.iter().enumerate() {
+            for (heads, head_dim) in [(2, 32), (2, 64)] {
+                for p in [0.0, 0.1] {
+                    let dims = AttentionDims { heads, head_dim };
+                    let d = Dropout {
+                        p,
+                        seed: 42,
+                        stream: 9,
+                    };
+                    let case = format!(
+                        "{} {lname}, {heads} heads of {head_dim}, dropout {p}",
+                        prec.name()
+                    );
+                    let rows = layout.total_rows();
+                    let hidden = heads * head_dim;
+                    let s = 7000 + 100 * li as u64 + head_dim as u64;
+                    let qkv = random_vec(rows * 3 * hidden, s, 1.5);
+                    let dout = random_vec(rows * hidden, s + 1, 1.0);
+                    // The CPU emulation: forward, then backward from its out and lse.
+                    let (c_out, c_lse, c_dqkv) = {
+                        let out = up(&cpu, &random_vec(rows * hidden, s + 2, 9.0));
+                        let lse = up(&cpu, &random_vec(rows * heads, s + 3, 9.0));
+                        let qkv_t = up(&cpu, &qkv);
+                        cpu.attention_forward(&out, &lse, &qkv_t, layout, dims, d)
+                            .unwrap();
+                        let dqkv = up(&cpu, &random_vec(rows * 3 * hidden, s + 4, 9.0));
+                        cpu.attention_backward(
+                            &dqkv,
+                            &up(&cpu, &dout),
+                            &qkv_t,
+                            &out,
+                            &lse,
+                            layout,
+                            dims,
+                            d,
+                        )
+                        .unwrap();
+                        (down(&cpu, &out), down(&cpu, &lse), down(&cpu, &dqkv))
+                    };
+                    // The GPU: forward; backward from the CPU's out and lse (twice: bitwise
+                    // the same).
+                    let out = up(&g, &random_vec(rows * hidden, s + 2, 9.0));
+                    let lse = up(&g, &random_vec(rows * heads, s + 3, 9.0));
+                    let qkv_t = up(&g, &qkv);
+                    g.attention_forward(&out, &lse, &qkv_t, layout, dims, d)
+                        .unwrap();
+                    let (g_out, g_lse) = (down(&g, &out), down(&g, &lse));
+                    let (out_c, lse_c, dout_t) = (up(&g, &c_out), up(&g, &c_lse), up(&g, &dout));
+                    let mut g_dqkv = Vec::new();
+                    for _ in 0..2 {
+                        let dqkv = up(&g, &random_vec(rows * 3 * hidden, s + 4, 9.0));
+                        g.attention_backward(
+                            &dqkv, &dout_t, &qkv_t, &out_c, &lse_c, layout, dims, d,
+                        )
+                        .unwrap();
+                        let x = down(&g, &dqkv);
+                        if !g_dqkv.is_empty() {
+                            exact(&format!("{case}: dqkv run to run"), &x, &g_dqkv);
+                        }
+                        g_dqkv = x;
+                    }
+                    let r = naive::attention_16(&qkv, &dout, &c_out, &c_lse, layout, dims, d, prec);
+                    for (name, gv, cv, want, tol) in [
+                        ("out", &g_out, &c_out, &r.out, &r.out_tol),
+                        ("lse", &g_lse, &c_lse, &r.lse, &r.lse_tol),
+                        ("dqkv", &g_dqkv, &c_dqkv, &r.dqkv, &r.dqkv_tol),
+                    ] {
+                        naive::assert_close(&format!("{case}: gpu {name}"), gv, want, |i| {
+                            tol[i] + 1e-30
+                        });
+                        // Both within the bound of the reference: within twice it of each other.
+                        let cv64: Vec<f64> = cv.iter().map(|&x| x as f64).collect();
+                        naive::assert_close(
+                            &format!("{case}: gpu vs cpu {name}"),
+                            gv,
+                            &cv64,
+                            |i| 2.0 * tol[i] + 1e-30,
+                        );
+                    }
+                }
             }
         }
     }

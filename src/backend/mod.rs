@@ -89,6 +89,18 @@ impl MatmulPrecision {
     }
 }
 
+/// The 16-bit format attention rounds its matrix-product operands to under matmul precision
+/// `precision`, or `F32` for none: `F16`/`Bf16` with head_dim 32 or 64 (the CUDA backend's
+/// tensor-core kernels, kernels/attention_tc.cu, which compute what PyTorch AMP + SDPA does),
+/// fp32 otherwise (kernels/attention.cu). The CPU backend follows the same rule, so it emulates
+/// whichever the GPU runs.
+pub fn attention_rounding(precision: MatmulPrecision, head_dim: usize) -> MatmulPrecision {
+    match (precision, head_dim) {
+        (MatmulPrecision::F16 | MatmulPrecision::Bf16, 32 | 64) => precision,
+        _ => MatmulPrecision::F32,
+    }
+}
+
 /// fp32 rounded to TF32's 10 mantissa bits, to nearest with ties away from zero (PTX's
 /// `cvt.rna.tf32.f32`); inf and NaN pass through. Only close to what cuBLAS does: its TF32
 /// kernels may hand fp32 bits to the tensor cores, which drop the low 13 bits (truncation), or

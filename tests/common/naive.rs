@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use bertft_cuda::backend::philox::uniform;
-use bertft_cuda::backend::{Activation, AttentionDims, Dropout, SeqLayout};
+use bertft_cuda::backend::{Activation, AttentionDims, Dropout, MatmulPrecision, SeqLayout};
 
 // ---------------------------------------------------------------------------------------------
 // Checking helpers
@@ -499,6 +499,183 @@ pub fn attention_backward(
         }
     }
     dqkv
+}
+
+/// Attention with 16-bit products (kernels/attention_tc.cu's header has the math), in f64 from
+/// the rounded operands, each output with an error bound (`*_tol`) that an implementation
+/// computing in fp32 in any summation order must meet:
+/// - a value rounded to 16 bits (`r16`: P̃, P̂, dŜ) is computed in fp32 with a relative error at
+///   most `eps` (derived below); rounding is monotone, so the implementation's r16 lies in
+///   `[r16(x − δ), r16(x + δ)]`: its distance from the reference's r16 is at most the width of
+///   that interval, nonzero only when `x` is within `δ` of a rounding midpoint (a "flip", one
+///   16-bit ulp of the element). Each flip's width, times the factor it is multiplied by, is
+///   added to the bound of the outputs it reaches;
+/// - every fp32 sum of n terms (products of 16-bit values are exact in fp32) is within
+///   `(n + 8)·2U·Σ|terms|` (2U: tensor cores may truncate instead of rounding);
+/// - fp16's subnormal probabilities (e < 2⁻¹⁴) may be rounded at a shifted exponent by the
+///   tiled online softmax: ≤ 2⁻²⁴ each.
+///
+/// The forward runs from `qkv`; the backward from `qkv`, `dout` and the given `out` and `lse`
+/// (those the implementation under test is given).
+pub struct Attention16 {
+    pub out: Vec<f64>,
+    pub out_tol: Vec<f64>,
+    pub lse: Vec<f64>,
+    pub lse_tol: Vec<f64>,
+    pub dqkv: Vec<f64>,
+    pub dqkv_tol: Vec<f64>,
+}
+
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+pub fn attention_16(
+    qkv: &[f32],
+    dout: &[f32],
+    out_in: &[f32],
+    lse_in: &[f32],
+    layout: &SeqLayout,
+    dims: AttentionDims,
+    d: Dropout,
+    prec: MatmulPrecision,
+) -> Attention16 {
+    let (heads, hd) = (dims.heads, dims.head_dim);
+    let hidden = heads * hd;
+    let rows = layout.total_rows();
+    let r16 = |x: f64| prec.round(x as f32) as f64;
+    // The fp32 constants the implementations use.
+    let scale = (1.0 / (hd as f32).sqrt()) as f64;
+    let c2 = ((1.0 / (hd as f32).sqrt()) * std::f32::consts::LOG2_E) as f64;
+    let log2e = std::f32::consts::LOG2_E as f64;
+    let rp = if !d.is_active() {
+        1.0
+    } else if d.p < 1.0 {
+        (1.0 / (1.0 - d.p)) as f64
+    } else {
+        0.0
+    };
+    let keep = |b: usize, h: usize, i: usize, j: usize| {
+        !d.is_active() || dropout_keep(d, attention_dropout_index(b, h, heads, i, j))
+    };
+    let u2 = 2.0 * U;
+    let q16: Vec<f64> = qkv.iter().map(|&x| r16(x as f64)).collect();
+    let do16: Vec<f64> = dout.iter().map(|&x| r16(x as f64)).collect();
+    let sub16 = if prec == MatmulPrecision::F16 {
+        2f64.powi(-24)
+    } else {
+        0.0
+    };
+    let mut a = Attention16 {
+        out: vec![0.0; rows * hidden],
+        out_tol: vec![0.0; rows * hidden],
+        lse: vec![0.0; rows * heads],
+        lse_tol: vec![0.0; rows * heads],
+        dqkv: vec![0.0; rows * 3 * hidden],
+        dqkv_tol: vec![0.0; rows * 3 * hidden],
+    };
+    for b in 0..layout.batch() {
+        let (start, n, valid) = (
+            layout.starts[b] as usize,
+            layout.rows[b] as usize,
+            layout.valid[b] as usize,
+        );
+        for h in 0..heads {
+            let q = |i: usize, c: usize| q16[qkv_at(start + i, 0, h, c, dims)];
+            let k = |j: usize, c: usize| q16[qkv_at(start + j, 1, h, c, dims)];
+            let v = |j: usize, c: usize| q16[qkv_at(start + j, 2, h, c, dims)];
+            let d_o = |i: usize, c: usize| do16[(start + i) * hidden + h * hd + c];
+            // (S_ij, Σ_c |q k|) for every query and key.
+            let sc: Vec<Vec<(f64, f64)>> = (0..n)
+                .map(|i| {
+                    (0..valid)
+                        .map(|j| {
+                            (0..hd).fold((0.0, 0.0), |(s, m), c| {
+                                (s + q(i, c) * k(j, c), m + (q(i, c) * k(j, c)).abs())
+                            })
+                        })
+                        .collect()
+                })
+                .collect();
+            // The fp32 relative error of 2^(c2·S − shift): S's sum, c2·S, the subtraction, exp2.
+            let eps = |s: f64, m: f64, shift: f64| {
+                std::f64::consts::LN_2
+                    * (c2 * (hd as f64 + 8.0) * u2 * m + 4.0 * U * ((c2 * s).abs() + shift.abs()))
+                    + 2f64.powi(-21)
+            };
+            let flip = |x: f64, delta: f64| (r16(x + delta) - r16(x - delta)).abs();
+            // ---- forward ----
+            for i in 0..n {
+                let s2: Vec<f64> = sc[i].iter().map(|&(s, _)| c2 * s).collect();
+                let mx = s2.iter().copied().fold(f64::NEG_INFINITY, f64::max).ceil();
+                let e: Vec<f64> = s2.iter().map(|x| (x - mx).exp2()).collect();
+                let l: f64 = e.iter().sum();
+                let eps_j: Vec<f64> = (0..valid)
+                    .map(|j| eps(sc[i][j].0, sc[i][j].1, mx))
+                    .collect();
+                let eps_max = eps_j.iter().copied().fold(0.0, f64::max);
+                let lrel = eps_max + (valid as f64 + 8.0) * u2;
+                a.lse[(start + i) * heads + h] = (mx + l.log2()) * std::f64::consts::LN_2;
+                a.lse_tol[(start + i) * heads + h] = 2.0 * lrel + 8.0 * U * (mx.abs() + 1.0) + 1e-7;
+                for c in 0..hd {
+                    let (mut o, mut mag, mut slack) = (0.0, 0.0, 0.0);
+                    for j in 0..valid {
+                        if !keep(b, h, i, j) {
+                            continue;
+                        }
+                        let p = r16(e[j]);
+                        o += p * v(j, c);
+                        mag += p * v(j, c).abs();
+                        let sub = if e[j] < 2f64.powi(-14) { sub16 } else { 0.0 };
+                        slack += (flip(e[j], e[j] * eps_j[j]) + sub) * v(j, c).abs();
+                    }
+                    let at = (start + i) * hidden + h * hd + c;
+                    a.out[at] = rp / l * o;
+                    a.out_tol[at] = rp / l * (slack + mag * (2.0 * lrel + 16.0 * U));
+                }
+            }
+            // ---- backward ----
+            for i in 0..n {
+                let at = (start + i) * hidden + h * hd;
+                let (big_d, d_mag) = (0..hd).fold((0.0, 0.0), |(s, m), c| {
+                    let t = dout[at + c] as f64 * out_in[at + c] as f64;
+                    (s + t, m + t.abs())
+                });
+                let ed = (hd as f64 + 8.0) * u2 * d_mag;
+                let lse2 = lse_in[(start + i) * heads + h] as f64 * log2e;
+                for j in 0..valid {
+                    let p = (c2 * sc[i][j].0 - lse2).exp2();
+                    let ep = eps(sc[i][j].0, sc[i][j].1, lse2) + 4.0 * U;
+                    let (dp, dp_mag) = (0..hd).fold((0.0, 0.0), |(s, m), c| {
+                        (s + d_o(i, c) * v(j, c), m + (d_o(i, c) * v(j, c)).abs())
+                    });
+                    let kept = keep(b, h, i, j);
+                    let f = if kept { rp } else { 0.0 };
+                    let pm = if kept { r16(p) } else { 0.0 };
+                    let pm_w = if kept { flip(p, p * ep) } else { 0.0 };
+                    let x = p * (f * dp - big_d);
+                    let dx =
+                        x.abs() * (ep + 4.0 * U) + p * (f * (hd as f64 + 8.0) * u2 * dp_mag + ed);
+                    let ds = r16(x);
+                    let ds_w = flip(x, dx);
+                    for c in 0..hd {
+                        let (vq, vk, vv) = (
+                            qkv_at(start + i, 0, h, c, dims),
+                            qkv_at(start + j, 1, h, c, dims),
+                            qkv_at(start + j, 2, h, c, dims),
+                        );
+                        a.dqkv[vv] += rp * pm * d_o(i, c);
+                        a.dqkv_tol[vv] +=
+                            rp * (pm_w + pm * (n as f64 + 8.0) * u2) * d_o(i, c).abs();
+                        a.dqkv[vq] += scale * ds * k(j, c);
+                        a.dqkv_tol[vq] +=
+                            scale * (ds_w + ds.abs() * (valid as f64 + 8.0) * u2) * k(j, c).abs();
+                        a.dqkv[vk] += scale * ds * q(i, c);
+                        a.dqkv_tol[vk] +=
+                            scale * (ds_w + ds.abs() * (n as f64 + 8.0) * u2) * q(i, c).abs();
+                    }
+                }
+            }
+        }
+    }
+    a
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -17,12 +17,44 @@
 //!
 //! The CPU reference computes each (sequence, head) with small GEMMs over strided views of
 //! `qkv` (the score matrix is a per-head temporary, never a tensor of the op), heads in parallel.
+//!
+//! 16-bit products (`rounding` F16 or Bf16, chosen by [`crate::backend::attention_rounding`]):
+//! the emulation of kernels/attention_tc.cu (its header has the math), so that the GPU's
+//! tensor-core attention has a reference that differs only by summation order. Q, K, V and dO
+//! are rounded to the format; with `c2 = (1/√d)·log2 e`, `s = c2·(q̂·k̂)`, `M = ⌈max_j s_j⌉`,
+//! `e_j = 2^(s_j − M)`, `l = Σ e_j`: `P̃ = r16(e)·keep`, `o = (rp/l)·P̃·V̂`,
+//! `lse = (M + log2 l)·ln 2`; backward `P = 2^(c2·(q̂·k̂) − lse·log2 e)`, `dP = dÔ·V̂ᵀ`,
+//! `P̂ = r16(P·keep)`, `dŜ = r16(P·(keep·rp·dP − D))`, `dv = rp·P̂ᵀ·dÔ`, `dq = scale·dŜ·K̂`,
+//! `dk = scale·dŜᵀ·Q̂` (`rp = 1/(1−p)`, 0 for p ≥ 1, 1 without dropout; D from the fp32 tensors).
+//! Any other `rounding` computes in fp32 as described above.
 
 use rayon::prelude::*;
 
-use super::matmul::sgemm_serial;
+use super::matmul::{round_operand, sgemm_serial};
 use crate::backend::philox::uniform4;
-use crate::backend::{AttentionDims, Dropout, SeqLayout};
+use crate::backend::{AttentionDims, Dropout, MatmulPrecision, SeqLayout};
+
+/// Whether `rounding` selects the 16-bit emulation.
+fn is_16bit(rounding: MatmulPrecision) -> bool {
+    matches!(rounding, MatmulPrecision::F16 | MatmulPrecision::Bf16)
+}
+
+/// The factor kept elements are scaled by: `1/(1−p)`, 0 when everything is dropped, 1 without
+/// dropout (the kernels' `keep_factor`).
+fn keep_factor(d: Dropout) -> f32 {
+    if !d.is_active() {
+        1.0
+    } else if d.p < 1.0 {
+        1.0 / (1.0 - d.p)
+    } else {
+        0.0
+    }
+}
+
+/// `(1/√d)·log2 e` in fp32, as the tensor-core kernels compute it.
+fn scale_log2(d: usize) -> f32 {
+    (1.0 / (d as f32).sqrt()) * std::f32::consts::LOG2_E
+}
 
 /// The dropout factors `m_ij` of one query row (all 1 without dropout).
 fn dropout_factors(factors: &mut [f32], d: Dropout, b: usize, h: usize, heads: usize, i: usize) {
@@ -98,7 +130,11 @@ pub fn attention_forward(
     layout: &SeqLayout,
     dims: AttentionDims,
     dropout: Dropout,
+    rounding: MatmulPrecision,
 ) {
+    if is_16bit(rounding) {
+        return attention_forward_16(out, lse, qkv, layout, dims, dropout, rounding);
+    }
     let AttentionDims { heads, head_dim: d } = dims;
     let hidden = heads * d;
     let rows = layout.total_rows();
@@ -163,7 +199,11 @@ pub fn attention_backward(
     layout: &SeqLayout,
     dims: AttentionDims,
     dropout: Dropout,
+    rounding: MatmulPrecision,
 ) {
+    if is_16bit(rounding) {
+        return attention_backward_16(dqkv, dout, qkv, out, lse, layout, dims, dropout, rounding);
+    }
     let AttentionDims { heads, head_dim: d } = dims;
     let hidden = heads * d;
     let rows = layout.total_rows();
@@ -265,6 +305,236 @@ pub fn attention_backward(
                 &mut dk,
                 false,
             );
+            (head, dq, dk, dv)
+        })
+        .collect();
+    dqkv.fill(0.0);
+    for (head, dq, dk, dv) in results {
+        for (i, g) in dq.chunks(d).enumerate() {
+            dqkv[head.q + i * qkv_rs..][..d].copy_from_slice(g);
+        }
+        for (j, (gk, gv)) in dk.chunks(d).zip(dv.chunks(d)).enumerate() {
+            dqkv[head.k + j * qkv_rs..][..d].copy_from_slice(gk);
+            dqkv[head.v + j * qkv_rs..][..d].copy_from_slice(gv);
+        }
+    }
+}
+
+/// [`attention_forward`] with 16-bit products (see the module header).
+fn attention_forward_16(
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    layout: &SeqLayout,
+    dims: AttentionDims,
+    dropout: Dropout,
+    rounding: MatmulPrecision,
+) {
+    let AttentionDims { heads, head_dim: d } = dims;
+    let hidden = heads * d;
+    let rows = layout.total_rows();
+    assert_eq!(
+        (out.len(), lse.len(), qkv.len()),
+        (rows * hidden, rows * heads, rows * 3 * hidden)
+    );
+    assert!(
+        layout.max_rows() < 1 << 16,
+        "sequences are limited to 65535 rows"
+    );
+    let qkv = round_operand(qkv, rounding);
+    let qkv_rs = 3 * hidden;
+    let c2 = scale_log2(d);
+    let rp = keep_factor(dropout);
+    let results: Vec<_> = heads_of(layout, dims)
+        .into_par_iter()
+        .map(|head| {
+            let (n, valid) = (head.rows, head.valid);
+            // p: raw scores q̂·k̂, then the rounded, dropped e.
+            let mut p = vec![0.0f32; n * valid];
+            sgemm_serial(
+                n,
+                valid,
+                d,
+                &qkv[head.q..],
+                (qkv_rs, 1),
+                &qkv[head.k..],
+                (1, qkv_rs),
+                &mut p,
+                false,
+            );
+            let mut l = vec![0.0f32; n];
+            let mut inv = vec![0.0f32; n];
+            let mut m = vec![0.0f32; valid];
+            for (i, row) in p.chunks_mut(valid).enumerate() {
+                row.iter_mut().for_each(|s| *s *= c2);
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max).ceil();
+                dropout_factors(&mut m, dropout, head.b, head.h, heads, i);
+                let mut sum = 0.0f32;
+                for (x, f) in row.iter_mut().zip(&m) {
+                    let e = (*x - max).exp2();
+                    sum += e;
+                    *x = if *f != 0.0 { rounding.round(e) } else { 0.0 };
+                }
+                l[i] = (max + sum.log2()) * std::f32::consts::LN_2;
+                inv[i] = if sum > 0.0 { rp / sum } else { 0.0 };
+            }
+            let mut o = vec![0.0f32; n * d];
+            sgemm_serial(
+                n,
+                d,
+                valid,
+                &p,
+                (valid, 1),
+                &qkv[head.v..],
+                (qkv_rs, 1),
+                &mut o,
+                false,
+            );
+            for (oi, s) in o.chunks_mut(d).zip(&inv) {
+                oi.iter_mut().for_each(|x| *x *= s);
+            }
+            (head, o, l)
+        })
+        .collect();
+    for (head, o, l) in results {
+        for (i, oi) in o.chunks(d).enumerate() {
+            out[(head.start + i) * hidden + head.h * d..][..d].copy_from_slice(oi);
+            lse[(head.start + i) * heads + head.h] = l[i];
+        }
+    }
+}
+
+/// [`attention_backward`] with 16-bit products (see the module header).
+#[allow(clippy::too_many_arguments)]
+fn attention_backward_16(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    qkv: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    layout: &SeqLayout,
+    dims: AttentionDims,
+    dropout: Dropout,
+    rounding: MatmulPrecision,
+) {
+    let AttentionDims { heads, head_dim: d } = dims;
+    let hidden = heads * d;
+    let rows = layout.total_rows();
+    assert_eq!(
+        (dqkv.len(), dout.len(), out.len(), qkv.len(), lse.len()),
+        (
+            rows * 3 * hidden,
+            rows * hidden,
+            rows * hidden,
+            rows * 3 * hidden,
+            rows * heads
+        )
+    );
+    let (qkv, dout16) = (round_operand(qkv, rounding), round_operand(dout, rounding));
+    let scale = 1.0 / (d as f32).sqrt();
+    let c2 = scale_log2(d);
+    let rp = keep_factor(dropout);
+    let qkv_rs = 3 * hidden;
+    let results: Vec<_> = heads_of(layout, dims)
+        .into_par_iter()
+        .map(|head| {
+            let (n, valid) = (head.rows, head.valid);
+            let o_at = head.start * hidden + head.h * d;
+            let mut p = vec![0.0f32; n * valid];
+            sgemm_serial(
+                n,
+                valid,
+                d,
+                &qkv[head.q..],
+                (qkv_rs, 1),
+                &qkv[head.k..],
+                (1, qkv_rs),
+                &mut p,
+                false,
+            );
+            for (i, row) in p.chunks_mut(valid).enumerate() {
+                let l2 = lse[(head.start + i) * heads + head.h] * std::f32::consts::LOG2_E;
+                row.iter_mut().for_each(|s| *s = (*s * c2 - l2).exp2());
+            }
+            // dp[i, j] = dÔ_i·v̂_j
+            let mut dp = vec![0.0f32; n * valid];
+            sgemm_serial(
+                n,
+                valid,
+                d,
+                &dout16[o_at..],
+                (hidden, 1),
+                &qkv[head.v..],
+                (1, qkv_rs),
+                &mut dp,
+                false,
+            );
+            // pm = P̂ = r16(p·keep); ds = dŜ = r16(p·(keep·rp·dp − D)).
+            let mut pm = vec![0.0f32; n * valid];
+            let mut m = vec![0.0f32; valid];
+            for i in 0..n {
+                let at = (head.start + i) * hidden + head.h * d;
+                let big_d: f32 = dout[at..at + d]
+                    .iter()
+                    .zip(&out[at..at + d])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                dropout_factors(&mut m, dropout, head.b, head.h, heads, i);
+                let r = i * valid..(i + 1) * valid;
+                for ((pm, ds), (p, f)) in pm[r.clone()]
+                    .iter_mut()
+                    .zip(&mut dp[r.clone()])
+                    .zip(p[r].iter().zip(&m))
+                {
+                    let keep = *f != 0.0;
+                    *pm = if keep { rounding.round(*p) } else { 0.0 };
+                    let f = if keep { rp } else { 0.0 };
+                    *ds = rounding.round(p * (f * *ds - big_d));
+                }
+            }
+            let ds = dp;
+            let (mut dq, mut dk, mut dv) = (
+                vec![0.0f32; n * d],
+                vec![0.0f32; valid * d],
+                vec![0.0f32; valid * d],
+            );
+            // dv = P̂ᵀ·dÔ, dq = dŜ·K̂, dk = dŜᵀ·Q̂ (then scaled)
+            sgemm_serial(
+                valid,
+                d,
+                n,
+                &pm,
+                (1, valid),
+                &dout16[o_at..],
+                (hidden, 1),
+                &mut dv,
+                false,
+            );
+            sgemm_serial(
+                n,
+                d,
+                valid,
+                &ds,
+                (valid, 1),
+                &qkv[head.k..],
+                (qkv_rs, 1),
+                &mut dq,
+                false,
+            );
+            sgemm_serial(
+                valid,
+                d,
+                n,
+                &ds,
+                (1, valid),
+                &qkv[head.q..],
+                (qkv_rs, 1),
+                &mut dk,
+                false,
+            );
+            dv.iter_mut().for_each(|x| *x *= rp);
+            dq.iter_mut().for_each(|x| *x *= scale);
+            dk.iter_mut().for_each(|x| *x *= scale);
             (head, dq, dk, dv)
         })
         .collect();

@@ -23,8 +23,8 @@ use tensor::check_disjoint;
 pub use tensor::CpuTensor;
 
 use super::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
-    MatmulPrecision, ResidualAdd, SeqLayout,
+    attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
+    Dropout, MatmulPrecision, ResidualAdd, SeqLayout,
 };
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -361,6 +361,7 @@ impl Backend for CpuBackend {
             layout,
             dims,
             dropout,
+            attention_rounding(self.precision, dims.head_dim),
         );
         Ok(())
     }
@@ -385,6 +386,7 @@ impl Backend for CpuBackend {
             layout,
             dims,
             dropout,
+            attention_rounding(self.precision, dims.head_dim),
         );
         Ok(())
     }

@@ -72,8 +72,8 @@ use super::lt::{self, BiasGemm, Lt};
 use super::readback::PendingDownload;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
-    MatmulPrecision, OutOfMemory, ResidualAdd, SeqLayout,
+    attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
+    Dropout, MatmulPrecision, OutOfMemory, ResidualAdd, SeqLayout,
 };
 
 /// The driver functions cudarc calls for this backend (cudarc panics on a missing one, so they
@@ -154,6 +154,18 @@ pub const REQUIRED_KERNELS: &[&str] = &[
     "attention_backward_dkdv_f32_d32",
     "attention_backward_dkdv_f32_d64",
     "attention_backward_dkdv_f32_generic",
+    "attention_tc_forward_f16_d32",
+    "attention_tc_forward_f16_d64",
+    "attention_tc_forward_bf16_d32",
+    "attention_tc_forward_bf16_d64",
+    "attention_tc_backward_dq_f16_d32",
+    "attention_tc_backward_dq_f16_d64",
+    "attention_tc_backward_dq_bf16_d32",
+    "attention_tc_backward_dq_bf16_d64",
+    "attention_tc_backward_dkdv_f16_d32",
+    "attention_tc_backward_dkdv_f16_d64",
+    "attention_tc_backward_dkdv_bf16_d32",
+    "attention_tc_backward_dkdv_bf16_d64",
 ];
 
 /// Warps per block of `layernorm_backward_f32` (block 128), fewer for very wide rows.
@@ -318,6 +330,8 @@ pub struct CudaBackend {
     sms: u32,
     /// Max dynamic shared memory per block (opt-in).
     max_smem_optin: u32,
+    /// sm_80 or newer: the tensor-core attention kernels run (they trap on older GPUs).
+    tensor_core_attention: bool,
     /// The pool the stream's allocations come from (`None`: synchronous allocations).
     pool: Option<MemPool>,
     /// Page-locked buffers for [`PendingDownload`]s, reused (allocating one can synchronize).
@@ -521,6 +535,7 @@ impl CudaBackend {
             precision: MatmulPrecision::F32,
             sms,
             max_smem_optin,
+            tensor_core_attention: arch.number >= 80,
             pool,
             pinned: Mutex::new(Vec::new()),
             lt: None,
@@ -971,6 +986,26 @@ impl CudaBackend {
             "batches are limited to 65535 sequences"
         );
         Ok(())
+    }
+
+    /// The attention kernels for `head_dim` under this backend's precision: the name prefix
+    /// before `forward_…` / `backward_{dq,dkdv}_…`, the suffix after it, and the rows per
+    /// block. The tensor-core kernels (attention_tc.cu) when [`attention_rounding`] says so
+    /// (and the GPU is sm_80 or newer), attention.cu's fp32 kernels otherwise.
+    fn attention_kernels(&self, head_dim: usize) -> Result<(&'static str, String, usize)> {
+        let rounding = if self.tensor_core_attention {
+            attention_rounding(self.precision, head_dim)
+        } else {
+            MatmulPrecision::F32
+        };
+        Ok(match rounding {
+            MatmulPrecision::F16 => ("attention_tc_", format!("f16_d{head_dim}"), 64),
+            MatmulPrecision::Bf16 => ("attention_tc_", format!("bf16_d{head_dim}"), 64),
+            _ => {
+                let (variant, rows) = Self::attention_variant(head_dim)?;
+                ("attention_", format!("f32_{variant}"), rows)
+            }
+        })
     }
 
     /// The attention variant suffix and its rows per block for `head_dim`.
@@ -1674,7 +1709,7 @@ impl Backend for CudaBackend {
             qkv.len
         );
         self.check_layout(layout)?;
-        let (variant, block_rows) = Self::attention_variant(head_dim)?;
+        let (prefix, suffix, block_rows) = self.attention_kernels(head_dim)?;
         let s = layout.max_rows();
         if layout.batch() == 0 || s == 0 || heads == 0 {
             return Ok(());
@@ -1682,7 +1717,7 @@ impl Backend for CudaBackend {
         ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
         let l = self.layout(layout)?;
         self.launch(
-            &format!("attention_forward_f32_{variant}"),
+            &format!("{prefix}forward_{suffix}"),
             (
                 s.div_ceil(block_rows) as u32,
                 heads as u32,
@@ -1738,7 +1773,7 @@ impl Backend for CudaBackend {
             lse.len
         );
         self.check_layout(layout)?;
-        let (variant, block_rows) = Self::attention_variant(head_dim)?;
+        let (prefix, suffix, block_rows) = self.attention_kernels(head_dim)?;
         let s = layout.max_rows();
         if layout.batch() == 0 || s == 0 || heads == 0 {
             return Ok(());
@@ -1773,7 +1808,7 @@ impl Backend for CudaBackend {
         );
         for kind in ["dq", "dkdv"] {
             self.launch(
-                &format!("attention_backward_{kind}_f32_{variant}"),
+                &format!("{prefix}backward_{kind}_{suffix}"),
                 grid,
                 (128, 1, 1),
                 0,
