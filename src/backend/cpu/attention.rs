@@ -266,58 +266,12 @@ pub fn attention_backward(
                 }
             }
             let ds = dp;
-            let (mut dq, mut dk, mut dv) = (
-                vec![0.0f32; n * d],
-                vec![0.0f32; valid * d],
-                vec![0.0f32; valid * d],
-            );
             // dv = pmᵀ·dO, dq = ds·K, dk = dsᵀ·Q
-            sgemm_serial(
-                valid,
-                d,
-                n,
-                &pm,
-                (1, valid),
-                &dout[o_at..],
-                (hidden, 1),
-                &mut dv,
-                false,
-            );
-            sgemm_serial(
-                n,
-                d,
-                valid,
-                &ds,
-                (valid, 1),
-                &qkv[head.k..],
-                (qkv_rs, 1),
-                &mut dq,
-                false,
-            );
-            sgemm_serial(
-                valid,
-                d,
-                n,
-                &ds,
-                (1, valid),
-                &qkv[head.q..],
-                (qkv_rs, 1),
-                &mut dk,
-                false,
-            );
+            let (dq, dk, dv) = head_grads(&pm, &ds, &dout[o_at..], qkv, &head, d, hidden);
             (head, dq, dk, dv)
         })
         .collect();
-    dqkv.fill(0.0);
-    for (head, dq, dk, dv) in results {
-        for (i, g) in dq.chunks(d).enumerate() {
-            dqkv[head.q + i * qkv_rs..][..d].copy_from_slice(g);
-        }
-        for (j, (gk, gv)) in dk.chunks(d).zip(dv.chunks(d)).enumerate() {
-            dqkv[head.k + j * qkv_rs..][..d].copy_from_slice(gk);
-            dqkv[head.v + j * qkv_rs..][..d].copy_from_slice(gv);
-        }
-    }
+    scatter_head_grads(dqkv, results, d, qkv_rs);
 }
 
 /// [`attention_forward`] with 16-bit products (see the module header).
@@ -493,51 +447,81 @@ fn attention_backward_16(
                 }
             }
             let ds = dp;
-            let (mut dq, mut dk, mut dv) = (
-                vec![0.0f32; n * d],
-                vec![0.0f32; valid * d],
-                vec![0.0f32; valid * d],
-            );
             // dv = P̂ᵀ·dÔ, dq = dŜ·K̂, dk = dŜᵀ·Q̂ (then scaled)
-            sgemm_serial(
-                valid,
-                d,
-                n,
-                &pm,
-                (1, valid),
-                &dout16[o_at..],
-                (hidden, 1),
-                &mut dv,
-                false,
-            );
-            sgemm_serial(
-                n,
-                d,
-                valid,
-                &ds,
-                (valid, 1),
-                &qkv[head.k..],
-                (qkv_rs, 1),
-                &mut dq,
-                false,
-            );
-            sgemm_serial(
-                valid,
-                d,
-                n,
-                &ds,
-                (1, valid),
-                &qkv[head.q..],
-                (qkv_rs, 1),
-                &mut dk,
-                false,
-            );
+            let (mut dq, mut dk, mut dv) =
+                head_grads(&pm, &ds, &dout16[o_at..], &qkv, &head, d, hidden);
             dv.iter_mut().for_each(|x| *x *= rp);
             dq.iter_mut().for_each(|x| *x *= scale);
             dk.iter_mut().for_each(|x| *x *= scale);
             (head, dq, dk, dv)
         })
         .collect();
+    scatter_head_grads(dqkv, results, d, qkv_rs);
+}
+
+/// One head's `dv = pmᵀ·dO`, `dq = ds·K`, `dk = dsᵀ·Q` from its `pm` and `ds` (`[rows, valid]`),
+/// `dout` from the head's first output element, and `qkv` (both backward paths share it).
+fn head_grads(
+    pm: &[f32],
+    ds: &[f32],
+    dout: &[f32],
+    qkv: &[f32],
+    head: &Head,
+    d: usize,
+    hidden: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (n, valid, qkv_rs) = (head.rows, head.valid, 3 * hidden);
+    let (mut dq, mut dk, mut dv) = (
+        vec![0.0f32; n * d],
+        vec![0.0f32; valid * d],
+        vec![0.0f32; valid * d],
+    );
+    sgemm_serial(
+        valid,
+        d,
+        n,
+        pm,
+        (1, valid),
+        dout,
+        (hidden, 1),
+        &mut dv,
+        false,
+    );
+    sgemm_serial(
+        n,
+        d,
+        valid,
+        ds,
+        (valid, 1),
+        &qkv[head.k..],
+        (qkv_rs, 1),
+        &mut dq,
+        false,
+    );
+    sgemm_serial(
+        valid,
+        d,
+        n,
+        ds,
+        (1, valid),
+        &qkv[head.q..],
+        (qkv_rs, 1),
+        &mut dk,
+        false,
+    );
+    (dq, dk, dv)
+}
+
+/// One head with its (dq, dk, dv).
+type HeadGrads = (Head, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Writes every head's gradients into `dqkv` (zero elsewhere: padding keys' slots stay 0).
+fn scatter_head_grads(
+    dqkv: &mut [f32],
+    results: Vec<HeadGrads>,
+    d: usize,
+    qkv_rs: usize,
+) {
     dqkv.fill(0.0);
     for (head, dq, dk, dv) in results {
         for (i, g) in dq.chunks(d).enumerate() {
