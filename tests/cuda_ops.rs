@@ -1421,3 +1421,142 @@ fn the_kernels_the_backend_launches_are_compiled() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- CUDA graphs ----
+
+/// Two layers, hidden 64 in two heads of 32: the tensor-core attention under fp16.
+fn graph_config() -> bertft_cuda::config::BertConfig {
+    bertft_cuda::config::BertConfig::from_json(
+        r#"{"vocab_size":40,"hidden_size":64,"num_attention_heads":2,"num_hidden_layers":2,
+            "intermediate_size":96,"max_position_embeddings":16,"type_vocab_size":2,
+            "num_labels":3,"hidden_act":"gelu","pad_token_id":0,"layer_norm_eps":1e-12,
+            "hidden_dropout_prob":0.1,"attention_probs_dropout_prob":0.1}"#,
+    )
+    .unwrap()
+}
+
+/// [`tiny_batch`]'s shape with tokens and labels of their own for step `step`, micro-batch `k`
+/// (so that a graph replayed with a stale batch address reads other tokens).
+fn step_batch<B: Backend>(be: &B, step: u64, k: u64, packed: bool) -> Batch<B> {
+    let (ids, types, labels) = tiny_batch();
+    let ids: Vec<Vec<u32>> = ids
+        .iter()
+        .map(|s| {
+            s.iter()
+                .map(|&t| 1 + (t + 7 * step as u32 + 3 * k as u32) % 39)
+                .collect()
+        })
+        .collect();
+    let labels: Vec<u32> = labels.iter().map(|&l| (l + step as u32) % 3).collect();
+    let ids: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let types: Vec<&[u32]> = types.iter().map(|v| v.as_slice()).collect();
+    if packed {
+        Batch::packed(be, &ids, &types, Some(&labels)).unwrap()
+    } else {
+        Batch::padded(be, &ids, &types, Some(&labels), 0).unwrap()
+    }
+}
+
+/// `steps` queued steps alternating two step shapes (one padded micro-batch; a padded and a
+/// packed one), each batch uploaded for its step with tokens of its own, the learning rate
+/// changing every step, dropout on: the weights after them, and the reports.
+fn graph_run(be: &CudaBackend, steps: u64) -> (Vec<f32>, Vec<StepReport>) {
+    let cfg = graph_config();
+    let model = Classifier::new(be, cfg.clone(), &tiny_weights(&cfg, 4)).unwrap();
+    let config = AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    };
+    let mut opt = AdamW::new(be, &model.layout, &model.params, &model.grads, config).unwrap();
+    let mut scratch = StepScratch::new(be).unwrap();
+    let settings = StepSettings {
+        max_grad_norm: 0.5,
+        label_smoothing: 0.1,
+        dropout_seed: Some(11),
+    };
+    let schedule = |taken: u64| 1e-3 * (1.0 + taken as f64 / 10.0);
+    for s in 0..steps {
+        let micro = match s % 2 {
+            0 => vec![step_batch(be, s, 0, false)],
+            _ => vec![step_batch(be, s, 0, false), step_batch(be, s, 1, true)],
+        };
+        queue_train_step(
+            be,
+            &model,
+            &mut opt,
+            &mut scratch,
+            &micro,
+            2 * s,
+            &schedule,
+            &settings,
+        )
+        .unwrap();
+    }
+    let reports = scratch.take_reports(be, &mut opt).unwrap();
+    (be.download(&model.params).unwrap(), reports)
+}
+
+/// The training step through CUDA graphs against the same steps queued eagerly: each step
+/// shape runs eagerly once, is captured the second time and replayed after that, with the new
+/// batch's addresses and the new dropout streams patched in. The same kernels run on the same
+/// arguments, so only the embeddings' backward (fp32 atomics, in no fixed order) tells the runs
+/// apart: losses within 1e-5 relative in fp32 (1e-3 in fp16, where such a difference can flip
+/// a 16-bit rounding), weights within 1e-5 (1e-4), the key bias (zero gradient up to rounding)
+/// within 2 · steps · lr. A replay with a stale argument (last step's tokens or dropout mask)
+/// changes the losses by far more.
+#[test]
+fn training_steps_through_cuda_graphs() {
+    if gpu().is_none() {
+        return;
+    }
+    const STEPS: u64 = 10;
+    for (p, loss_tol, weight_tol) in [
+        (MatmulPrecision::F32, 1e-5, 1e-5),
+        (MatmulPrecision::F16, 1e-3, 1e-4),
+    ] {
+        let open = || CudaBackend::new(0).unwrap().with_matmul_precision(p);
+        let eager = open();
+        let graphed = open().with_cuda_graphs(true);
+        let (we, re) = graph_run(&eager, STEPS);
+        let (wg, rg) = graph_run(&graphed, STEPS);
+        let stats = graphed.graph_stats().expect("graphs on");
+        // Two step shapes, each: eager, captured, then replayed.
+        assert_eq!(
+            (stats.captures, stats.replays, stats.mismatches, stats.failures),
+            (2, STEPS - 4, 0, 0),
+            "{}: {stats:?}",
+            p.name()
+        );
+        assert!(stats.patched_nodes > 0, "{}: nothing patched", p.name());
+        assert!(eager.graph_stats().is_none());
+        assert_eq!(re.len(), rg.len());
+        for (s, (a, b)) in rg.iter().zip(&re).enumerate() {
+            assert_eq!(a.lr, b.lr, "{} step {s}: learning rate", p.name());
+            assert_eq!(a.skipped(), b.skipped(), "{} step {s}: skipped", p.name());
+            let rel = (a.loss - b.loss).abs() / b.loss.abs();
+            assert!(
+                rel <= loss_tol,
+                "{} step {s}: loss through graphs {}, eager {} ({rel:.2e})",
+                p.name(),
+                a.loss,
+                b.loss
+            );
+        }
+        let layout = bertft_cuda::model::params::ParamLayout::new(&graph_config());
+        for spec in &layout.specs {
+            let r = spec.offset..spec.offset + spec.len();
+            let d = max_abs_diff(&wg[r.clone()], &we[r]);
+            let bound = if has_zero_exact_gradient(&spec.name) {
+                2.0 * STEPS as f32 * 2e-3
+            } else {
+                weight_tol
+            };
+            assert!(
+                d <= bound,
+                "{}: {} after {STEPS} steps: diff {d:.3e}",
+                p.name(),
+                spec.name
+            );
+        }
+    }
+}

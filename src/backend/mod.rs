@@ -286,6 +286,20 @@ pub trait Backend {
 
     // ---- memory ----
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;
+    /// Makes ready what ops over a batch of this layout read (the CUDA backend uploads its
+    /// arrays), so that a [`Backend::run_region`] finds it there and copies nothing in.
+    fn prepare_layout(&self, _layout: &SeqLayout) -> Result<()> {
+        Ok(())
+    }
+    /// Runs `region`: device work with no host copy, read-back or synchronization inside, the
+    /// same sequence of ops every time it runs under `key` (its shapes). The CUDA backend with
+    /// graphs on runs it as a CUDA graph (captured the second time the key is seen, replayed
+    /// with the changed arguments after that: `cuda/graph.rs`); others just run it. The region
+    /// may run twice on one call (a graph that could not stand for it is dropped before
+    /// anything was queued), so it must not change host state.
+    fn run_region(&self, _key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        region()
+    }
     fn upload(&self, data: &[f32]) -> Result<Self::Tensor>;
     fn upload_ids(&self, data: &[u32]) -> Result<Self::Ids>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;

@@ -200,6 +200,8 @@ impl<B: Backend> Batch<B> {
 
     /// Copies a host batch to the backend.
     pub fn upload(backend: &B, host: HostBatch) -> Result<Self> {
+        // Uploaded with the batch, not inside the step (a CUDA graph copies nothing in).
+        backend.prepare_layout(&host.layout)?;
         Ok(Batch {
             ids: backend.upload_ids(&host.ids)?,
             positions: backend.upload_ids(&host.positions)?,

@@ -87,6 +87,9 @@ impl StepReport {
 pub struct StepScratch<B: Backend> {
     pub acts: ActivationCache<B>,
     sumsq: B::Tensor,
+    /// The per-row losses of the step being queued, all micro-batches back to back: written
+    /// inside the step's graph region at fixed places, then copied into the ledger.
+    step_losses: B::Tensor,
     ledger: Ledger<B>,
     /// Present when the backend's GEMMs read fp16 (`--fp16`): dynamic loss scaling.
     scaler: Option<DeviceScaler<B>>,
@@ -136,6 +139,9 @@ struct PendingStep {
 /// The ledger's default size: 256 KiB of losses, enough for several logging intervals.
 const ROW_CAPACITY: usize = 1 << 16;
 const STEP_CAPACITY: usize = 1 << 12;
+/// Rows of [`StepScratch::step_losses`] to start with (grown to a power of two when a step has
+/// more).
+const STEP_LOSSES: usize = 1 << 10;
 
 impl<B: Backend> Ledger<B> {
     fn new(backend: &B, row_capacity: usize, step_capacity: usize) -> Result<Self> {
@@ -173,7 +179,7 @@ impl<B: Backend> Ledger<B> {
         Ok(())
     }
 
-    /// Copies one micro-batch's per-row losses in (a device-to-device copy).
+    /// Copies one step's per-row losses in (a device-to-device copy).
     fn record_losses(&mut self, backend: &B, losses: &B::Tensor) -> Result<()> {
         let n = backend.len(losses);
         backend.copy(&backend.view(&self.losses, self.rows_used, n), losses)?;
@@ -222,6 +228,7 @@ impl<B: Backend> StepScratch<B> {
         let mut scratch = StepScratch {
             acts: ActivationCache::default(),
             sumsq: backend.zeros(1)?,
+            step_losses: backend.zeros(STEP_LOSSES)?,
             ledger: Ledger::new(backend, rows, steps)?,
             scaler: None,
         };
@@ -305,6 +312,23 @@ impl<B: Backend> StepScratch<B> {
     }
 }
 
+/// What makes two steps the same sequence of device ops: the shape of each micro-batch, and
+/// which optional parts run (dropout, fp16 loss scaling, clipping).
+fn region_key<B: Backend>(micro_batches: &[Batch<B>], s: &StepSettings, scaled: bool) -> Vec<u64> {
+    let mut key = vec![
+        s.dropout_seed.is_some() as u64,
+        scaled as u64,
+        (s.max_grad_norm > 0.0) as u64,
+        micro_batches.len() as u64,
+    ];
+    for b in micro_batches {
+        // Not the longest sequence: it only sets the attention kernels' grids, which a graph
+        // patches like any argument.
+        key.extend([b.rows() as u64, b.size() as u64]);
+    }
+    key
+}
+
 /// One optimizer step at learning rate `lr` over `micro_batches`, read back at once: the
 /// queued step and [`StepScratch::take_reports`] (tests and benchmarks use it; the trainer
 /// queues steps and reads them on logging steps).
@@ -363,46 +387,71 @@ pub fn queue_train_step<B: Backend>(
         scratch.settle(backend, opt)?;
     }
     scratch.ledger.reserve(backend, normalizer)?;
-    let first_row = scratch.ledger.rows_used;
+    if backend.len(&scratch.step_losses) < normalizer {
+        scratch.step_losses = backend.zeros(normalizer.next_power_of_two())?;
+    }
     // fp16's loss scale is applied on the device (`backward_device_scaled`).
     let spec = LossSpec::mean(s.label_smoothing, normalizer);
     let bert = model.bert(backend);
-    model.zero_grads(backend)?;
-    for (k, batch) in micro_batches.iter().enumerate() {
-        let mode = match s.dropout_seed {
-            Some(seed) => Mode::Train {
-                seed,
-                step: micro_step + k as u64,
-            },
-            None => Mode::Eval,
-        };
-        let acts = &scratch.acts.get(backend, model, batch)?;
-        bert.forward(batch, acts, mode)?;
-        bert.compute_losses(batch, acts, s.label_smoothing)?;
-        scratch.ledger.record_losses(backend, &acts.losses)?;
-        match &scratch.scaler {
-            Some(l) => {
-                bert.backward_device_scaled(&model.grad_views, batch, acts, mode, spec, &l.scale)?
+    let key = region_key(micro_batches, s, scratch.scaler.is_some());
+    let (acts_cache, scaler) = (&mut scratch.acts, scratch.scaler.as_ref());
+    let (step_losses, sumsq) = (&scratch.step_losses, &scratch.sumsq);
+    // Forward and backward of every micro-batch, the fp16 unscaling and check, the loss
+    // scale's update and the clipping: the same ops at every step of these shapes, with no
+    // host copy or read-back, so a CUDA graph can stand for them (`Backend::run_region`).
+    backend.run_region(&key, &mut || {
+        model.zero_grads(backend)?;
+        let mut row = 0;
+        for (k, batch) in micro_batches.iter().enumerate() {
+            let mode = match s.dropout_seed {
+                Some(seed) => Mode::Train {
+                    seed,
+                    step: micro_step + k as u64,
+                },
+                None => Mode::Eval,
+            };
+            let acts = &acts_cache.get(backend, model, batch)?;
+            bert.forward(batch, acts, mode)?;
+            bert.compute_losses(batch, acts, s.label_smoothing)?;
+            let rows = backend.len(&acts.losses);
+            backend.copy(&backend.view(step_losses, row, rows), &acts.losses)?;
+            row += rows;
+            match scaler {
+                Some(l) => bert.backward_device_scaled(
+                    &model.grad_views,
+                    batch,
+                    acts,
+                    mode,
+                    spec,
+                    &l.scale,
+                )?,
+                None => bert.backward(&model.grad_views, batch, acts, mode, spec)?,
             }
-            None => bert.backward(&model.grad_views, batch, acts, mode, spec)?,
         }
-    }
-    // fp16: unscale and check the gradients, and update the scale, on the device; the state
-    // after this step is copied to the host now and read one step later.
-    let mut scaler_state = None;
-    if let Some(l) = &scratch.scaler {
-        backend.fill_zero(&l.found_inf)?;
-        backend.unscale_and_check(&model.grads, &l.scale, &l.found_inf)?;
-        backend.update_loss_scale(
-            &l.scale_and_tracker,
-            &l.found_inf,
-            GROWTH_FACTOR as f32,
-            BACKOFF_FACTOR as f32,
-            GROWTH_INTERVAL,
-        )?;
-        scaler_state = Some(backend.download_start(&l.state)?);
-    }
-    clip_grad_norm(backend, &model.grads, &scratch.sumsq, s.max_grad_norm)?;
+        // fp16: unscale and check the gradients, and update the scale, on the device.
+        if let Some(l) = scaler {
+            backend.fill_zero(&l.found_inf)?;
+            backend.unscale_and_check(&model.grads, &l.scale, &l.found_inf)?;
+            backend.update_loss_scale(
+                &l.scale_and_tracker,
+                &l.found_inf,
+                GROWTH_FACTOR as f32,
+                BACKOFF_FACTOR as f32,
+                GROWTH_INTERVAL,
+            )?;
+        }
+        clip_grad_norm(backend, &model.grads, sumsq, s.max_grad_norm)
+    })?;
+    // fp16: the scaler's state after this step is copied to the host now and read one step
+    // later.
+    let scaler_state = match &scratch.scaler {
+        Some(l) => Some(backend.download_start(&l.state)?),
+        None => None,
+    };
+    let first_row = scratch.ledger.rows_used;
+    scratch
+        .ledger
+        .record_losses(backend, &backend.view(&scratch.step_losses, 0, normalizer))?;
     let slot = scratch.ledger.pending.len();
     backend.copy(
         &backend.view(&scratch.ledger.sumsq, slot, 1),

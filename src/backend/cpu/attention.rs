@@ -516,12 +516,7 @@ fn head_grads(
 type HeadGrads = (Head, Vec<f32>, Vec<f32>, Vec<f32>);
 
 /// Writes every head's gradients into `dqkv` (zero elsewhere: padding keys' slots stay 0).
-fn scatter_head_grads(
-    dqkv: &mut [f32],
-    results: Vec<HeadGrads>,
-    d: usize,
-    qkv_rs: usize,
-) {
+fn scatter_head_grads(dqkv: &mut [f32], results: Vec<HeadGrads>, d: usize, qkv_rs: usize) {
     dqkv.fill(0.0);
     for (head, dq, dk, dv) in results {
         for (i, g) in dq.chunks(d).enumerate() {

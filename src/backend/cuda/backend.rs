@@ -55,6 +55,7 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, ensure, Result};
@@ -67,6 +68,9 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use super::graph::{
+    self, Arg, Entry, ExecGraph, GraphCache, GraphStats, Launch, Mismatch, Replay, Tape,
+};
 use super::libs::check_cudarc_library;
 use super::lt::{self, BiasGemm, Lt};
 use super::readback::PendingDownload;
@@ -168,22 +172,72 @@ pub const REQUIRED_KERNELS: &[&str] = &[
     "attention_tc_backward_dkdv_bf16_d64",
 ];
 
+/// cuBLAS's workspace (see `CudaBackend::new`).
+const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
+
 /// Warps per block of `layernorm_backward_f32` (block 128), fewer for very wide rows.
 const LN_BWD_WARPS: u32 = 4;
 
 /// One device allocation with its base address.
 struct Buffer<T> {
-    /// Owns the allocation (freed stream-ordered on drop).
-    _slice: CudaSlice<T>,
+    /// Owns the allocation (freed stream-ordered on drop); `None` for the allocation of a
+    /// replayed CUDA graph, which the graph's own free node releases.
+    _slice: Option<CudaSlice<T>>,
     ptr: u64,
+    /// For an allocation made while capturing a graph: counts it among the region's live ones
+    /// (dropped after the slice, so the free is captured first).
+    _captured: Option<CapturedAlloc>,
 }
 
 impl<T> Buffer<T> {
     fn new(slice: CudaSlice<T>, stream: &CudaStream) -> Self {
         // With event tracking off, device_ptr only reads the address.
         let ptr = slice.device_ptr(stream).0;
-        Buffer { _slice: slice, ptr }
+        Buffer {
+            _slice: Some(slice),
+            ptr,
+            _captured: None,
+        }
     }
+}
+
+/// One live allocation of a region being captured: a capture is only kept when the region
+/// freed everything it allocated (an allocation that outlived it would be the graph's memory).
+struct CapturedAlloc(Arc<AtomicUsize>);
+
+impl CapturedAlloc {
+    fn new(live: &Arc<AtomicUsize>) -> Self {
+        live.fetch_add(1, Ordering::Relaxed);
+        CapturedAlloc(live.clone())
+    }
+}
+
+impl Drop for CapturedAlloc {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the backend does with the ops it is given (see `graph`).
+enum GraphMode {
+    /// Queue them.
+    Eager,
+    /// Queue them on the capturing stream and write them on the tape.
+    Capture {
+        tape: Tape,
+        live: Arc<AtomicUsize>,
+        /// Why the capture cannot be kept, once something went wrong outside the region's view.
+        broken: Option<String>,
+    },
+    /// Match them against a captured graph's tape, queueing nothing.
+    Replay(Replay),
+}
+
+/// The CUDA graphs of the training step (present when turned on).
+struct Graphs {
+    mode: GraphMode,
+    cache: GraphCache<ExecGraph>,
+    stats: GraphStats,
 }
 
 /// An fp32 tensor on the GPU, or a view into one (see the module header).
@@ -227,29 +281,6 @@ impl CudaIds {
     }
     pub fn host(&self) -> &[u32] {
         &self.host
-    }
-}
-
-/// A kernel argument, passed by address to `cuLaunchKernel`.
-enum Arg {
-    /// A device pointer (0: null).
-    P(u64),
-    U32(u32),
-    I32(i32),
-    U64(u64),
-    F32(f32),
-    F64(f64),
-}
-
-impl Arg {
-    fn addr(&self) -> *mut c_void {
-        match self {
-            Arg::P(v) | Arg::U64(v) => v as *const u64 as *mut c_void,
-            Arg::U32(v) => v as *const u32 as *mut c_void,
-            Arg::I32(v) => v as *const i32 as *mut c_void,
-            Arg::F32(v) => v as *const f32 as *mut c_void,
-            Arg::F64(v) => v as *const f64 as *mut c_void,
-        }
     }
 }
 
@@ -312,7 +343,9 @@ impl LayoutBuf {
     }
 }
 
-const LAYOUT_CACHE: usize = 8;
+/// Layouts kept uploaded: those of the batches being prepared ahead and those of the step on
+/// the device (a CUDA graph region must find its layouts here, uploaded before it).
+const LAYOUT_CACHE: usize = 64;
 
 /// The fp32 CUDA backend on one GPU.
 pub struct CudaBackend {
@@ -336,9 +369,14 @@ pub struct CudaBackend {
     pool: Option<MemPool>,
     /// Page-locked buffers for [`PendingDownload`]s, reused (allocating one can synchronize).
     pinned: Mutex<Vec<PinnedHostSlice<f32>>>,
+    /// CUDA graphs of the training step (`None`: off). Declared before the buffers below, so
+    /// that the graphs are destroyed while those still hold the context.
+    graphs: Option<Mutex<Graphs>>,
     /// cuBLASLt for the dense layers' forward with the bias in the epilogue, and its
     /// workspace (`None`: turned off by `BERTFT_CUBLASLT=0`, or unavailable).
     lt: Option<(Lt, Arc<Buffer<u8>>)>,
+    /// cuBLAS's workspace, set once so that a captured GEMM allocates nothing.
+    blas_workspace: Option<Arc<Buffer<u8>>>,
 }
 
 fn grid_1d(n: usize, per_thread: usize, block: u32, cap: u32) -> u32 {
@@ -538,8 +576,26 @@ impl CudaBackend {
             tensor_core_attention: arch.number >= 80,
             pool,
             pinned: Mutex::new(Vec::new()),
+            graphs: None,
             lt: None,
+            blas_workspace: None,
         };
+        // cuBLAS's workspace, given rather than left to cuBLAS: a GEMM captured into a CUDA
+        // graph must not allocate. 32 MiB, what cuBLAS itself takes on Hopper.
+        let workspace = backend.alloc_raw::<u8>(BLAS_WORKSPACE_BYTES)?;
+        {
+            let handle = backend.blas.lock().unwrap();
+            // SAFETY: a live handle; the workspace outlives it (dropped with the backend, after
+            // a synchronization in the handle's destruction).
+            blas_check("cublasSetWorkspace", unsafe {
+                blas::cublasSetWorkspace_v2(
+                    handle.0,
+                    workspace.ptr as *mut c_void,
+                    BLAS_WORKSPACE_BYTES,
+                )
+            })?;
+        }
+        backend.blas_workspace = Some(workspace);
         // BERTFT_CUBLASLT=0 keeps the two-GEMM bias path (for comparing the two on a GPU).
         if std::env::var_os("BERTFT_CUBLASLT").is_none_or(|v| v != "0") {
             let workspace = backend.alloc_raw::<u8>(lt::WORKSPACE_BYTES)?;
@@ -591,10 +647,199 @@ impl CudaBackend {
         Ok(Some(high))
     }
 
+    /// The most memory the CUDA graphs' allocations have held at once (0 with graphs off). Added
+    /// to the pool's peak, it bounds the peak from above: the two need not peak together.
+    fn graph_memory_high(&self) -> u64 {
+        if self.graphs.is_none() {
+            return 0;
+        }
+        let mut high = 0u64;
+        // SAFETY: the attribute is a u64 out-parameter.
+        let read = unsafe {
+            dsys::cuDeviceGetGraphMemAttribute(
+                self.ctx.cu_device(),
+                dsys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                &mut high as *mut u64 as *mut c_void,
+            )
+        };
+        if read == dsys::CUresult::CUDA_SUCCESS {
+            high
+        } else {
+            0
+        }
+    }
+
     /// The same backend with its dense layers' GEMMs reading operands as `precision`.
     pub fn with_matmul_precision(mut self, precision: MatmulPrecision) -> Self {
         self.precision = precision;
         self
+    }
+
+    /// The same backend recording the training step as CUDA graphs (see `graph`) when `on`.
+    /// Needs stream-ordered allocation and a driver with the graph functions; without them it
+    /// says so once and runs eagerly.
+    pub fn with_cuda_graphs(mut self, on: bool) -> Self {
+        if !on {
+            self.graphs = None;
+            return self;
+        }
+        // SAFETY: the driver is loaded (the backend is open).
+        let symbols = check_cudarc_library(
+            "the CUDA driver",
+            "cuda",
+            unsafe { dsys::culib() },
+            graph::GRAPH_SYMBOLS,
+        );
+        match (symbols, &self.pool) {
+            (Ok(_), Some(_)) => {
+                self.graphs = Some(Mutex::new(Graphs {
+                    mode: GraphMode::Eager,
+                    cache: GraphCache::default(),
+                    stats: GraphStats::default(),
+                }))
+            }
+            (Err(e), _) => eprintln!("notice: CUDA graphs off: {e:#}"),
+            (_, None) => {
+                eprintln!("notice: CUDA graphs off: the GPU has no stream-ordered allocation")
+            }
+        }
+        self
+    }
+
+    /// What the CUDA graphs did so far (`None`: graphs off).
+    pub fn graph_stats(&self) -> Option<GraphStats> {
+        self.graphs.as_ref().map(|g| g.lock().unwrap().stats)
+    }
+
+    fn set_graph_mode(&self, mode: GraphMode) -> GraphMode {
+        let graphs = self.graphs.as_ref().expect("graphs on");
+        std::mem::replace(&mut graphs.lock().unwrap().mode, mode)
+    }
+
+    fn put_graph(&self, key: &[u64], entry: Entry<ExecGraph>) {
+        let graphs = self.graphs.as_ref().expect("graphs on");
+        graphs.lock().unwrap().cache.put(key.to_vec(), entry);
+    }
+
+    fn count(&self, f: impl FnOnce(&mut GraphStats)) {
+        if let Some(g) = &self.graphs {
+            f(&mut g.lock().unwrap().stats);
+        }
+    }
+
+    /// Captures `region` into a graph and launches it; where it cannot be captured, says why
+    /// once, marks the key eager for good, and runs the region eagerly (nothing of the capture
+    /// ran).
+    fn capture_region(
+        &self,
+        key: &[u64],
+        mismatches: u32,
+        region: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.bind()?;
+        let stream = self.stream.cu_stream();
+        let fail = |why: String| {
+            eprintln!(
+                "notice: the training step runs without a CUDA graph at this batch shape: {why}"
+            );
+            self.count(|s| s.failures += 1);
+            self.put_graph(key, Entry::Failed);
+        };
+        if let Err(e) = graph::begin_capture(stream) {
+            fail(format!("{e:#}"));
+            return region();
+        }
+        let live = Arc::new(AtomicUsize::new(0));
+        self.set_graph_mode(GraphMode::Capture {
+            tape: Tape::default(),
+            live: live.clone(),
+            broken: None,
+        });
+        let ran = region();
+        let GraphMode::Capture { tape, broken, .. } = self.set_graph_mode(GraphMode::Eager) else {
+            unreachable!("the mode is only changed here")
+        };
+        let leaked = live.load(Ordering::Relaxed);
+        let why = match (&ran, &broken) {
+            (Err(e), _) => Some(format!("{e:#}")),
+            (_, Some(b)) => Some(b.clone()),
+            _ => None,
+        };
+        let ended = graph::end_capture(stream, why.is_none());
+        match (why, ended) {
+            (None, Ok(Some(exec))) => {
+                // Launched even when allocations outlived the region: they are the graph's
+                // memory, real once it has run, and freed (stream-ordered) by their owners.
+                exec.launch(stream)?;
+                self.count(|s| s.captures += 1);
+                if leaked == 0 {
+                    self.put_graph(key, Entry::Ready(exec, tape, mismatches));
+                } else {
+                    fail(format!(
+                        "{leaked} allocations made in the step outlive it (a cache filled while capturing)"
+                    ));
+                }
+                Ok(())
+            }
+            (why, ended) => {
+                let why = why
+                    .or_else(|| ended.err().map(|e| format!("{e:#}")))
+                    .unwrap_or_else(|| "the capture made no graph".into());
+                fail(why);
+                region()
+            }
+        }
+    }
+
+    /// Replays `key`'s graph for `region`: the region's host code runs against the tape, the
+    /// changed kernel arguments are patched in, and the graph is launched. On a [`Mismatch`],
+    /// nothing was queued: the region runs eagerly and is captured again next time.
+    fn replay_region(
+        &self,
+        key: &[u64],
+        (exec, tape, mismatches): (ExecGraph, Tape, u32),
+        region: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<()> {
+        self.bind()?;
+        self.set_graph_mode(GraphMode::Replay(Replay::new(tape)));
+        let ran = region();
+        let GraphMode::Replay(replay) = self.set_graph_mode(GraphMode::Eager) else {
+            unreachable!("the mode is only changed here")
+        };
+        match ran.and_then(|()| Ok(replay.finish()?)) {
+            Ok((tape, patches)) => {
+                exec.patch(&patches)?;
+                exec.launch(self.stream.cu_stream())?;
+                self.count(|s| {
+                    s.replays += 1;
+                    s.patched_nodes += patches.len() as u64;
+                });
+                self.put_graph(key, Entry::Ready(exec, tape, mismatches));
+                Ok(())
+            }
+            Err(e) if e.is::<Mismatch>() => {
+                self.count(|s| s.mismatches += 1);
+                drop(exec);
+                if mismatches + 1 >= graph::MAX_MISMATCHES {
+                    eprintln!(
+                        "notice: the training step runs without a CUDA graph at this batch shape: \
+                         it changed {} times ({e:#})",
+                        mismatches + 1
+                    );
+                    self.count(|s| s.failures += 1);
+                    self.put_graph(key, Entry::Failed);
+                } else {
+                    self.put_graph(key, Entry::Seen(mismatches + 1));
+                }
+                region()
+            }
+            Err(e) => {
+                // A real error (the same would stop an eager run); the tape may no longer
+                // match the graph's nodes, so the graph goes.
+                self.put_graph(key, Entry::Seen(mismatches));
+                Err(e)
+            }
+        }
     }
 
     /// Waits for every queued operation; reports an asynchronous kernel failure.
@@ -618,6 +863,17 @@ impl CudaBackend {
 
     fn alloc_raw<T: cudarc::driver::DeviceRepr>(&self, len: usize) -> Result<Arc<Buffer<T>>> {
         self.bind()?;
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        let mut graphs = self.graphs.as_ref().map(|g| g.lock().unwrap());
+        if let Some(GraphMode::Replay(replay)) = graphs.as_deref_mut().map(|g| &mut g.mode) {
+            // The address the graph's allocation node gives this allocation at every launch.
+            let ptr = replay.alloc(bytes)?;
+            return Ok(Arc::new(Buffer {
+                _slice: None,
+                ptr,
+                _captured: None,
+            }));
+        }
         // At least one element: a zero-byte allocation is not portable.
         // SAFETY: the contents are written before being read (or zeroed by the caller).
         let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }.map_err(|e| {
@@ -631,7 +887,55 @@ impl CudaBackend {
                 anyhow!("cannot allocate {what} on the GPU: {e}")
             }
         })?;
-        Ok(Arc::new(Buffer::new(slice, &self.stream)))
+        let mut buf = Buffer::new(slice, &self.stream);
+        if let Some(GraphMode::Capture { tape, live, .. }) =
+            graphs.as_deref_mut().map(|g| &mut g.mode)
+        {
+            tape.alloc(bytes, buf.ptr);
+            buf._captured = Some(CapturedAlloc::new(live));
+        }
+        Ok(Arc::new(buf))
+    }
+
+    /// Fails inside a graph region: a host copy there would be baked into the graph, or (when
+    /// replaying) not made at all.
+    fn outside_graphs(&self, what: &str) -> Result<()> {
+        if let Some(g) = &self.graphs {
+            if !matches!(g.lock().unwrap().mode, GraphMode::Eager) {
+                return Err(anyhow::Error::new(Mismatch {
+                    at: 0,
+                    what: format!("{what} inside a CUDA graph region"),
+                }));
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a library call or a memset/copy (`queue` returns what the host learns from it),
+    /// recording it while capturing; when replaying, only checks that it is the recorded call
+    /// and returns what that returned.
+    fn queue_call(&self, fingerprint: &[u64], queue: impl FnOnce() -> Result<u64>) -> Result<u64> {
+        let Some(g) = &self.graphs else {
+            return queue();
+        };
+        let mut g = g.lock().unwrap();
+        match &mut g.mode {
+            GraphMode::Eager => {
+                drop(g);
+                queue()
+            }
+            GraphMode::Replay(replay) => Ok(replay.call(fingerprint)?),
+            GraphMode::Capture { .. } => {
+                // The lock is not held across the call (it may allocate).
+                drop(g);
+                let returned = queue()?;
+                let mut g = self.graphs.as_ref().unwrap().lock().unwrap();
+                if let GraphMode::Capture { tape, .. } = &mut g.mode {
+                    tape.call(fingerprint.to_vec(), returned);
+                }
+                Ok(returned)
+            }
+        }
     }
 
     fn scratch(&self, len: usize) -> Result<CudaTensor> {
@@ -643,6 +947,7 @@ impl CudaBackend {
     }
 
     fn upload_raw<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<Arc<Buffer<T>>> {
+        self.outside_graphs("a host-to-device copy")?;
         let buf = self.alloc_raw::<T>(data.len())?;
         if !data.is_empty() {
             // SAFETY: the allocation holds data.len() elements; a pageable source is staged
@@ -669,6 +974,18 @@ impl CudaBackend {
     ) -> Result<()> {
         let f = self.func(name)?;
         self.bind()?;
+        let mut graphs = self.graphs.as_ref().map(|g| g.lock().unwrap());
+        let mode = graphs.as_deref_mut().map(|g| &mut g.mode);
+        let recorded = || Launch {
+            func: f.cu_function() as usize,
+            grid,
+            block,
+            smem,
+            args: args.to_vec(),
+        };
+        if let Some(GraphMode::Replay(replay)) = mode {
+            return Ok(replay.kernel(recorded())?);
+        }
         let mut params: Vec<*mut c_void> = args.iter().map(Arg::addr).collect();
         // SAFETY: the arguments match the kernel's parameter list (see kernels/*.cu) and live
         // until cuLaunchKernel returns (it copies them); pointers are into live allocations.
@@ -682,7 +999,14 @@ impl CudaBackend {
                 &mut params,
             )
         }
-        .map_err(|e| anyhow!("launching {name}: {e}"))
+        .map_err(|e| anyhow!("launching {name}: {e}"))?;
+        if let Some(GraphMode::Capture { tape, broken, .. }) = mode {
+            match graph::last_captured_node(self.stream.cu_stream()) {
+                Ok(node) => tape.kernel(recorded(), node),
+                Err(e) => *broken = Some(format!("{name}: {e:#}")),
+            }
+        }
+        Ok(())
     }
 
     /// Launch of an element-wise kernel over `n` elements (block 256, grid-stride).
@@ -932,34 +1256,55 @@ impl CudaBackend {
             }
         };
         let alpha = 1.0f32;
-        let handle = self.blas.lock().unwrap();
-        self.bind()?;
-        // SAFETY: the pointers address matrices of the given shapes (lengths checked by the
-        // callers); alpha/beta are host scalars (the default pointer mode).
-        let status = unsafe {
-            blas::cublasGemmEx(
-                handle.0,
-                op(trans_a),
-                op(trans_b),
-                i32_of(m, "m")?,
-                i32_of(n, "n")?,
-                i32_of(k, "k")?,
-                &alpha as *const f32 as *const c_void,
-                a.ptr as *const c_void,
-                a.dtype,
-                i32_of(lda.max(1), "lda")?,
-                b.ptr as *const c_void,
-                b.dtype,
-                i32_of(ldb.max(1), "ldb")?,
-                &beta as *const f32 as *const c_void,
-                c as *mut c_void,
-                blas::cudaDataType::CUDA_R_32F,
-                i32_of(ldc.max(1), "ldc")?,
-                compute,
-                blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        };
-        blas_check("cublasGemmEx", status)
+        let fingerprint = [
+            1,
+            trans_a as u64,
+            trans_b as u64,
+            m as u64,
+            n as u64,
+            k as u64,
+            a.ptr,
+            a.dtype as u64,
+            lda as u64,
+            b.ptr,
+            b.dtype as u64,
+            ldb as u64,
+            beta.to_bits() as u64,
+            c,
+            ldc as u64,
+            compute as u64,
+        ];
+        self.queue_call(&fingerprint, || {
+            let handle = self.blas.lock().unwrap();
+            self.bind()?;
+            // SAFETY: the pointers address matrices of the given shapes (lengths checked by the
+            // callers); alpha/beta are host scalars (the default pointer mode).
+            let status = unsafe {
+                blas::cublasGemmEx(
+                    handle.0,
+                    op(trans_a),
+                    op(trans_b),
+                    i32_of(m, "m")?,
+                    i32_of(n, "n")?,
+                    i32_of(k, "k")?,
+                    &alpha as *const f32 as *const c_void,
+                    a.ptr as *const c_void,
+                    a.dtype,
+                    i32_of(lda.max(1), "lda")?,
+                    b.ptr as *const c_void,
+                    b.dtype,
+                    i32_of(ldb.max(1), "ldb")?,
+                    &beta as *const f32 as *const c_void,
+                    c as *mut c_void,
+                    blas::cudaDataType::CUDA_R_32F,
+                    i32_of(ldc.max(1), "ldc")?,
+                    compute,
+                    blas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            blas_check("cublasGemmEx", status).map(|_| 0)
+        })
+        .map(|_| ())
     }
 
     fn check_ids(&self, ids: &CudaIds, entries: usize, what: &str) -> Result<()> {
@@ -1036,9 +1381,21 @@ impl Backend for CudaBackend {
         self.precision
     }
     fn peak_memory_bytes(&self) -> Option<u64> {
-        self.peak_pool_bytes().ok().flatten()
+        let pool = self.peak_pool_bytes().ok().flatten()?;
+        Some(pool + self.graph_memory_high())
     }
     fn reset_peak_memory(&self) {
+        if self.graphs.is_some() {
+            let mut zero = 0u64;
+            // SAFETY: the attribute is a u64 in-parameter. Best effort, as below.
+            let _ = unsafe {
+                dsys::cuDeviceSetGraphMemAttribute(
+                    self.ctx.cu_device(),
+                    dsys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH,
+                    &mut zero as *mut u64 as *mut c_void,
+                )
+            };
+        }
         if let Some(pool) = &self.pool {
             // Best effort: a failure leaves the peak counting from an earlier point.
             let _ = set_pool_attribute(
@@ -1054,6 +1411,32 @@ impl Backend for CudaBackend {
         let t = self.scratch(len)?;
         self.fill_zero(&t)?;
         Ok(t)
+    }
+
+    fn prepare_layout(&self, layout: &SeqLayout) -> Result<()> {
+        self.layout(layout).map(|_| ())
+    }
+
+    fn run_region(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let Some(graphs) = &self.graphs else {
+            return region();
+        };
+        let entry = graphs.lock().unwrap().cache.take(key);
+        match entry {
+            None => {
+                // First seen: run eagerly, filling the caches a capture must find full.
+                self.put_graph(key, Entry::Seen(0));
+                region()
+            }
+            Some(Entry::Failed) => {
+                self.put_graph(key, Entry::Failed);
+                region()
+            }
+            Some(Entry::Seen(mismatches)) => self.capture_region(key, mismatches, region),
+            Some(Entry::Ready(exec, tape, mismatches)) => {
+                self.replay_region(key, (exec, tape, mismatches), region)
+            }
+        }
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaTensor> {
@@ -1072,6 +1455,7 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        self.outside_graphs("a read-back")?;
         let mut out = vec![0.0f32; t.len];
         self.bind()?;
         if t.len > 0 {
@@ -1105,10 +1489,15 @@ impl Backend for CudaBackend {
         if t.len == 0 {
             return Ok(());
         }
-        self.bind()?;
-        // SAFETY: t addresses t.len elements.
-        unsafe { dres::memset_d8_async(t.device_ptr(), 0, t.len * 4, self.stream.cu_stream()) }
-            .map_err(|e| anyhow!("cuMemsetD8Async: {e}"))
+        let (ptr, bytes) = (t.device_ptr(), t.len * 4);
+        self.queue_call(&[3, ptr, bytes as u64], || {
+            self.bind()?;
+            // SAFETY: t addresses t.len elements.
+            unsafe { dres::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream()) }
+                .map_err(|e| anyhow!("cuMemsetD8Async: {e}"))?;
+            Ok(0)
+        })
+        .map(|_| ())
     }
 
     fn copy(&self, dst: &CudaTensor, src: &CudaTensor) -> Result<()> {
@@ -1121,17 +1510,15 @@ impl Backend for CudaBackend {
         if src.len == 0 {
             return Ok(());
         }
-        self.bind()?;
-        // SAFETY: both address len elements and do not overlap (the trait's rule).
-        unsafe {
-            dres::memcpy_dtod_async(
-                dst.device_ptr(),
-                src.device_ptr(),
-                src.len * 4,
-                self.stream.cu_stream(),
-            )
-        }
-        .map_err(|e| anyhow!("device-to-device copy: {e}"))
+        let (to, from, bytes) = (dst.device_ptr(), src.device_ptr(), src.len * 4);
+        self.queue_call(&[4, to, from, bytes as u64], || {
+            self.bind()?;
+            // SAFETY: both address len elements and do not overlap (the trait's rule).
+            unsafe { dres::memcpy_dtod_async(to, from, bytes, self.stream.cu_stream()) }
+                .map_err(|e| anyhow!("device-to-device copy: {e}"))?;
+            Ok(0)
+        })
+        .map(|_| ())
     }
 
     // ---- dense layers ----
@@ -1163,21 +1550,34 @@ impl Backend for CudaBackend {
         let (w, x) = (self.gemm_operand(w)?, self.gemm_operand(x)?);
         if let Some((lt, _)) = &self.lt {
             let (ty, compute) = self.lt_types();
-            self.bind()?;
-            // outᵀ(n×rows) = op(w)·xᵀ + bias, the bias in the epilogue (see `lt`).
-            let queued = lt.matmul_bias(
-                &BiasGemm {
-                    a: w.ptr,
-                    a_type: ty,
-                    b: x.ptr,
-                    b_type: ty,
-                    bias: bias.device_ptr(),
-                    d: out.device_ptr(),
-                    mnk: (n, rows, k),
-                    compute,
-                },
-                self.stream.cu_stream() as _,
-            )?;
+            let g = BiasGemm {
+                a: w.ptr,
+                a_type: ty,
+                b: x.ptr,
+                b_type: ty,
+                bias: bias.device_ptr(),
+                d: out.device_ptr(),
+                mnk: (n, rows, k),
+                compute,
+            };
+            let fingerprint = [
+                2,
+                g.a,
+                g.b,
+                g.bias,
+                g.d,
+                n as u64,
+                rows as u64,
+                k as u64,
+                ty as u64,
+                compute as u64,
+            ];
+            // outᵀ(n×rows) = op(w)·xᵀ + bias, the bias in the epilogue (see `lt`); whether
+            // cuBLASLt took the call is part of what a graph records.
+            let queued = self.queue_call(&fingerprint, || {
+                self.bind()?;
+                Ok(lt.matmul_bias(&g, self.stream.cu_stream() as _)? as u64)
+            })? == 1;
             if queued {
                 return Ok(());
             }
@@ -2030,6 +2430,7 @@ impl Backend for CudaBackend {
     type Pending = PendingDownload;
 
     fn download_start(&self, t: &CudaTensor) -> Result<PendingDownload> {
+        self.outside_graphs("a read-back")?;
         PendingDownload::start(self, t)
     }
 

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod blas;
 pub mod cubin;
 pub mod driver;
+mod graph;
 pub mod kernel_cache;
 pub mod libs;
 mod lt;
@@ -21,6 +22,7 @@ mod timing;
 pub use backend::{CudaBackend, CudaIds, CudaTensor, REQUIRED_KERNELS};
 pub use blas::{cublas, Cublas};
 pub use driver::{driver, Driver, Gpu};
+pub use graph::GraphStats;
 pub use kernel_cache::{
     kernel_files, kernel_headers, CompiledKernels, KernelCache, KernelCompiler,
 };
