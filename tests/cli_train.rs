@@ -631,3 +631,19 @@ fn logged_losses_are_the_means_of_the_steps_since_the_last_log() {
     let mean_all = each.iter().sum::<f64>() / 9.0;
     assert!((train_loss_each - mean_all).abs() <= 1e-4);
 }
+
+#[test]
+fn cuda_graphs_are_ignored_on_the_cpu_with_a_notice() {
+    let root = scratch("graphs-cpu");
+    let s = setup(&root);
+    let (plain, graphs) = (root.join("plain"), root.join("graphs"));
+    run_ok(train_cmd(&s, &plain).args(["--num-train-epochs", "1"]));
+    let out = run_ok(train_cmd(&s, &graphs).args(["--num-train-epochs", "1", "--cuda-graphs"]));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("notice: --cuda-graphs is ignored on the CPU"),
+        "{stderr}"
+    );
+    let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
+    assert!(weights(&plain) == weights(&graphs), "the same run either way");
+}

@@ -1522,7 +1522,12 @@ fn training_steps_through_cuda_graphs() {
         let stats = graphed.graph_stats().expect("graphs on");
         // Two step shapes, each: eager, captured, then replayed.
         assert_eq!(
-            (stats.captures, stats.replays, stats.mismatches, stats.failures),
+            (
+                stats.captures,
+                stats.replays,
+                stats.mismatches,
+                stats.failures
+            ),
             (2, STEPS - 4, 0, 0),
             "{}: {stats:?}",
             p.name()

@@ -95,6 +95,14 @@ stage_bench() {
     # The same fp16 step with the bias GEMMs instead of cuBLASLt's bias epilogue: what it buys.
     BERTFT_CUBLASLT=0 run_logged ours-fp16-no-cublaslt "$b" bench --device cuda --config bert-base-uncased \
         --batch-size 32 --seq-len 128 --steps 30 --warmup-steps 5 --fp16 --json "$OUT/ours-fp16-no-cublaslt.json"
+    # Each step as a CUDA graph: what the launches cost (BERT-base and MiniLM's small kernels).
+    run_logged ours-fp16-graphs "$b" bench --device cuda --config bert-base-uncased --batch-size 32,64 \
+        --seq-len 128 --steps 30 --warmup-steps 5 --fp16 --cuda-graphs --json "$OUT/ours-fp16-graphs.json"
+    for g in "" --cuda-graphs; do
+        run_logged "ours-minilm-fp16${g:+-graphs}" "$b" bench --device cuda --model "$pack/minilm-fp16" \
+            --batch-size 32 --seq-len 64 --steps 50 --warmup-steps 5 --fp16 $g \
+            --json "$OUT/ours-minilm-fp16${g:+-graphs}.json"
+    done
     run_logged theirs python3 benches/hf_reference.py --batch-sizes 32,64 --seq-len 128 --steps 30 \
         --json "$OUT/theirs.json"
 }
@@ -110,6 +118,13 @@ stage_sst2() {
     run_logged sst2-ours "$b" train --device cuda --fp16 --model "$pack/minilm-fp16" \
         --train-file "$pack/sst2/train.tsv" --validation-file "$pack/sst2/dev.tsv" \
         --output-dir "$work/sst2-ours" --overwrite-output-dir --num-train-epochs 1 \
+        --per-device-train-batch-size 32 --per-device-eval-batch-size 64 --learning-rate 1e-4 \
+        --warmup-steps 0.06 --weight-decay 0.01 --eval-strategy epoch --save-strategy no \
+        --logging-steps 200 --seed 42
+    # The same run with each step as a CUDA graph (dynamic padding: one graph per batch length).
+    run_logged sst2-ours-graphs "$b" train --device cuda --fp16 --cuda-graphs --model "$pack/minilm-fp16" \
+        --train-file "$pack/sst2/train.tsv" --validation-file "$pack/sst2/dev.tsv" \
+        --output-dir "$work/sst2-ours-graphs" --overwrite-output-dir --num-train-epochs 1 \
         --per-device-train-batch-size 32 --per-device-eval-batch-size 64 --learning-rate 1e-4 \
         --warmup-steps 0.06 --weight-decay 0.01 --eval-strategy epoch --save-strategy no \
         --logging-steps 200 --seed 42

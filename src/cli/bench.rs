@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// fp32 GEMMs on TF32 tensor cores, as `train --tf32`.
     #[arg(long)]
     tf32: bool,
+    /// Each step as a CUDA graph, as `train --cuda-graphs`.
+    #[arg(long)]
+    cuda_graphs: bool,
     /// Seed of the initialization, the random batches and dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -86,9 +89,20 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         model.cfg.max_position_embeddings
     );
     let precision = MatmulPrecision::from_flags(args.fp16, args.bf16, args.tf32);
-    match select_backend(args.device, precision)? {
+    match select_backend(args.device, precision)?.with_cuda_graphs(args.cuda_graphs) {
         Selected::Cpu(b) => run_on(&b, args, model, MemoryProbe::HostRss, false),
-        Selected::Cuda(b) => run_on(&*b, args, model, MemoryProbe::Device, true),
+        Selected::Cuda(b) => {
+            run_on(&*b, args, model, MemoryProbe::Device, true)?;
+            if let Some(s) = b.graph_stats() {
+                // What the graphs did: every timed step should be a replay.
+                println!(
+                    "CUDA graphs: {} captured, {} replayed ({} kernel nodes patched), {} \
+                     replays given up, {} shapes without a graph",
+                    s.captures, s.replays, s.patched_nodes, s.mismatches, s.failures
+                );
+            }
+            Ok(())
+        }
     }
 }
 

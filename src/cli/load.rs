@@ -25,6 +25,22 @@ pub enum Selected {
     Cuda(Box<CudaBackend>),
 }
 
+impl Selected {
+    /// The same, with the training step run as CUDA graphs when `on` (see
+    /// [`CudaBackend::with_cuda_graphs`]); the CPU has none, and says so.
+    pub fn with_cuda_graphs(self, on: bool) -> Self {
+        match self {
+            Selected::Cuda(b) => Selected::Cuda(Box::new(b.with_cuda_graphs(on))),
+            Selected::Cpu(b) => {
+                if on {
+                    eprintln!("notice: --cuda-graphs is ignored on the CPU");
+                }
+                Selected::Cpu(b)
+            }
+        }
+    }
+}
+
 pub fn select_backend(device: DeviceChoice, precision: MatmulPrecision) -> Result<Selected> {
     let cpu = || {
         if precision != MatmulPrecision::F32 {

@@ -43,7 +43,8 @@ fn check_output_dir(args: &TrainArgs) -> Result<()> {
 
 pub fn run(args: &TrainArgs) -> Result<()> {
     args.check_batching()?;
-    match select_backend(args.data.device, args.data.matmul_precision()?)? {
+    let backend = select_backend(args.data.device, args.data.matmul_precision()?)?;
+    match backend.with_cuda_graphs(args.cuda_graphs) {
         Selected::Cpu(b) => run_on(&b, args),
         Selected::Cuda(b) => run_on(&*b, args),
     }

@@ -262,6 +262,12 @@ pub struct TrainArgs {
     pub group_by_length: bool,
     #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
     pub dataloader_drop_last: bool,
+    /// Run each training step on the GPU as a CUDA graph (ours, not a TrainingArguments field):
+    /// captured the second time a batch shape comes, then replayed with the new batch's
+    /// arguments, without a launch per kernel. Off by default until it has been validated on a
+    /// GPU; ignored on the CPU.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value = "false", value_parser = parse_bool)]
+    pub cuda_graphs: bool,
 }
 
 impl TrainArgs {
