@@ -645,5 +645,8 @@ fn cuda_graphs_are_ignored_on_the_cpu_with_a_notice() {
         "{stderr}"
     );
     let weights = |dir: &Path| std::fs::read(dir.join("model.safetensors")).unwrap();
-    assert!(weights(&plain) == weights(&graphs), "the same run either way");
+    assert!(
+        weights(&plain) == weights(&graphs),
+        "the same run either way"
+    );
 }

@@ -8,7 +8,7 @@ use bertft_cuda::backend::cpu::CpuBackend;
 use bertft_cuda::backend::Backend;
 use bertft_cuda::data::encoded::EncodedSet;
 use bertft_cuda::data::sampler::Batching;
-use bertft_cuda::model::bert::Batch;
+use bertft_cuda::model::bert::{row_bucket, Batch, HostBatch};
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::evaluate::predict;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
@@ -130,4 +130,67 @@ fn budget_predictions_stay_in_input_order() {
     assert!(max_abs_diff(&by_row.logits[0], &by_row.logits[1]) > 1e-3);
     let loss = |p: &bertft_cuda::train::evaluate::Predictions| p.loss.unwrap();
     assert!((loss(&by_budget) - loss(&by_row)).abs() < 1e-6);
+}
+
+/// Loss and gradients of one step (dropout on) over the four tiny rows, packed, with the
+/// packed batch first padded to `total_rows` rows when given.
+fn packed_step(total_rows: Option<usize>) -> (f64, Vec<f32>) {
+    let be = CpuBackend::FP32;
+    let model = tiny_model(&be);
+    let mut opt = AdamW::new(
+        &be,
+        &model.layout,
+        &model.params,
+        &model.grads,
+        AdamWConfig::default(),
+    )
+    .unwrap();
+    let mut scratch = StepScratch::new(&be).unwrap();
+    let settings = StepSettings {
+        max_grad_norm: 0.0,
+        label_smoothing: 0.1,
+        dropout_seed: Some(3),
+    };
+    let (ids, types, labels) = tiny_batch();
+    let ids: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+    let types: Vec<&[u32]> = types.iter().map(|v| v.as_slice()).collect();
+    let mut host = HostBatch::packed(&ids, &types, Some(&labels)).unwrap();
+    if let Some(n) = total_rows {
+        host.pad_rows_to(n, model.cfg.pad_token_id.unwrap_or(0));
+        assert_eq!(host.layout.total_rows(), n);
+        assert_eq!(host.layout.valid, [7, 3, 6, 1]);
+    }
+    let batch = Batch::upload(&be, host).unwrap();
+    let report = train_step(
+        &be,
+        &model,
+        &mut opt,
+        &mut scratch,
+        &[batch],
+        0,
+        1e-3,
+        &settings,
+    )
+    .unwrap();
+    (report.loss, be.download(&model.grads).unwrap())
+}
+
+/// A packed batch padded to a row bucket (as steps run as CUDA graphs are) computes the loss and
+/// the gradients of the unpadded batch: its padding rows are never attended to and get exactly
+/// zero gradient; only the summation length of the weight gradients changes (fp32 order).
+#[test]
+fn a_batch_padded_to_its_row_bucket_computes_what_the_packed_batch_does() {
+    assert_eq!(
+        [0, 1, 17, 64, 65, 511, 512, 513, 1000, 4096, 4097].map(row_bucket),
+        [0, 64, 64, 64, 128, 512, 512, 576, 1024, 4096, 4608]
+    );
+    let (loss, grads) = packed_step(None);
+    let (bucketed_loss, bucketed_grads) = packed_step(Some(row_bucket(17)));
+    assert!(
+        (loss - bucketed_loss).abs() <= 1e-6 * loss.abs(),
+        "loss {loss} vs {bucketed_loss}"
+    );
+    assert!(grads.iter().any(|&g| g.abs() > 1e-3));
+    let d = max_abs_diff(&grads, &bucketed_grads);
+    assert!(d <= 1e-6, "gradients differ by {d:.3e}");
 }

@@ -300,6 +300,11 @@ pub trait Backend {
     fn run_region(&self, _key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         region()
     }
+    /// Whether [`Backend::run_region`] records graphs: batches are then padded to a few row
+    /// counts ([`crate::model::bert::row_bucket`]), so that one graph serves many batches.
+    fn runs_graphs(&self) -> bool {
+        false
+    }
     fn upload(&self, data: &[f32]) -> Result<Self::Tensor>;
     fn upload_ids(&self, data: &[u32]) -> Result<Self::Ids>;
     fn download(&self, t: &Self::Tensor) -> Result<Vec<f32>>;

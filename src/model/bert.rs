@@ -34,6 +34,18 @@ pub enum Mode {
     Train { seed: u64, step: u64 },
 }
 
+/// The row count a batch of `rows` rows is padded to when its steps run as CUDA graphs: the
+/// next multiple of 64, or of an eighth of the power of two at or below `rows` when that is
+/// larger. At most 12.5% of padding rows (beyond 64 of them), 8 shapes per octave of batch
+/// size.
+pub fn row_bucket(rows: usize) -> usize {
+    if rows == 0 {
+        return 0;
+    }
+    let octave = 1usize << (usize::BITS - 1 - rows.leading_zeros());
+    rows.next_multiple_of((octave / 8).max(64))
+}
+
 /// A batch as the host builds it, before upload: token ids, positions and token type ids laid
 /// out as `layout` says, and the labels. Plain vectors, so that it can be built on another
 /// thread than the one that owns the backend (see `train::prefetch`).
@@ -123,6 +135,27 @@ impl HostBatch {
         )
     }
 
+    /// Pads the batch to `total_rows` rows by giving its last sequence that many more padding
+    /// rows (`pad_id`, token type 0, position 0: any valid index, since a padding row is never
+    /// attended to and its gradient is exactly zero). The loss and every gradient stay those of
+    /// the unpadded batch; what changes is the shape, so that a CUDA graph made for
+    /// [`row_bucket`]'s shape serves every batch of that bucket.
+    pub fn pad_rows_to(&mut self, total_rows: usize, pad_id: u32) {
+        let rows = self.layout.total_rows();
+        if total_rows <= rows || self.layout.batch() == 0 {
+            return;
+        }
+        let extra = total_rows - rows;
+        // The last sequence in row order (the packed and padded layouts keep batch order).
+        let last = (0..self.layout.batch())
+            .max_by_key(|&b| self.layout.starts[b] + self.layout.rows[b])
+            .expect("a batch has a sequence");
+        self.layout.rows[last] += extra as u32;
+        self.ids.resize(total_rows, pad_id);
+        self.type_ids.resize(total_rows, 0);
+        self.positions.resize(total_rows, 0);
+    }
+
     fn new(
         layout: SeqLayout,
         ids: Vec<u32>,
@@ -161,6 +194,8 @@ pub struct Batch<B: Backend> {
     pub labels: Option<B::Ids>,
     /// Host copy of the labels (loss reduction and metrics).
     pub host_labels: Option<Vec<u32>>,
+    /// The largest position id (checked against the position table before use).
+    pub max_position: u32,
 }
 
 impl<B: Backend> Batch<B> {
@@ -202,7 +237,9 @@ impl<B: Backend> Batch<B> {
     pub fn upload(backend: &B, host: HostBatch) -> Result<Self> {
         // Uploaded with the batch, not inside the step (a CUDA graph copies nothing in).
         backend.prepare_layout(&host.layout)?;
+        let max_position = host.positions.iter().copied().max().unwrap_or(0);
         Ok(Batch {
+            max_position,
             ids: backend.upload_ids(&host.ids)?,
             positions: backend.upload_ids(&host.positions)?,
             type_ids: backend.upload_ids(&host.type_ids)?,
@@ -481,10 +518,18 @@ impl<B: Backend> Bert<'_, B> {
             batch.size(),
             batch.rows()
         );
+        // Real tokens only: padding rows carry positions of their own (see
+        // `HostBatch::pad_rows_to`), checked with the other indices.
+        let longest = batch.layout.valid.iter().copied().max().unwrap_or(0) as usize;
         ensure!(
-            batch.layout.max_rows() <= self.cfg.max_position_embeddings,
-            "a sequence of {} tokens exceeds max_position_embeddings {}",
-            batch.layout.max_rows(),
+            longest <= self.cfg.max_position_embeddings,
+            "a sequence of {longest} tokens exceeds max_position_embeddings {}",
+            self.cfg.max_position_embeddings
+        );
+        ensure!(
+            (batch.max_position as usize) < self.cfg.max_position_embeddings,
+            "a sequence of {} rows exceeds max_position_embeddings {}",
+            batch.max_position + 1,
             self.cfg.max_position_embeddings
         );
         Ok(())

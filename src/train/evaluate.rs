@@ -8,12 +8,16 @@ use anyhow::Result;
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
 use crate::data::sampler::Batching;
-use crate::model::bert::{Batch, Mode};
+use crate::model::bert::{row_bucket, Batch, Mode};
 use crate::model::Classifier;
 use crate::train::metrics::{classification_metrics, Metrics};
 use crate::train::out_of_memory::{explain_out_of_memory, BatchShape};
 use crate::train::prefetch::{eval_batches, prefetch, AHEAD};
 use crate::train::step::ActivationCache;
+
+/// The first word of an evaluation region's key (a training step's is 0 or 1: dropout off or
+/// on), so that the two never share a graph.
+const EVAL_REGION: u64 = 2;
 
 pub struct Predictions {
     /// `[rows][num_labels]`, in input order.
@@ -36,6 +40,7 @@ pub fn predict<B: Backend>(
 ) -> Result<Predictions> {
     let start = Instant::now();
     let bert = model.bert(backend);
+    let pad_id = model.cfg.pad_token_id.unwrap_or(0);
     let classes = model.cfg.num_labels();
     // Every batch's logits and losses are copied into these on the device and read back once
     // at the end, so the device never waits for the host between batches.
@@ -47,19 +52,34 @@ pub fn predict<B: Backend>(
     prefetch(AHEAD, eval_batches(set, &chunks), |batches| {
         let mut done = 0;
         for host in batches {
-            let host = host?;
+            let mut host = host?;
             let (n, labelled) = (host.size(), host.labels.is_some());
+            if backend.runs_graphs() {
+                // One CUDA graph per bucket of row counts, as in training.
+                host.pad_rows_to(row_bucket(host.layout.total_rows()), pad_id);
+            }
             let batch = Batch::upload(backend, host)?;
             let explain = |e| {
                 let shape = Some(BatchShape::of(&batch));
                 explain_out_of_memory(e, shape, "--per-device-eval-batch-size")
             };
-            let a = &acts.get(backend, model, &batch).map_err(explain)?;
-            bert.forward(&batch, a, Mode::Eval).map_err(explain)?;
+            // The forward (and loss) as one region, a CUDA graph where the backend makes them;
+            // the copies to their places in the results come after it (their places move).
+            let key = [EVAL_REGION, batch.rows() as u64, n as u64, labelled as u64];
+            backend
+                .run_region(&key, &mut || {
+                    let a = &acts.get(backend, model, &batch)?;
+                    bert.forward(&batch, a, Mode::Eval)?;
+                    if labelled {
+                        bert.compute_losses(&batch, a, label_smoothing)?;
+                    }
+                    Ok(())
+                })
+                .map_err(explain)?;
+            let a = &acts.get(backend, model, &batch)?;
             let logits_at = backend.view(&all_logits, done * classes, n * classes);
             backend.copy(&logits_at, &a.logits)?;
             if labelled {
-                bert.compute_losses(&batch, a, label_smoothing)?;
                 backend.copy(&backend.view(&all_losses, done, n), &a.losses)?;
             }
             done += n;

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
-use crate::model::bert::Batch;
+use crate::model::bert::{row_bucket, Batch};
 use crate::model::Classifier;
 use crate::train::args::{IntervalStrategy, SaveStrategy, SchedulerChoice, TrainArgs};
 use crate::train::checkpoint::{
@@ -253,6 +253,7 @@ impl<B: Backend> Trainer<'_, B> {
             (position.epoch, position.step_in_epoch),
             plan.epochs,
         );
+        let pad_id = model.cfg.pad_token_id.unwrap_or(0);
         let consume = |steps: &mut dyn Iterator<Item = Result<HostStep>>| -> Result<()> {
             for step in steps {
                 let mut stop = false;
@@ -262,7 +263,13 @@ impl<B: Backend> Trainer<'_, B> {
                 let batches = step
                     .micro_batches
                     .into_iter()
-                    .map(|host| Batch::upload(be, host))
+                    .map(|mut host| {
+                        if be.runs_graphs() {
+                            // One CUDA graph per bucket of row counts, not per batch.
+                            host.pad_rows_to(row_bucket(host.layout.total_rows()), pad_id);
+                        }
+                        Batch::upload(be, host)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 // Queued: its loss and gradient norm are read on logging steps. The schedule
                 // advances with the optimizer (`opt.step`): an fp16 step skipped on overflow

@@ -1417,6 +1417,10 @@ impl Backend for CudaBackend {
         self.layout(layout).map(|_| ())
     }
 
+    fn runs_graphs(&self) -> bool {
+        self.graphs.is_some()
+    }
+
     fn run_region(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         let Some(graphs) = &self.graphs else {
             return region();
