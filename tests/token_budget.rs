@@ -34,6 +34,23 @@ fn tiny_model(be: &CpuBackend) -> Classifier<CpuBackend> {
 /// One optimizer step over `micro_batches` (rows of `set`) from the same starting weights:
 /// the loss, and the gradients it left (unclipped, without dropout).
 fn one_step(set: &EncodedSet, micro_batches: &[Vec<usize>]) -> (f64, Vec<f32>) {
+    step_over(None, |be| {
+        micro_batches
+            .iter()
+            .map(|rows| {
+                let (ids, types, labels) = set.rows(rows);
+                Batch::packed(be, &ids, &types, labels.as_deref()).unwrap()
+            })
+            .collect()
+    })
+}
+
+/// One unclipped optimizer step from the same starting weights over the micro-batches `batches`
+/// makes, with dropout drawn from `dropout_seed`: the loss and the gradients it left.
+fn step_over(
+    dropout_seed: Option<u64>,
+    batches: impl FnOnce(&CpuBackend) -> Vec<Batch<CpuBackend>>,
+) -> (f64, Vec<f32>) {
     let be = CpuBackend::FP32;
     let model = tiny_model(&be);
     let mut opt = AdamW::new(
@@ -48,15 +65,9 @@ fn one_step(set: &EncodedSet, micro_batches: &[Vec<usize>]) -> (f64, Vec<f32>) {
     let settings = StepSettings {
         max_grad_norm: 0.0,
         label_smoothing: 0.1,
-        dropout_seed: None,
+        dropout_seed,
     };
-    let batches: Vec<Batch<CpuBackend>> = micro_batches
-        .iter()
-        .map(|rows| {
-            let (ids, types, labels) = set.rows(rows);
-            Batch::packed(&be, &ids, &types, labels.as_deref()).unwrap()
-        })
-        .collect();
+    let batches = batches(&be);
     let report = train_step(
         &be,
         &model,
@@ -135,44 +146,19 @@ fn budget_predictions_stay_in_input_order() {
 /// Loss and gradients of one step (dropout on) over the four tiny rows, packed, with the
 /// packed batch first padded to `total_rows` rows when given.
 fn packed_step(total_rows: Option<usize>) -> (f64, Vec<f32>) {
-    let be = CpuBackend::FP32;
-    let model = tiny_model(&be);
-    let mut opt = AdamW::new(
-        &be,
-        &model.layout,
-        &model.params,
-        &model.grads,
-        AdamWConfig::default(),
-    )
-    .unwrap();
-    let mut scratch = StepScratch::new(&be).unwrap();
-    let settings = StepSettings {
-        max_grad_norm: 0.0,
-        label_smoothing: 0.1,
-        dropout_seed: Some(3),
-    };
-    let (ids, types, labels) = tiny_batch();
-    let ids: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
-    let types: Vec<&[u32]> = types.iter().map(|v| v.as_slice()).collect();
-    let mut host = HostBatch::packed(&ids, &types, Some(&labels)).unwrap();
-    if let Some(n) = total_rows {
-        host.pad_rows_to(n, model.cfg.pad_token_id.unwrap_or(0));
-        assert_eq!(host.layout.total_rows(), n);
-        assert_eq!(host.layout.valid, [7, 3, 6, 1]);
-    }
-    let batch = Batch::upload(&be, host).unwrap();
-    let report = train_step(
-        &be,
-        &model,
-        &mut opt,
-        &mut scratch,
-        &[batch],
-        0,
-        1e-3,
-        &settings,
-    )
-    .unwrap();
-    (report.loss, be.download(&model.grads).unwrap())
+    step_over(Some(3), |be| {
+        let (ids, types, labels) = tiny_batch();
+        let ids: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
+        let types: Vec<&[u32]> = types.iter().map(|v| v.as_slice()).collect();
+        let mut host = HostBatch::packed(&ids, &types, Some(&labels)).unwrap();
+        if let Some(n) = total_rows {
+            let pad_id = tiny_config("gelu").pad_token_id.unwrap_or(0);
+            host.pad_rows_to(n, pad_id);
+            assert_eq!(host.layout.total_rows(), n);
+            assert_eq!(host.layout.valid, [7, 3, 6, 1]);
+        }
+        vec![Batch::upload(be, host).unwrap()]
+    })
 }
 
 /// A packed batch padded to a row bucket (as steps run as CUDA graphs are) computes the loss and
