@@ -3,8 +3,18 @@
 // cores in 16-bit (fp16 or bf16) with fp32 accumulation, as PyTorch AMP + SDPA (FlashAttention-2)
 // computes it. The backend uses these kernels when its matmul precision is F16 or Bf16 and
 // head_dim is 32 or 64 (attention.cu otherwise); the CPU reference emulates the rounding below
-// under the same rule (src/backend/cpu/attention.rs, `attention_rounding` in src/backend/mod.rs),
-// so the two differ only by summation order and the rounding flips it causes.
+// under the same rule (src/backend/cpu/attention.rs, `attention_rounding` in src/backend/mod.rs).
+// The two are not bitwise equal. They differ by summation order (tensor-core accumulation vs the
+// CPU's GEMMs, and D_i's fused dot product, see Backward), by the GPU's exp2f (built on
+// ex2.approx.f32, ≤ 2 ulp; the CPU uses f32::exp2) and, for lse, log2f (≤ 1 ulp), and by the
+// 16-bit rounding flips these cause where a value lies near a rounding midpoint. Every other fp32
+// step rounds where the CPU does: a product the CPU rounds before a subtraction is written
+// __fmul_rn/__fsub_rn, which ptxas may not contract into one FFMA. tests/cuda_ops.rs
+// (attention_tensor_cores) budgets for all of it: each side must lie within a rigorous bound of
+// an f64 reference (tests/common/naive.rs `attention_16`: (n + 8)·2U·Σ|terms| per fp32 sum,
+// exp2f 2⁻²¹ relative, 4U per fp32 rounding of the scaled score and of the shift, each possible
+// flip's full width), so GPU and CPU within twice that bound of each other; only run-to-run
+// equality of the GPU is tested bitwise.
 //
 // ---- Layout --------------------------------------------------------------------------------------
 // As attention.cu with T = float: qkv [rows, 3, heads, d], out / dout [rows, heads, d], dqkv
@@ -21,12 +31,18 @@
 //   o_i = (rp / l_i)·Σ_j P̃_ij·v̂_j  (rp = 1/(1−p), 0 when p ≥ 1, 1 without dropout),
 //   lse_i = (M_i + log2 l_i)·ln 2.
 //   Online softmax: the running max m is kept as an integer (⌈tile max⌉), so every rescale factor
-//   2^(m_old − m_new) is an exact power of two and r16(2^(s − m_tile))·2^(m_tile − M) =
-//   r16(2^(s − M)): the rounded probabilities do not depend on the tiling (FlashAttention-2
-//   rounds e^(s − running max), whose rounding does; the size of the error is the same). The
-//   one exception is fp16's subnormal range (e < 2⁻¹⁴, where rounding is absolute, ≤ 2⁻²⁵ per
-//   element relative to the row's largest e ∈ (½, 1]); bf16 has none.
-// Backward (D_i = dO_i·o_i in fp32 from the unrounded fp32 tensors, attention.cu's delta kernel):
+//   2^(m_old − m_new) is an exact power of two (the rescales l·α + Σe and o·α + P̃·V̂ may be
+//   fused: α·x is exact unless it underflows) and, in exact arithmetic, r16(2^(s − m_tile))·
+//   2^(m_tile − M) = r16(2^(s − M)): the rounded probabilities do not depend on the tiling
+//   (FlashAttention-2 rounds e^(s − running max), whose rounding does; the size of the error is
+//   the same). In fp32 that holds only up to the rounding of the shift s − m_tile (exact only
+//   when the subtraction is; the CPU rounds s − M, a different subtraction) and exp2f's error,
+//   which differs between the two arguments: either can flip r16 of an e near a rounding
+//   midpoint by one 16-bit ulp. The other exception is fp16's subnormal range (e < 2⁻¹⁴, where
+//   rounding is absolute, ≤ 2⁻²⁵ per element relative to the row's largest e ∈ (½, 1]); bf16 has
+//   none.
+// Backward (D_i = dO_i·o_i in fp32 from the unrounded fp32 tensors, attention.cu's delta kernel,
+// a fmaf chain and warp reduction; the CPU rounds each product and sums in order):
 //   P_ij = 2^(c2·S_ij − lse_i·log2 e) (fp32),  dP_ij = dÔ_i·v̂_j (fp32),
 //   P̂_ij = r16(P_ij·keep_ij),  dŜ_ij = r16(P_ij·(f_ij·dP_ij − D_i)),  f_ij = keep_ij·rp,
 //   dv_j = rp·Σ_i P̂_ij·dÔ_i,  dq_i = scale·Σ_j dŜ_ij·k̂_j,  dk_j = scale·Σ_i dŜ_ij·q̂_i;
@@ -38,18 +54,32 @@
 // PTX wmma.{load,mma,store}.sync.aligned.m16n16k16 (16×16×16, 16-bit A/B, fp32 C/D) through the
 // inline-asm wrappers below (the NVRTC wheels ship no crt/mma.h, so nvcuda::wmma is not
 // available; these are the instructions it wraps, with the same opaque fragment layouts).
-// Fragments only move between registers and shared memory; every element-wise step (scale,
-// mask, softmax, dropout, rounding) reads or writes an fp32 tile in shared memory where lane
-// L of a warp owns row L/2 and the 32 columns 32·(L%2) .. +31 (or d/2 columns of a [16, d] tile).
-// Alignment: every fragment pointer is a multiple of 32 bytes from a 128-byte aligned array,
-// ldm is a multiple of 8 for 16-bit tiles (LD = d + 8, PLD = 136) and of 4 for fp32 (SLD = 68).
+// Fragments only move between registers and shared memory (the wrappers use the .shared state
+// space, which ptxas lowers to LDSM; with generic addresses it emitted generic per-element loads);
+// every element-wise step (scale, mask, softmax, dropout, rounding) reads or writes an fp32 tile
+// in shared memory where lane L of a warp owns row L/2 and the 32 columns 32·(L%2) .. +31 (or d/2
+// columns of a [16, d] tile).
+// Alignment: the PTX ISA (Matrix Storage for WMMA – Address Alignment) requires the start of every
+// row of a fragment's matrix to be aligned to the fragment's size in bytes: 32 for f16 A/B (8 ×
+// .b32) and for the f32 accumulator C/D (8 × .f32), 16 for bf16 A/B (4 × .b32) — for
+// wmma.load.a…m16n16k16.f16 "p is a multiple of 32. 2*s is a multiple of 32". So every row
+// stride is a multiple of 32 bytes: LD = d + 16 halves (96 B at d = 32, 160 B at d = 64) for the
+// 16-bit tiles, SLD = 72 floats = PLD = 144 halves (288 B) for ss, and every fragment pointer is a
+// multiple of 32 bytes from a 128-byte aligned array (row offsets of 16 rows, column offsets of 16
+// halves or 16 floats, the dŜ half of a row at 64 halves). ISA conformance over speed: the former
+// strides (d + 8, 136 halves, 68 floats: 80, 144 and 272 B, 16-byte multiples, undefined
+// behaviour for f16 loads and f32 stores) spread the 8 rows of each 8×8 LDSM matrix over all 32
+// banks; with a 32-byte-multiple stride rows 4 apart share banks, so the LDSM row loads and the
+// 16-byte per-lane row accesses of ss (P̃/dŜ writes, P̃·V̂ and gradient reads) become 2-way
+// bank conflicts, while the accumulator stores (8 bytes per lane) go from 2-way to conflict-free
+// (bank arithmetic on the sm_90 SASS, not measured). The net cost is to be measured on a GPU.
 //
 // ---- Work decomposition (block of 128 threads = 4 warps, tiles of 64 rows) -----------------------
 // forward and dq: a block owns a tile of 64 queries, warp w its rows 16w .. 16w+15; its Q (and dO)
 //   fragments stay in registers; it loops over key tiles of 64 (K and V converted to 16-bit into
 //   shared memory, zero rows past valid). Per key tile a warp computes its [16, 64] S (and dP)
 //   into its fp32 rows of `ss`, reads them back per lane, writes P̃ (or dŜ) as 16-bit over the same
-//   rows (PLD = 136 halves = one fp32 row), and multiplies with V (or K). forward keeps o in
+//   rows (PLD = 144 halves = one fp32 row), and multiplies with V (or K). forward keeps o in
 //   registers (lane: row L/2, columns (d/2)·(L%2) ..), adding each tile's P̃·V̂ after the rescale;
 //   dq keeps its [16, d] accumulators in fragments.
 // dkdv: a block owns a tile of 64 keys (warp w: keys 16w ..), K and V fragments in registers,
@@ -62,12 +92,14 @@
 // Every output element is one fixed-order fp32 sum: bitwise deterministic, no atomics.
 //
 //   shared memory (static, bytes)   d = 32    d = 64
-//   forward, dq                     27648     35840     ks, vs [64][LD] T16; ss [64][68] fp32
-//   dkdv                            28160     36352     qs, dos [64][LD] T16; ss; lse, D [64]
+//   forward, dq                     30720     38912     ks, vs [64][LD] T16; ss [64][72] fp32
+//   dkdv                            31232     39424     qs, dos [64][LD] T16; ss; lse, D [64]
 // ss also stages the Q (dO; K, V in dkdv) tile as 16-bit before its fragments are loaded.
-// ptxas (NVRTC 13.0), registers per thread, sm_90 / sm_80: forward 80 / 96 (d32), 128 (d64);
-// dq 126–128 / 162–165 (d32), 162–164 / 208–222 (d64); dkdv 168 / 176 (d32), 255 (d64). No
-// spills except dkdv_d64 on sm_80 (28 bytes).
+// Registers per thread as ptxas reports them when NVRTC 13.0 (the cu13 pip wheel) compiles this
+// file, sm_90 / sm_80, f16 and bf16 alike unless both are given (f16, bf16): forward 80 / 96
+// (d32), 134 / 128 (d64); dq 122, 128 / 160, 125 (d32), 162, 158 / 160, 164 (d64); dkdv 168, 166
+// / 168 (d32), 242 / 240 (d64). No spills, no stack frame. Other NVRTC versions allocate
+// differently.
 //
 // ---- Kernels and launch configurations (S = max_b rows[b], B = batch) ---------------------------
 // attention_tc_forward_<t>_<v>(float* out, float* lse, const float* qkv, starts, rows, valid,
@@ -91,8 +123,13 @@ namespace attn_tc {
 constexpr unsigned FULL = 0xffffffffu;
 constexpr int THREADS = 128;
 constexpr int TILE = 64;         // rows of a query or key tile
-constexpr int SLD = TILE + 4;    // fp32 row stride of ss (68 floats = 272 bytes)
-constexpr int PLD = 2 * SLD;     // 16-bit row stride over the same rows (136 halves)
+constexpr int SLD = TILE + 8;    // fp32 row stride of ss (72 floats = 288 bytes = 9·32)
+constexpr int PLD = 2 * SLD;     // 16-bit row stride over the same rows (144 halves)
+// Row stride (elements) of a [64][d] 16-bit tile: d + 16, so a row is a multiple of 32 bytes.
+constexpr int tile_ld(int d) { return d + 16; }
+static_assert(SLD * 4 % 32 == 0 && PLD * 2 == SLD * 4, "ss rows: a multiple of 32 bytes, fp32 and 16-bit alike");
+static_assert(tile_ld(32) * 2 % 32 == 0 && tile_ld(64) * 2 % 32 == 0, "16-bit tile rows: a multiple of 32 bytes");
+static_assert(TILE * tile_ld(64) <= 2 * TILE * SLD, "a 16-bit [64][LD] staging tile fits in ss");
 constexpr float LOG2E = 1.4426950408889634f;
 constexpr float LN2 = 0.6931471805599453f;
 
@@ -104,6 +141,11 @@ __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000u);
 __device__ __forceinline__ float pow2i(int k) { return k < -126 ? 0.f : __int_as_float((k + 127) << 23); }
 
 // ---- PTX wmma m16n16k16: A/B fragments of 16-bit T, accumulators fp32 ----
+// Every wrapper takes a pointer into __shared__ memory (all fragments here move between registers
+// and shared tiles) and uses the .shared state space with its 32-bit shared-window address.
+
+// The .shared address of p (p must point into __shared__ memory).
+__device__ __forceinline__ unsigned smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
 template <typename T> struct Frag;
 template <> struct Frag<__half> { unsigned x[8]; };          // 8 × .f16x2
@@ -121,31 +163,31 @@ __device__ __forceinline__ void zero(Acc& c) {
 #define TC_I4(f) "r"(f.x[0]), "r"(f.x[1]), "r"(f.x[2]), "r"(f.x[3])
 #define TC_F8(f) "+f"(f.x[0]), "+f"(f.x[1]), "+f"(f.x[2]), "+f"(f.x[3]), "+f"(f.x[4]), "+f"(f.x[5]), "+f"(f.x[6]), "+f"(f.x[7])
 
-// load_a: A (16×16) row-major at p, ldm elements between rows.
+// load_a: A (16×16) row-major at p (shared), ldm elements between rows.
 // load_b_col: B (16×16, element (k, n) at p[n·ldm + k]); load_b_row: element (k, n) at p[k·ldm + n].
 __device__ __forceinline__ void load_a(Frag<__half>& f, const __half* p, unsigned ldm) {
-    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
-                 : TC_R8(f) : "l"(p), "r"(ldm) : "memory");
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                 : TC_R8(f) : "r"(smem(p)), "r"(ldm) : "memory");
 }
 __device__ __forceinline__ void load_b_col(Frag<__half>& f, const __half* p, unsigned ldm) {
-    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
-                 : TC_R8(f) : "l"(p), "r"(ldm) : "memory");
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                 : TC_R8(f) : "r"(smem(p)), "r"(ldm) : "memory");
 }
 __device__ __forceinline__ void load_b_row(Frag<__half>& f, const __half* p, unsigned ldm) {
-    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
-                 : TC_R8(f) : "l"(p), "r"(ldm) : "memory");
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, [%8], %9;"
+                 : TC_R8(f) : "r"(smem(p)), "r"(ldm) : "memory");
 }
 __device__ __forceinline__ void load_a(Frag<__nv_bfloat16>& f, const __nv_bfloat16* p, unsigned ldm) {
-    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.bf16 {%0,%1,%2,%3}, [%4], %5;"
-                 : TC_R4(f) : "l"(p), "r"(ldm) : "memory");
+    asm volatile("wmma.load.a.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : TC_R4(f) : "r"(smem(p)), "r"(ldm) : "memory");
 }
 __device__ __forceinline__ void load_b_col(Frag<__nv_bfloat16>& f, const __nv_bfloat16* p, unsigned ldm) {
-    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.bf16 {%0,%1,%2,%3}, [%4], %5;"
-                 : TC_R4(f) : "l"(p), "r"(ldm) : "memory");
+    asm volatile("wmma.load.b.sync.aligned.col.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : TC_R4(f) : "r"(smem(p)), "r"(ldm) : "memory");
 }
 __device__ __forceinline__ void load_b_row(Frag<__nv_bfloat16>& f, const __nv_bfloat16* p, unsigned ldm) {
-    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.bf16 {%0,%1,%2,%3}, [%4], %5;"
-                 : TC_R4(f) : "l"(p), "r"(ldm) : "memory");
+    asm volatile("wmma.load.b.sync.aligned.row.m16n16k16.shared.bf16 {%0,%1,%2,%3}, [%4], %5;"
+                 : TC_R4(f) : "r"(smem(p)), "r"(ldm) : "memory");
 }
 
 // c += a·b, a row-major; b as loaded by load_b_col (mma_rc) or load_b_row (mma_rr).
@@ -170,11 +212,11 @@ __device__ __forceinline__ void mma_rr(Acc& c, const Frag<__nv_bfloat16>& a, con
                  : TC_F8(c) : TC_I4(a), TC_I4(b));
 }
 
-// The 16×16 fp32 accumulator to p, row-major with ldm floats between rows.
+// The 16×16 fp32 accumulator to p (shared), row-major with ldm floats between rows.
 __device__ __forceinline__ void store_acc(float* p, const Acc& c, unsigned ldm) {
-    asm volatile("wmma.store.d.sync.aligned.row.m16n16k16.f32 [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;"
+    asm volatile("wmma.store.d.sync.aligned.row.m16n16k16.shared.f32 [%0], {%1,%2,%3,%4,%5,%6,%7,%8}, %9;"
                  :
-                 : "l"(p), "f"(c.x[0]), "f"(c.x[1]), "f"(c.x[2]), "f"(c.x[3]), "f"(c.x[4]), "f"(c.x[5]),
+                 : "r"(smem(p)), "f"(c.x[0]), "f"(c.x[1]), "f"(c.x[2]), "f"(c.x[3]), "f"(c.x[4]), "f"(c.x[5]),
                    "f"(c.x[6]), "f"(c.x[7]), "r"(ldm)
                  : "memory");
 }
@@ -195,13 +237,14 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float a, float b
     return u;
 }
 
-// tile[r·(D+8) + c] = r16(src[base + (row0 + r)·stride + c]) for r < 64, c < D, row0 + r < limit;
-// 0 for rows past limit. The pad columns D .. D+7 are never read. `vec`: src, base and stride
-// allow 16-byte loads (every offset here is a multiple of 4 floats; only the pointer can break it).
+// tile[r·LD + c] = r16(src[base + (row0 + r)·stride + c]) for r < 64, c < D, row0 + r < limit
+// (LD = tile_ld(D)); 0 for rows past limit. The pad columns D .. LD−1 are never read. `vec`: src,
+// base and stride allow 16-byte loads (every offset here is a multiple of 4 floats; only the
+// pointer can break it).
 template <typename T, int D>
 __device__ __forceinline__ void load_tile(T* tile, const float* __restrict__ src, u64 base, u64 stride, int row0,
                                           int limit, bool vec) {
-    constexpr int LD = D + 8, Q4 = D / 4;
+    constexpr int LD = tile_ld(D), Q4 = D / 4;
     for (int e = threadIdx.x; e < TILE * Q4; e += THREADS) {
         const int r = e / Q4, c = (e - r * Q4) * 4;
         float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -273,7 +316,7 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
                                         const unsigned* __restrict__ starts, const unsigned* __restrict__ rows_of,
                                         const unsigned* __restrict__ valid_of, unsigned heads_, unsigned head_dim,
                                         float p, unsigned long long seed, unsigned long long stream) {
-    constexpr int LD = D + 8, KD = D / 16, NC = D / 2;
+    constexpr int LD = tile_ld(D), KD = D / 16, NC = D / 2;
     __shared__ __align__(128) T ks[TILE * LD];
     __shared__ __align__(128) T vs[TILE * LD];
     __shared__ __align__(128) float ss[TILE * SLD];
@@ -336,7 +379,7 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
         float mx = neg_inf();
 #pragma unroll
         for (int c = 0; c < 32; ++c) {
-            s[c] = j0 + c < valid ? s[c] * c2 : neg_inf();
+            s[c] = j0 + c < valid ? __fmul_rn(s[c], c2) : neg_inf();
             mx = fmaxf(mx, s[c]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(FULL, mx, 1));
@@ -347,7 +390,7 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
         float sum = 0.f;
 #pragma unroll
         for (int c = 0; c < 32; ++c) {
-            const float e = exp2f(s[c] - mref);
+            const float e = exp2f(__fsub_rn(s[c], mref));
             sum += e;
             s[c] = (keep >> c) & 1u ? e : 0.f;
         }
@@ -398,7 +441,7 @@ __device__ __forceinline__ void backward_dq(float* __restrict__ dqkv, const floa
                                             const unsigned* __restrict__ rows_of, const unsigned* __restrict__ valid_of,
                                             unsigned heads_, unsigned head_dim, float p, unsigned long long seed,
                                             unsigned long long stream) {
-    constexpr int LD = D + 8, KD = D / 16, NC = D / 2;
+    constexpr int LD = tile_ld(D), KD = D / 16, NC = D / 2;
     __shared__ __align__(128) T ks[TILE * LD];
     __shared__ __align__(128) T vs[TILE * LD];
     __shared__ __align__(128) float ss[TILE * SLD];
@@ -466,7 +509,7 @@ __device__ __forceinline__ void backward_dq(float* __restrict__ dqkv, const floa
         float pr[32];
         read32(pr, sw + r * SLD + 32 * hf);
 #pragma unroll
-        for (int c = 0; c < 32; ++c) pr[c] = j0 + c < valid ? exp2f(pr[c] * c2 - lse2) : 0.f;
+        for (int c = 0; c < 32; ++c) pr[c] = j0 + c < valid ? exp2f(__fsub_rn(__fmul_rn(pr[c], c2), lse2)) : 0.f;
         __syncwarp();  // S read before dP overwrites it
         // dP = dÔ·V̂ᵀ
 #pragma unroll
@@ -489,7 +532,7 @@ __device__ __forceinline__ void backward_dq(float* __restrict__ dqkv, const floa
 #pragma unroll
             for (int c = 0; c < 32; ++c) {
                 const float f = (keep >> c) & 1u ? rp : 0.f;
-                pr[c] = pr[c] * (f * dp[c] - Di);  // dS (fp32)
+                pr[c] = pr[c] * __fsub_rn(__fmul_rn(f, dp[c]), Di);  // dS (fp32)
             }
         }
         __syncwarp();  // dP read before dŜ overwrites it
@@ -530,7 +573,7 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
                                               const unsigned* __restrict__ valid_of, unsigned heads_,
                                               unsigned head_dim, float p, unsigned long long seed,
                                               unsigned long long stream) {
-    constexpr int LD = D + 8, KD = D / 16, NC = D / 2;
+    constexpr int LD = tile_ld(D), KD = D / 16, NC = D / 2;
     __shared__ __align__(128) T qs[TILE * LD];
     __shared__ __align__(128) T dos[TILE * LD];
     __shared__ __align__(128) float ss[TILE * SLD];
@@ -622,7 +665,8 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
         float pr[32];
         read32(pr, sw + r * SLD + 32 * hf);
 #pragma unroll
-        for (int c = 0; c < 32; ++c) pr[c] = i0 + c < rows ? exp2f(pr[c] * c2 - lse_s[32 * hf + c]) : 0.f;
+        for (int c = 0; c < 32; ++c)
+            pr[c] = i0 + c < rows ? exp2f(__fsub_rn(__fmul_rn(pr[c], c2), lse_s[32 * hf + c])) : 0.f;
         __syncwarp();
         // dPᵀ = V̂·dÔᵀ
 #pragma unroll
@@ -656,7 +700,7 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
 #pragma unroll
         for (int c = 0; c < 32; ++c) {
             const bool keep = (w4[c >> 3] >> (4 * (c & 7) + jo)) & 1u;
-            ds[c] = pr[c] * ((keep ? rp : 0.f) * ds[c] - del_s[32 * hf + c]);
+            ds[c] = pr[c] * __fsub_rn(__fmul_rn(keep ? rp : 0.f, ds[c]), del_s[32 * hf + c]);
             pr[c] = keep ? pr[c] : 0.f;
         }
         __syncwarp();  // dP read before P̂ and dŜ overwrite it

@@ -15,6 +15,11 @@
 //    then added in y order (static shared memory 8·32·4 bytes) into partials[by][c], which every
 //    block writes for its columns (0 where it had no rows), so the scratch needs no clearing.
 // 2. bias_grad_reduce: block 256, grid ceil(cols/256): dbias[c] += Σ_p partials[p][c] in p order.
+// The host picks parts from the GPU's SM count (about four blocks per SM: parts =
+// ceil(4·SMs / ceil(cols/32)), at most ceil(rows/8); bias_grad_and_operand in
+// src/backend/cuda/backend.rs), and parts fixes how the rows are split and summed. So dbias is
+// bitwise reproducible run to run on one GPU model (the same SM count), but its bits may differ
+// between models with different SM counts (fp32 summation-order noise).
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 

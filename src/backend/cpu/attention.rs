@@ -20,8 +20,12 @@
 //!
 //! 16-bit products (`rounding` F16 or Bf16, chosen by [`crate::backend::attention_rounding`]):
 //! the emulation of kernels/attention_tc.cu (its header has the math), so that the GPU's
-//! tensor-core attention has a reference that differs only by summation order. Q, K, V and dO
-//! are rounded to the format; with `c2 = (1/√d)·log2 e`, `s = c2·(q̂·k̂)`, `M = ⌈max_j s_j⌉`,
+//! tensor-core attention has a reference that rounds where it rounds. The two still differ by
+//! summation order, by the GPU's exp2f (ex2.approx.f32 based, up to 2 ulp) and log2f against
+//! `f32::exp2`/`log2` here, and by the 16-bit rounding flips these cause near a midpoint;
+//! tests/cuda_ops.rs (`attention_tensor_cores`) bounds both against an f64 reference instead of
+//! comparing them bitwise. Q, K, V and dO are rounded to the format; with `c2 = (1/√d)·log2 e`,
+//! `s = c2·(q̂·k̂)`, `M = ⌈max_j s_j⌉`,
 //! `e_j = 2^(s_j − M)`, `l = Σ e_j`: `P̃ = r16(e)·keep`, `o = (rp/l)·P̃·V̂`,
 //! `lse = (M + log2 l)·ln 2`; backward `P = 2^(c2·(q̂·k̂) − lse·log2 e)`, `dP = dÔ·V̂ᵀ`,
 //! `P̂ = r16(P·keep)`, `dŜ = r16(P·(keep·rp·dP − D))`, `dv = rp·P̂ᵀ·dÔ`, `dq = scale·dŜ·K̂`,
