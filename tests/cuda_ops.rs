@@ -28,14 +28,15 @@ mod common;
 
 use bertft_cuda::backend::cpu::CpuBackend;
 use bertft_cuda::backend::cuda::{
-    driver, kernel_files, nvrtc, CudaBackend, KernelCache, KernelCompiler, REQUIRED_KERNELS,
+    driver, kernel_files, nvrtc, CudaBackend, CudaTensor, KernelCache, KernelCompiler,
+    REQUIRED_KERNELS,
 };
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
     Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
     MatmulPrecision, ResidualAdd, SeqLayout,
 };
-use bertft_cuda::model::bert::{Activations, Batch, LossSpec, Mode};
+use bertft_cuda::model::bert::{Activations, Batch, HostBatch, LossSpec, Mode};
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::loss_scale::LossScaler;
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
@@ -1435,26 +1436,39 @@ fn graph_config() -> bertft_cuda::config::BertConfig {
     .unwrap()
 }
 
-/// [`tiny_batch`]'s shape with tokens and labels of their own for step `step`, micro-batch `k`
-/// (so that a graph replayed with a stale batch address reads other tokens).
+/// [`tiny_batch`]'s sequences in another order for step `step`, micro-batch `k`, with tokens
+/// and labels of their own, padded to 32 rows (packed, the last sequence padded as
+/// `HostBatch::pad_rows_to` does) or to 8 per sequence (padded): the same shape every step, but
+/// another layout and other tokens, so that a graph replayed with a stale layout, batch address
+/// or grid computes something else.
 fn step_batch<B: Backend>(be: &B, step: u64, k: u64, packed: bool) -> Batch<B> {
     let (ids, types, labels) = tiny_batch();
-    let ids: Vec<Vec<u32>> = ids
+    let turn = (step + k) as usize % 4;
+    let order: Vec<usize> = (0..4).map(|i| (i + turn) % 4).collect();
+    let ids: Vec<Vec<u32>> = order
         .iter()
-        .map(|s| {
-            s.iter()
+        .map(|&i| {
+            ids[i]
+                .iter()
                 .map(|&t| 1 + (t + 7 * step as u32 + 3 * k as u32) % 39)
                 .collect()
         })
         .collect();
-    let labels: Vec<u32> = labels.iter().map(|&l| (l + step as u32) % 3).collect();
+    let types: Vec<Vec<u32>> = order.iter().map(|&i| types[i].clone()).collect();
+    let labels: Vec<u32> = order
+        .iter()
+        .map(|&i| (labels[i] + step as u32) % 3)
+        .collect();
     let ids: Vec<&[u32]> = ids.iter().map(|v| v.as_slice()).collect();
     let types: Vec<&[u32]> = types.iter().map(|v| v.as_slice()).collect();
-    if packed {
-        Batch::packed(be, &ids, &types, Some(&labels)).unwrap()
+    let host = if packed {
+        let mut host = HostBatch::packed(&ids, &types, Some(&labels)).unwrap();
+        host.pad_rows_to(32, 0);
+        host
     } else {
-        Batch::padded(be, &ids, &types, Some(&labels), 0).unwrap()
-    }
+        HostBatch::padded_to(&ids, &types, Some(&labels), 0, 8).unwrap()
+    };
+    Batch::upload(be, host).unwrap()
 }
 
 /// `steps` queued steps alternating two step shapes (one padded micro-batch; a padded and a
@@ -1475,6 +1489,8 @@ fn graph_run(be: &CudaBackend, steps: u64) -> (Vec<f32>, Vec<StepReport>) {
         dropout_seed: Some(11),
     };
     let schedule = |taken: u64| 1e-3 * (1.0 + taken as f64 / 10.0);
+    // Every step's batches stay alive, so no two steps' batches share an address.
+    let mut kept = Vec::new();
     for s in 0..steps {
         let micro = match s % 2 {
             0 => vec![step_batch(be, s, 0, false)],
@@ -1491,6 +1507,7 @@ fn graph_run(be: &CudaBackend, steps: u64) -> (Vec<f32>, Vec<StepReport>) {
             &settings,
         )
         .unwrap();
+        kept.push(micro);
     }
     let reports = scratch.take_reports(be, &mut opt).unwrap();
     (be.download(&model.params).unwrap(), reports)
@@ -1532,7 +1549,15 @@ fn training_steps_through_cuda_graphs() {
             "{}: {stats:?}",
             p.name()
         );
-        assert!(stats.patched_nodes > 0, "{}: nothing patched", p.name());
+        // Each replay moves at least the embeddings' ids, positions and token types, every
+        // dropout site's stream, and the attention layouts (two layers, forward and backward).
+        assert!(
+            stats.patched_nodes >= 8 * stats.replays,
+            "{}: {} nodes patched in {} replays",
+            p.name(),
+            stats.patched_nodes,
+            stats.replays
+        );
         assert!(eager.graph_stats().is_none());
         assert_eq!(re.len(), rg.len());
         for (s, (a, b)) in rg.iter().zip(&re).enumerate() {
@@ -1566,9 +1591,9 @@ fn training_steps_through_cuda_graphs() {
     }
 }
 
-/// Evaluation through CUDA graphs against eager evaluation: five batches of eight rows of other
-/// lengths, each padded to the same row bucket (64), so the forward is captured on the second
-/// batch and replayed on the other three with their tokens and layouts patched in. The same
+/// Evaluation through CUDA graphs against eager evaluation: five batches of eight rows in other
+/// orders (other layouts, the same 34 rows: one row bucket, 64), so the forward is captured on
+/// the second batch and replayed on the other three with their tokens and layouts patched in. The same
 /// kernels on the same real rows; GEMMs over the padded row count may sum in another order:
 /// logits and loss within 1e-5 relative (fp32).
 #[test]
@@ -1582,8 +1607,9 @@ fn evaluation_through_cuda_graphs() {
         type_ids: Vec::new(),
         labels: Some(Vec::new()),
     };
+    // Batches of eight rows in another order each time (other layouts), all in 64 rows.
     for r in 0..40u32 {
-        let i = (r % 4) as usize;
+        let i = ((r + r / 8) % 4) as usize;
         let row: Vec<u32> = ids[i].iter().map(|&t| 1 + (t + 5 * r) % 39).collect();
         set.ids.push(row);
         set.type_ids.push(types[i].clone());
@@ -1613,6 +1639,10 @@ fn evaluation_through_cuda_graphs() {
         (1, 3, 0, 0),
         "{stats:?}"
     );
+    assert!(
+        stats.patched_nodes >= 3,
+        "{stats:?}: the layouts must be patched"
+    );
     let flat = |p: &bertft_cuda::train::evaluate::Predictions| p.logits.concat();
     close("logits through graphs", &flat(&pg), &flat(&pe), 1e-5);
     let (lg, le) = (pg.loss.unwrap(), pe.loss.unwrap());
@@ -1620,4 +1650,59 @@ fn evaluation_through_cuda_graphs() {
         (lg - le).abs() <= 1e-5 * le.abs(),
         "loss through graphs {lg}, eager {le}"
     );
+}
+
+/// `run_region` itself: a region of a memset and a dropout, run six times. The first run is
+/// eager, the second captured, the third replayed with the dropout's stream patched; the fourth
+/// zeroes another tensor (a memset is not patched: a mismatch, run eagerly), the fifth captures
+/// that shape again and the sixth replays it. Every output is the CPU's dropout, bit for bit
+/// (dropout is exact: x·(1/(1−p)) in fp32 or 0).
+#[test]
+fn run_region_captures_replays_patches_and_falls_back() {
+    let Some(g) = gpu() else { return };
+    let g = g.with_cuda_graphs(true);
+    let n = 1000;
+    let x = random_vec(n, 21, 1.0);
+    let xg = up(&g, &x);
+    let (a, b) = (up(&g, &vec![7.0; n]), up(&g, &vec![7.0; n]));
+    let runs: [(&CudaTensor, u64, (u64, u64, u64)); 6] = [
+        (&a, 1, (0, 0, 0)),
+        (&a, 2, (1, 0, 0)),
+        (&a, 3, (1, 1, 0)),
+        (&b, 4, (1, 1, 1)),
+        (&b, 5, (2, 1, 1)),
+        (&b, 6, (2, 2, 1)),
+    ];
+    for (i, (out, stream, counts)) in runs.into_iter().enumerate() {
+        let d = Dropout {
+            p: 0.3,
+            seed: 9,
+            stream,
+        };
+        g.run_region(&[77], &mut || {
+            g.fill_zero(out)?;
+            g.dropout_forward(out, &xg, d)
+        })
+        .unwrap();
+        let want = {
+            let c = up(&CPU, &x);
+            let o = CPU.zeros(n).unwrap();
+            CPU.dropout_forward(&o, &c, d).unwrap();
+            down(&CPU, &o)
+        };
+        exact(
+            &format!("run {i}: dropout stream {stream}"),
+            &down(&g, out),
+            &want,
+        );
+        let s = g.graph_stats().unwrap();
+        assert_eq!(
+            (s.captures, s.replays, s.mismatches),
+            counts,
+            "after run {i}: {s:?}"
+        );
+    }
+    let s = g.graph_stats().unwrap();
+    assert_eq!(s.failures, 0);
+    assert!(s.patched_nodes >= 2, "{s:?}");
 }

@@ -138,8 +138,10 @@ impl HostBatch {
     /// Pads the batch to `total_rows` rows by giving its last sequence that many more padding
     /// rows (`pad_id`, token type 0, position 0: any valid index, since a padding row is never
     /// attended to and its gradient is exactly zero). The loss and every gradient stay those of
-    /// the unpadded batch; what changes is the shape, so that a CUDA graph made for
-    /// [`row_bucket`]'s shape serves every batch of that bucket.
+    /// the unpadded batch up to fp32 summation order (the weight gradients' GEMMs and the
+    /// reductions run over more rows, adding zeros); what changes is the shape, so that a CUDA
+    /// graph made for [`row_bucket`]'s shape serves every batch of that bucket. The attention
+    /// kernels then also compute the padding rows' queries of the last sequence.
     pub fn pad_rows_to(&mut self, total_rows: usize, pad_id: u32) {
         let rows = self.layout.total_rows();
         if total_rows <= rows || self.layout.batch() == 0 {

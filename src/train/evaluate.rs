@@ -66,6 +66,7 @@ pub fn predict<B: Backend>(
             // The forward (and loss) as one region, a CUDA graph where the backend makes them;
             // the copies to their places in the results come after it (their places move).
             let key = [EVAL_REGION, batch.rows() as u64, n as u64, labelled as u64];
+            acts.reserve(backend, model, &[&batch]).map_err(explain)?;
             backend
                 .run_region(&key, &mut || {
                     let a = &acts.get(backend, model, &batch)?;

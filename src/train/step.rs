@@ -43,6 +43,21 @@ impl<B: Backend> Default for ActivationCache<B> {
 }
 
 impl<B: Backend> ActivationCache<B> {
+    /// Grows the buffers to fit every one of `batches`, so that [`ActivationCache::get`] for
+    /// them allocates nothing: called before a [`Backend::run_region`], whose CUDA graph must
+    /// not hand its own memory to a cache that outlives it.
+    pub fn reserve(
+        &mut self,
+        backend: &B,
+        model: &Classifier<B>,
+        batches: &[&Batch<B>],
+    ) -> Result<()> {
+        for batch in batches {
+            self.get(backend, model, batch)?;
+        }
+        Ok(())
+    }
+
     pub fn get(
         &mut self,
         backend: &B,
@@ -394,6 +409,8 @@ pub fn queue_train_step<B: Backend>(
     let spec = LossSpec::mean(s.label_smoothing, normalizer);
     let bert = model.bert(backend);
     let key = region_key(micro_batches, s, scratch.scaler.is_some());
+    let all: Vec<&Batch<B>> = micro_batches.iter().collect();
+    scratch.acts.reserve(backend, model, &all)?;
     let (acts_cache, scaler) = (&mut scratch.acts, scratch.scaler.as_ref());
     let (step_losses, sumsq) = (&scratch.step_losses, &scratch.sumsq);
     // Forward and backward of every micro-batch, the fp16 unscaling and check, the loss

@@ -233,6 +233,43 @@ enum GraphMode {
     Replay(Replay),
 }
 
+/// Sets the backend's graph mode for the length of a region and puts `Eager` back when
+/// dropped, ending the stream's capture too if the region panicked mid-capture (so that the
+/// backend stays usable after a caught panic).
+struct ModeGuard<'a> {
+    backend: &'a CudaBackend,
+    capturing: bool,
+    done: bool,
+}
+
+impl<'a> ModeGuard<'a> {
+    fn set(backend: &'a CudaBackend, mode: GraphMode, capturing: bool) -> Self {
+        backend.set_graph_mode(mode);
+        ModeGuard {
+            backend,
+            capturing,
+            done: false,
+        }
+    }
+
+    /// The mode the region left, and `Eager` back (the capture, if any, still to be ended).
+    fn finish(mut self) -> GraphMode {
+        self.done = true;
+        self.backend.set_graph_mode(GraphMode::Eager)
+    }
+}
+
+impl Drop for ModeGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.backend.set_graph_mode(GraphMode::Eager);
+            if self.capturing {
+                let _ = graph::end_capture(self.backend.stream.cu_stream(), false);
+            }
+        }
+    }
+}
+
 /// The CUDA graphs of the training step (present when turned on).
 struct Graphs {
     mode: GraphMode,
@@ -727,16 +764,16 @@ impl CudaBackend {
         }
     }
 
-    /// Captures `region` into a graph and launches it; where it cannot be captured, says why
-    /// once, marks the key eager for good, and runs the region eagerly (nothing of the capture
-    /// ran).
+    /// Captures `region` into a graph and launches it. Where it cannot be captured, nothing of
+    /// the capture ran: the region runs eagerly, the key is captured again next time after a
+    /// [`Mismatch`] (a step that needed a host copy), and runs eagerly for good after any other
+    /// failure (said once).
     fn capture_region(
         &self,
         key: &[u64],
         mismatches: u32,
         region: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
-        self.bind()?;
         let stream = self.stream.cu_stream();
         let fail = |why: String| {
             eprintln!(
@@ -750,70 +787,117 @@ impl CudaBackend {
             return region();
         }
         let live = Arc::new(AtomicUsize::new(0));
-        self.set_graph_mode(GraphMode::Capture {
-            tape: Tape::default(),
-            live: live.clone(),
-            broken: None,
-        });
+        let guard = ModeGuard::set(
+            self,
+            GraphMode::Capture {
+                tape: Tape::default(),
+                live: live.clone(),
+                broken: None,
+            },
+            true,
+        );
         let ran = region();
-        let GraphMode::Capture { tape, broken, .. } = self.set_graph_mode(GraphMode::Eager) else {
-            unreachable!("the mode is only changed here")
+        let GraphMode::Capture { tape, broken, .. } = guard.finish() else {
+            unreachable!("the mode is only changed by its guard")
         };
         let leaked = live.load(Ordering::Relaxed);
+        let mismatch = matches!(&ran, Err(e) if e.is::<Mismatch>());
         let why = match (&ran, &broken) {
             (Err(e), _) => Some(format!("{e:#}")),
             (_, Some(b)) => Some(b.clone()),
             _ => None,
         };
         let ended = graph::end_capture(stream, why.is_none());
-        match (why, ended) {
-            (None, Ok(Some(exec))) => {
-                // Launched even when allocations outlived the region: they are the graph's
-                // memory, real once it has run, and freed (stream-ordered) by their owners.
-                exec.launch(stream)?;
+        // Frees of the region's temporaries on an invalidated capture failed, and cudarc keeps
+        // the first such error for the next call: it says nothing about the eager run below.
+        if let Err(e) = self.ctx.check_err() {
+            if why.is_none() {
+                eprintln!("notice: while capturing a CUDA graph: {e}");
+            }
+        }
+        let (why, exec) = match (why, ended) {
+            (None, Ok(Some(exec))) => match exec.launch(stream) {
+                Ok(()) => (None, Some(exec)),
+                Err(e) => (Some(format!("{e:#}")), None),
+            },
+            (why, ended) => (
+                Some(
+                    why.or_else(|| ended.err().map(|e| format!("{e:#}")))
+                        .unwrap_or_else(|| "the capture made no graph".into()),
+                ),
+                None,
+            ),
+        };
+        match (why, exec) {
+            (None, Some(exec)) => {
                 self.count(|s| s.captures += 1);
+                // What the eager first run left reserved in the pool (the graph has its own).
+                self.trim_pool();
                 if leaked == 0 {
                     self.put_graph(key, Entry::Ready(exec, tape, mismatches));
                 } else {
+                    // They are the graph's memory, real now that it has run, freed by their
+                    // owners; the graph cannot be relaunched before.
                     fail(format!(
-                        "{leaked} allocations made in the step outlive it (a cache filled while capturing)"
+                        "{leaked} allocations made in the step outlive it (a cache filled while \
+                         capturing)"
                     ));
                 }
                 Ok(())
             }
-            (why, ended) => {
-                let why = why
-                    .or_else(|| ended.err().map(|e| format!("{e:#}")))
-                    .unwrap_or_else(|| "the capture made no graph".into());
+            (Some(why), _) if leaked > 0 => {
+                // Something kept an allocation of a graph that never ran: its address is not
+                // backed, and the step cannot be rerun without it.
+                self.put_graph(key, Entry::Failed);
+                bail!(
+                    "a CUDA graph capture failed ({why}) after {leaked} of its allocations were \
+                     kept beyond the step; rerun without --cuda-graphs"
+                )
+            }
+            (Some(_), _) if mismatch && mismatches + 1 < graph::MAX_MISMATCHES => {
+                self.count(|s| s.mismatches += 1);
+                self.put_graph(key, Entry::Seen(mismatches + 1));
+                region()
+            }
+            (Some(why), _) => {
                 fail(why);
                 region()
             }
+            (None, None) => unreachable!("a kept capture has a graph"),
         }
     }
 
     /// Replays `key`'s graph for `region`: the region's host code runs against the tape, the
     /// changed kernel arguments are patched in, and the graph is launched. On a [`Mismatch`],
-    /// nothing was queued: the region runs eagerly and is captured again next time.
+    /// nothing was queued: the region runs eagerly and is captured again next time (for good
+    /// eagerly after [`graph::MAX_MISMATCHES`]).
     fn replay_region(
         &self,
         key: &[u64],
         (exec, tape, mismatches): (ExecGraph, Tape, u32),
         region: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
-        self.bind()?;
-        self.set_graph_mode(GraphMode::Replay(Replay::new(tape)));
+        let guard = ModeGuard::set(self, GraphMode::Replay(Replay::new(tape)), false);
         let ran = region();
-        let GraphMode::Replay(replay) = self.set_graph_mode(GraphMode::Eager) else {
-            unreachable!("the mode is only changed here")
+        let GraphMode::Replay(replay) = guard.finish() else {
+            unreachable!("the mode is only changed by its guard")
         };
-        match ran.and_then(|()| Ok(replay.finish()?)) {
-            Ok((tape, patches)) => {
+        let launched = ran
+            .and_then(|()| Ok(replay.finish()?))
+            .and_then(|(tape, patches)| {
                 exec.patch(&patches)?;
                 exec.launch(self.stream.cu_stream())?;
+                Ok((tape, patches.len()))
+            });
+        match launched {
+            Ok((tape, patched)) => {
                 self.count(|s| {
                     s.replays += 1;
-                    s.patched_nodes += patches.len() as u64;
+                    s.patched_nodes += patched as u64;
                 });
+                if let Some((lt, _)) = &self.lt {
+                    lt.count_replayed(tape.calls_returning(graph::LT_CALL, 1));
+                }
                 self.put_graph(key, Entry::Ready(exec, tape, mismatches));
                 Ok(())
             }
@@ -834,11 +918,19 @@ impl CudaBackend {
                 region()
             }
             Err(e) => {
-                // A real error (the same would stop an eager run); the tape may no longer
-                // match the graph's nodes, so the graph goes.
+                // A real error (the same would stop an eager run), or a patch or launch that
+                // failed: the tape may no longer match the graph's nodes, so the graph goes.
                 self.put_graph(key, Entry::Seen(mismatches));
                 Err(e)
             }
+        }
+    }
+
+    /// Returns the pool's unused memory to the driver (best effort).
+    fn trim_pool(&self) {
+        if let Some(pool) = &self.pool {
+            // SAFETY: a live pool; only memory no allocation holds is released.
+            let _ = unsafe { dsys::cuMemPoolTrimTo(pool.0, 0) };
         }
     }
 
@@ -1425,6 +1517,7 @@ impl Backend for CudaBackend {
         let Some(graphs) = &self.graphs else {
             return region();
         };
+        self.bind()?;
         let entry = graphs.lock().unwrap().cache.take(key);
         match entry {
             None => {
@@ -1565,7 +1658,7 @@ impl Backend for CudaBackend {
                 compute,
             };
             let fingerprint = [
-                2,
+                graph::LT_CALL,
                 g.a,
                 g.b,
                 g.bias,

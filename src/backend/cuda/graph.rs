@@ -112,7 +112,21 @@ pub(super) struct Tape {
     ops: Vec<Op>,
 }
 
+/// The first word of a cuBLASLt call's fingerprint (it returns 1 when cuBLASLt took it).
+pub(super) const LT_CALL: u64 = 2;
+
 impl Tape {
+    /// How many calls of the kind `tag` (their fingerprint's first word) returned `returned`.
+    pub fn calls_returning(&self, tag: u64, returned: u64) -> u64 {
+        self.ops
+            .iter()
+            .filter(|o| {
+                matches!(o, Op::Call { fingerprint, returned: r }
+                    if fingerprint.first() == Some(&tag) && *r == returned)
+            })
+            .count() as u64
+    }
+
     pub fn kernel(&mut self, launch: Launch, node: usize) {
         self.ops.push(Op::Kernel { launch, node });
     }
@@ -360,6 +374,7 @@ pub(super) const GRAPH_SYMBOLS: &[&str] = &[
     "cuGraphDestroy",
     "cuDeviceGetGraphMemAttribute",
     "cuDeviceSetGraphMemAttribute",
+    "cuMemPoolTrimTo",
 ];
 
 fn check(what: &str, r: dsys::CUresult) -> Result<()> {

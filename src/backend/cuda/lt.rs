@@ -147,6 +147,11 @@ impl Lt {
         })
     }
 
+    /// Counts `n` epilogue GEMMs queued by replaying a CUDA graph.
+    pub fn count_replayed(&self, n: u64) {
+        self.state.lock().unwrap().queued += n;
+    }
+
     /// How many GEMMs took the epilogue path so far.
     pub fn queued(&self) -> u64 {
         self.state.lock().unwrap().queued
