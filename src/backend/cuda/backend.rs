@@ -1018,7 +1018,9 @@ impl CudaBackend {
             }
             GraphMode::Replay(replay) => Ok(replay.call(fingerprint)?),
             GraphMode::Capture { .. } => {
-                // The lock is not held across the call (it may allocate).
+                // Recorded after the call, whose return value is part of the record (the lock
+                // is not held across it). The calls queue nothing else through the backend, so
+                // the tape's order is the order a replay checks them in.
                 drop(g);
                 let returned = queue()?;
                 let mut g = self.graphs.as_ref().unwrap().lock().unwrap();
