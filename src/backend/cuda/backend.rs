@@ -71,6 +71,7 @@ use cudarc::nvrtc::Ptx;
 use super::graph::{
     self, Arg, Entry, ExecGraph, GraphCache, GraphStats, Launch, Mismatch, Replay, Tape,
 };
+use super::kernel_params::*;
 use super::libs::check_cudarc_library;
 use super::lt::{self, BiasGemm, Lt};
 use super::readback::PendingDownload;
@@ -118,58 +119,6 @@ const DRIVER_SYMBOLS: &[&str] = &[
     "cuLaunchKernel",
     "cuGetErrorString",
     "cuGetErrorName",
-];
-
-/// The kernels this backend launches (all must be in the compiled modules).
-pub const REQUIRED_KERNELS: &[&str] = &[
-    "embeddings_forward_f32",
-    "embeddings_backward_f32",
-    "layernorm_forward_f32",
-    "layernorm_backward_f32",
-    "layernorm_backward_reduce",
-    "activation_forward_f32",
-    "activation_backward_f32",
-    "tanh_forward_f32",
-    "tanh_backward_f32",
-    "dropout_forward_f32",
-    "dropout_backward_f32",
-    "gather_first_tokens_f32",
-    "scatter_first_tokens_backward_f32",
-    "cross_entropy_forward_f32",
-    "cross_entropy_backward_f32",
-    "sum_squares_partial",
-    "sum_squares_finalize",
-    "clip_by_global_norm",
-    "unscale_and_check",
-    "scale_by_device",
-    "update_loss_scale",
-    "adamw_update",
-    "cast_f32_to_f16",
-    "cast_f32_to_bf16",
-    "bias_grad_partial",
-    "bias_grad_reduce",
-    "attention_forward_f32_d32",
-    "attention_forward_f32_d64",
-    "attention_forward_f32_generic",
-    "attention_backward_delta_f32",
-    "attention_backward_dq_f32_d32",
-    "attention_backward_dq_f32_d64",
-    "attention_backward_dq_f32_generic",
-    "attention_backward_dkdv_f32_d32",
-    "attention_backward_dkdv_f32_d64",
-    "attention_backward_dkdv_f32_generic",
-    "attention_tc_forward_f16_d32",
-    "attention_tc_forward_f16_d64",
-    "attention_tc_forward_bf16_d32",
-    "attention_tc_forward_bf16_d64",
-    "attention_tc_backward_dq_f16_d32",
-    "attention_tc_backward_dq_f16_d64",
-    "attention_tc_backward_dq_bf16_d32",
-    "attention_tc_backward_dq_bf16_d64",
-    "attention_tc_backward_dkdv_f16_d32",
-    "attention_tc_backward_dkdv_f16_d64",
-    "attention_tc_backward_dkdv_bf16_d32",
-    "attention_tc_backward_dkdv_bf16_d64",
 ];
 
 /// cuBLAS's workspace (see `CudaBackend::new`).
@@ -555,9 +504,9 @@ impl CudaBackend {
             }
             modules.push(module);
         }
-        for name in REQUIRED_KERNELS {
+        for name in required_kernels() {
             ensure!(
-                functions.contains_key(*name),
+                functions.contains_key(name),
                 "the compiled kernels lack {name} (kernels/ out of date?)"
             );
         }
@@ -1058,15 +1007,23 @@ impl CudaBackend {
             .ok_or_else(|| anyhow!("no kernel {name} loaded"))
     }
 
-    fn launch(
+    /// Launches `kernel` (one of `K`'s family) with `params` in its declared order (see
+    /// `kernel_params`: how a launch's arguments are checked against the kernel's parameters).
+    fn launch<K: KernelParams>(
         &self,
-        name: &str,
+        kernel: &str,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
         smem: u32,
-        args: &[Arg],
+        params: &K,
     ) -> Result<()> {
-        let f = self.func(name)?;
+        ensure!(
+            K::SIGNATURE.kernels.contains(&kernel),
+            "{kernel} launched with the parameters of {}",
+            K::SIGNATURE.kernels[0]
+        );
+        let args = params.args();
+        let f = self.func(kernel)?;
         self.bind()?;
         let mut graphs = self.graphs.as_ref().map(|g| g.lock().unwrap());
         let mode = graphs.as_deref_mut().map(|g| &mut g.mode);
@@ -1080,9 +1037,10 @@ impl CudaBackend {
         if let Some(GraphMode::Replay(replay)) = mode {
             return Ok(replay.kernel(recorded())?);
         }
-        let mut params: Vec<*mut c_void> = args.iter().map(Arg::addr).collect();
-        // SAFETY: the arguments match the kernel's parameter list (see kernels/*.cu) and live
-        // until cuLaunchKernel returns (it copies them); pointers are into live allocations.
+        let mut addrs: Vec<*mut c_void> = args.iter().map(Arg::addr).collect();
+        // SAFETY: the arguments match the kernel's parameter list (`K`'s declaration, checked
+        // against the compiled kernels by tests/kernel_signatures.rs) and live until
+        // cuLaunchKernel returns (it copies them); pointers are into live allocations.
         unsafe {
             dres::launch_kernel(
                 f.cu_function(),
@@ -1090,14 +1048,14 @@ impl CudaBackend {
                 block,
                 smem,
                 self.stream.cu_stream(),
-                &mut params,
+                &mut addrs,
             )
         }
-        .map_err(|e| anyhow!("launching {name}: {e}"))?;
+        .map_err(|e| anyhow!("launching {kernel}: {e}"))?;
         if let Some(GraphMode::Capture { tape, broken, .. }) = mode {
             match graph::last_captured_node(self.stream.cu_stream()) {
                 Ok(node) => tape.kernel(recorded(), node),
-                Err(e) => *broken = Some(format!("{name}: {e:#}")),
+                Err(e) => *broken = Some(format!("{kernel}: {e:#}")),
             }
         }
         Ok(())
@@ -1170,11 +1128,11 @@ impl CudaBackend {
                 (grid_1d(t.len, 1, 256, 32 * self.sms), 1, 1),
                 (256, 1, 1),
                 0,
-                &[
-                    Arg::P(t.device_ptr()),
-                    Arg::P(copy.ptr),
-                    Arg::U64(t.len as u64),
-                ],
+                &Cast {
+                    x: t.device_ptr(),
+                    y: copy.ptr,
+                    n: t.len as u64,
+                },
             )?;
         }
         Ok(GemmOperand {
@@ -1259,26 +1217,26 @@ impl CudaBackend {
                 (u32_of(col_tiles, "bias columns")?, parts as u32, 1),
                 (32, 8, 1),
                 0,
-                &[
-                    Arg::P(partials.device_ptr()),
-                    Arg::P(copy.as_ref().map_or(0, |c| c.ptr)),
-                    Arg::I32(format),
-                    Arg::P(dout.device_ptr()),
-                    Arg::U32(u32_of(rows, "rows")?),
-                    Arg::U32(u32_of(n, "n")?),
-                ],
+                &BiasGradPartial {
+                    partials: partials.device_ptr(),
+                    copy: copy.as_ref().map_or(0, |c| c.ptr),
+                    format,
+                    dout: dout.device_ptr(),
+                    rows: u32_of(rows, "rows")?,
+                    cols: u32_of(n, "n")?,
+                },
             )?;
             self.launch(
                 "bias_grad_reduce",
                 (u32_of(n.div_ceil(256), "bias columns")?, 1, 1),
                 (256, 1, 1),
                 0,
-                &[
-                    Arg::P(dbias.device_ptr()),
-                    Arg::P(partials.device_ptr()),
-                    Arg::U32(parts as u32),
-                    Arg::U32(u32_of(n, "n")?),
-                ],
+                &BiasGradReduce {
+                    dbias: dbias.device_ptr(),
+                    partials: partials.device_ptr(),
+                    parts: parts as u32,
+                    cols: u32_of(n, "n")?,
+                },
             )?;
         }
         Ok(GemmOperand {
@@ -1802,17 +1760,17 @@ impl Backend for CudaBackend {
             grid,
             (block, 1, 1),
             0,
-            &[
-                Arg::P(out.device_ptr()),
-                Arg::P(word.device_ptr()),
-                Arg::P(position.device_ptr()),
-                Arg::P(token_type.device_ptr()),
-                Arg::P(ids.device_ptr()),
-                Arg::P(positions.device_ptr()),
-                Arg::P(type_ids.device_ptr()),
-                Arg::U32(u32_of(rows, "rows")?),
-                Arg::U32(u32_of(hidden, "hidden")?),
-            ],
+            &EmbeddingsForward {
+                out: out.device_ptr(),
+                word: word.device_ptr(),
+                position: position.device_ptr(),
+                token_type: token_type.device_ptr(),
+                ids: ids.device_ptr(),
+                positions: positions.device_ptr(),
+                type_ids: type_ids.device_ptr(),
+                rows: u32_of(rows, "rows")?,
+                hidden: u32_of(hidden, "hidden")?,
+            },
         )
     }
 
@@ -1857,18 +1815,18 @@ impl Backend for CudaBackend {
             grid,
             (256, 1, 1),
             0,
-            &[
-                Arg::P(dword.device_ptr()),
-                Arg::P(dposition.device_ptr()),
-                Arg::P(dtoken_type.device_ptr()),
-                Arg::P(dout.device_ptr()),
-                Arg::P(ids.device_ptr()),
-                Arg::P(positions.device_ptr()),
-                Arg::P(type_ids.device_ptr()),
-                Arg::U32(u32_of(rows, "rows")?),
-                Arg::U32(u32_of(hidden, "hidden")?),
-                Arg::I32(padding),
-            ],
+            &EmbeddingsBackward {
+                dword: dword.device_ptr(),
+                dposition: dposition.device_ptr(),
+                dtoken_type: dtoken_type.device_ptr(),
+                dout: dout.device_ptr(),
+                ids: ids.device_ptr(),
+                positions: positions.device_ptr(),
+                type_ids: type_ids.device_ptr(),
+                rows: u32_of(rows, "rows")?,
+                hidden: u32_of(hidden, "hidden")?,
+                padding_idx: padding,
+            },
         )
     }
 
@@ -1925,22 +1883,22 @@ impl Backend for CudaBackend {
             (grid, 1, 1),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(out.device_ptr()),
-                Arg::P(mean.device_ptr()),
-                Arg::P(rstd.device_ptr()),
-                Arg::P(x.device_ptr()),
-                Arg::P(res),
-                Arg::P(sum),
-                Arg::P(gamma.device_ptr()),
-                Arg::P(beta.device_ptr()),
-                Arg::U32(u32_of(rows, "rows")?),
-                Arg::U32(u32_of(cols, "cols")?),
-                Arg::F32(eps),
-                Arg::F32(dropout_p(dropout)),
-                Arg::U64(dropout.seed),
-                Arg::U64(dropout.stream),
-            ],
+            &LayerNormForward {
+                out: out.device_ptr(),
+                mean: mean.device_ptr(),
+                rstd: rstd.device_ptr(),
+                x: x.device_ptr(),
+                residual: res,
+                sum,
+                gamma: gamma.device_ptr(),
+                beta: beta.device_ptr(),
+                rows: u32_of(rows, "rows")?,
+                cols: u32_of(cols, "cols")?,
+                eps,
+                p: dropout_p(dropout),
+                seed: dropout.seed,
+                stream: dropout.stream,
+            },
         )
     }
 
@@ -2011,21 +1969,21 @@ impl Backend for CudaBackend {
             (parts as u32, 1, 1),
             (32 * warps, 1, 1),
             smem as u32,
-            &[
-                Arg::P(dx.device_ptr()),
-                Arg::P(dbranch),
-                Arg::P(partials.device_ptr()),
-                Arg::P(dout.device_ptr()),
-                Arg::P(x.device_ptr()),
-                Arg::P(mean.device_ptr()),
-                Arg::P(rstd.device_ptr()),
-                Arg::P(gamma.device_ptr()),
-                Arg::U32(u32_of(rows, "rows")?),
-                Arg::U32(u32_of(cols, "cols")?),
-                Arg::F32(dropout_p(dropout)),
-                Arg::U64(dropout.seed),
-                Arg::U64(dropout.stream),
-            ],
+            &LayerNormBackward {
+                dx: dx.device_ptr(),
+                dbranch,
+                partials: partials.device_ptr(),
+                dout: dout.device_ptr(),
+                x: x.device_ptr(),
+                mean: mean.device_ptr(),
+                rstd: rstd.device_ptr(),
+                gamma: gamma.device_ptr(),
+                rows: u32_of(rows, "rows")?,
+                cols: u32_of(cols, "cols")?,
+                p: dropout_p(dropout),
+                seed: dropout.seed,
+                stream: dropout.stream,
+            },
         )?;
         // Stage 2: dgamma/dbeta += Σ over the partials (fixed order).
         let grid = (2 * cols).div_ceil(32).min(65535) as u32;
@@ -2034,13 +1992,13 @@ impl Backend for CudaBackend {
             (grid, 1, 1),
             (32, 32, 1),
             0,
-            &[
-                Arg::P(dgamma.device_ptr()),
-                Arg::P(dbeta.device_ptr()),
-                Arg::P(partials.device_ptr()),
-                Arg::U32(parts as u32),
-                Arg::U32(u32_of(cols, "cols")?),
-            ],
+            &LayerNormBackwardReduce {
+                dgamma: dgamma.device_ptr(),
+                dbeta: dbeta.device_ptr(),
+                partials: partials.device_ptr(),
+                parts: parts as u32,
+                cols: u32_of(cols, "cols")?,
+            },
         )
     }
 
@@ -2060,12 +2018,12 @@ impl Backend for CudaBackend {
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(out.device_ptr()),
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-                Arg::I32(act_code(act)),
-            ],
+            &ActivationForward {
+                out: out.device_ptr(),
+                x: x.device_ptr(),
+                n: x.len as u64,
+                act: act_code(act),
+            },
         )
     }
 
@@ -2091,13 +2049,13 @@ impl Backend for CudaBackend {
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(dx.device_ptr()),
-                Arg::P(dout.device_ptr()),
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-                Arg::I32(act_code(act)),
-            ],
+            &ActivationBackward {
+                dx: dx.device_ptr(),
+                dout: dout.device_ptr(),
+                x: x.device_ptr(),
+                n: x.len as u64,
+                act: act_code(act),
+            },
         )
     }
 
@@ -2116,11 +2074,11 @@ impl Backend for CudaBackend {
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(out.device_ptr()),
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-            ],
+            &TanhForward {
+                out: out.device_ptr(),
+                x: x.device_ptr(),
+                n: x.len as u64,
+            },
         )
     }
 
@@ -2140,22 +2098,38 @@ impl Backend for CudaBackend {
             self.elementwise_grid(y.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(dx.device_ptr()),
-                Arg::P(dout.device_ptr()),
-                Arg::P(y.device_ptr()),
-                Arg::U64(y.len as u64),
-            ],
+            &TanhBackward {
+                dx: dx.device_ptr(),
+                dout: dout.device_ptr(),
+                y: y.device_ptr(),
+                n: y.len as u64,
+            },
         )
     }
 
     // ---- dropout ----
     fn dropout_forward(&self, out: &CudaTensor, x: &CudaTensor, d: Dropout) -> Result<()> {
-        self.dropout("dropout_forward_f32", out, x, d)
+        self.dropout("dropout_forward_f32", out, x, |out, x, n| DropoutForward {
+            out,
+            x,
+            n,
+            p: d.p,
+            seed: d.seed,
+            stream: d.stream,
+        })
     }
 
     fn dropout_backward(&self, dx: &CudaTensor, dout: &CudaTensor, d: Dropout) -> Result<()> {
-        self.dropout("dropout_backward_f32", dx, dout, d)
+        self.dropout("dropout_backward_f32", dx, dout, |dx, dout, n| {
+            DropoutBackward {
+                dx,
+                dout,
+                n,
+                p: d.p,
+                seed: d.seed,
+                stream: d.stream,
+            }
+        })
     }
 
     // ---- rows of sequences ----
@@ -2166,7 +2140,20 @@ impl Backend for CudaBackend {
         layout: &SeqLayout,
         hidden: usize,
     ) -> Result<()> {
-        self.first_tokens("gather_first_tokens_f32", out, x, layout, hidden, true)
+        self.first_tokens(
+            "gather_first_tokens_f32",
+            (out, x),
+            layout,
+            hidden,
+            true,
+            |out, x, starts, batch, hidden| GatherFirstTokens {
+                out,
+                x,
+                starts,
+                batch,
+                hidden,
+            },
+        )
     }
 
     fn scatter_first_tokens_backward(
@@ -2178,11 +2165,17 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         self.first_tokens(
             "scatter_first_tokens_backward_f32",
-            dx,
-            dout,
+            (dx, dout),
             layout,
             hidden,
             false,
+            |dx, dout, starts, batch, hidden| ScatterFirstTokensBackward {
+                dx,
+                dout,
+                starts,
+                batch,
+                hidden,
+            },
         )
     }
 
@@ -2224,19 +2217,19 @@ impl Backend for CudaBackend {
             ),
             (128, 1, 1),
             0,
-            &[
-                Arg::P(out.device_ptr()),
-                Arg::P(lse.device_ptr()),
-                Arg::P(qkv.device_ptr()),
-                Arg::P(l.starts()),
-                Arg::P(l.rows()),
-                Arg::P(l.valid()),
-                Arg::U32(heads as u32),
-                Arg::U32(head_dim as u32),
-                Arg::F32(dropout_p(dropout)),
-                Arg::U64(dropout.seed),
-                Arg::U64(dropout.stream),
-            ],
+            &AttentionForward {
+                out: out.device_ptr(),
+                lse: lse.device_ptr(),
+                qkv: qkv.device_ptr(),
+                starts: l.starts(),
+                rows: l.rows(),
+                valid: l.valid(),
+                heads: heads as u32,
+                head_dim: head_dim as u32,
+                dropout_p: dropout_p(dropout),
+                seed: dropout.seed,
+                stream: dropout.stream,
+            },
         )
     }
 
@@ -2291,14 +2284,14 @@ impl Backend for CudaBackend {
             (pairs.div_ceil(8) as u32, 1, 1),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(delta.device_ptr()),
-                Arg::P(dout.device_ptr()),
-                Arg::P(out.device_ptr()),
-                Arg::U32(u32_of(rows, "rows")?),
-                Arg::U32(heads as u32),
-                Arg::U32(head_dim as u32),
-            ],
+            &AttentionBackwardDelta {
+                delta: delta.device_ptr(),
+                dout: dout.device_ptr(),
+                out: out.device_ptr(),
+                total_rows: u32_of(rows, "rows")?,
+                heads: heads as u32,
+                head_dim: head_dim as u32,
+            },
         )?;
         let grid = (
             s.div_ceil(block_rows) as u32,
@@ -2311,21 +2304,21 @@ impl Backend for CudaBackend {
                 grid,
                 (128, 1, 1),
                 0,
-                &[
-                    Arg::P(dqkv.device_ptr()),
-                    Arg::P(dout.device_ptr()),
-                    Arg::P(qkv.device_ptr()),
-                    Arg::P(lse.device_ptr()),
-                    Arg::P(delta.device_ptr()),
-                    Arg::P(l.starts()),
-                    Arg::P(l.rows()),
-                    Arg::P(l.valid()),
-                    Arg::U32(heads as u32),
-                    Arg::U32(head_dim as u32),
-                    Arg::F32(dropout_p(dropout)),
-                    Arg::U64(dropout.seed),
-                    Arg::U64(dropout.stream),
-                ],
+                &AttentionBackward {
+                    dqkv: dqkv.device_ptr(),
+                    dout: dout.device_ptr(),
+                    qkv: qkv.device_ptr(),
+                    lse: lse.device_ptr(),
+                    delta: delta.device_ptr(),
+                    starts: l.starts(),
+                    rows: l.rows(),
+                    valid: l.valid(),
+                    heads: heads as u32,
+                    head_dim: head_dim as u32,
+                    dropout_p: dropout_p(dropout),
+                    seed: dropout.seed,
+                    stream: dropout.stream,
+                },
             )?;
         }
         Ok(())
@@ -2357,14 +2350,14 @@ impl Backend for CudaBackend {
             (rows.div_ceil(8).min(65535) as u32, 1, 1),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(losses.device_ptr()),
-                Arg::P(logits.device_ptr()),
-                Arg::P(labels.device_ptr()),
-                Arg::U32(u32_of(rows, "rows")?),
-                Arg::U32(u32_of(classes, "classes")?),
-                Arg::F32(smoothing),
-            ],
+            &CrossEntropyForward {
+                losses: losses.device_ptr(),
+                logits: logits.device_ptr(),
+                labels: labels.device_ptr(),
+                rows: u32_of(rows, "rows")?,
+                classes: u32_of(classes, "classes")?,
+                smoothing,
+            },
         )
     }
 
@@ -2394,15 +2387,15 @@ impl Backend for CudaBackend {
             (rows.div_ceil(8).min(65535) as u32, 1, 1),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(dlogits.device_ptr()),
-                Arg::P(logits.device_ptr()),
-                Arg::P(labels.device_ptr()),
-                Arg::U32(u32_of(rows, "rows")?),
-                Arg::U32(u32_of(classes, "classes")?),
-                Arg::F32(smoothing),
-                Arg::F32(scale),
-            ],
+            &CrossEntropyBackward {
+                dlogits: dlogits.device_ptr(),
+                logits: logits.device_ptr(),
+                labels: labels.device_ptr(),
+                rows: u32_of(rows, "rows")?,
+                classes: u32_of(classes, "classes")?,
+                smoothing,
+                scale,
+            },
         )
     }
 
@@ -2416,22 +2409,22 @@ impl Backend for CudaBackend {
             (parts, 1, 1),
             (1024, 1, 1),
             0,
-            &[
-                Arg::P(partials.device_ptr()),
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-            ],
+            &SumSquaresPartial {
+                partials: partials.device_ptr(),
+                x: x.device_ptr(),
+                n: x.len as u64,
+            },
         )?;
         self.launch(
             "sum_squares_finalize",
             (1, 1, 1),
             (1024, 1, 1),
             0,
-            &[
-                Arg::P(out.device_ptr()),
-                Arg::P(partials.device_ptr()),
-                Arg::U32(parts),
-            ],
+            &SumSquaresFinalize {
+                out: out.device_ptr(),
+                partials: partials.device_ptr(),
+                parts,
+            },
         )
     }
 
@@ -2445,12 +2438,12 @@ impl Backend for CudaBackend {
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-                Arg::P(sumsq.device_ptr()),
-                Arg::F32(max_norm),
-            ],
+            &ClipByGlobalNorm {
+                x: x.device_ptr(),
+                n: x.len as u64,
+                sumsq: sumsq.device_ptr(),
+                max_norm,
+            },
         )
     }
 
@@ -2464,11 +2457,11 @@ impl Backend for CudaBackend {
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-                Arg::P(s.device_ptr()),
-            ],
+            &ScaleByDevice {
+                x: x.device_ptr(),
+                n: x.len as u64,
+                s: s.device_ptr(),
+            },
         )
     }
 
@@ -2490,12 +2483,12 @@ impl Backend for CudaBackend {
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-                Arg::P(scale.device_ptr()),
-                Arg::P(found_inf.device_ptr()),
-            ],
+            &UnscaleAndCheck {
+                grads: x.device_ptr(),
+                n: x.len as u64,
+                scale: scale.device_ptr(),
+                found_inf: found_inf.device_ptr(),
+            },
         )
     }
 
@@ -2516,13 +2509,13 @@ impl Backend for CudaBackend {
             (1, 1, 1),
             (1, 1, 1),
             0,
-            &[
-                Arg::P(state.device_ptr()),
-                Arg::P(found_inf.device_ptr()),
-                Arg::F32(growth),
-                Arg::F32(backoff),
-                Arg::U32(growth_interval),
-            ],
+            &UpdateLossScale {
+                state: state.device_ptr(),
+                found_inf: found_inf.device_ptr(),
+                growth,
+                backoff,
+                growth_interval,
+            },
         )
     }
 
@@ -2594,23 +2587,23 @@ impl Backend for CudaBackend {
                 (g.segments.len().min(65535) as u32, 1, 1),
                 (256, 1, 1),
                 0,
-                &[
-                    Arg::P(base(first.param)),
-                    Arg::P(base(first.grad)),
-                    Arg::P(base(first.exp_avg)),
-                    Arg::P(base(first.exp_avg_sq)),
-                    Arg::P(table.ptr),
-                    Arg::U32(u32_of(g.segments.len(), "segments")?),
-                    Arg::F64(step.lr),
-                    Arg::F32(step_size),
-                    Arg::F32((1.0 - step.beta1) as f32),
-                    Arg::F32(step.beta2 as f32),
-                    Arg::F32((1.0 - step.beta2) as f32),
-                    Arg::F32(bc2_sqrt),
-                    Arg::F32(step.eps as f32),
+                &AdamWUpdate {
+                    param: base(first.param),
+                    grad: base(first.grad),
+                    exp_avg: base(first.exp_avg),
+                    exp_avg_sq: base(first.exp_avg_sq),
+                    segments: table.ptr,
+                    num_segments: u32_of(g.segments.len(), "segments")?,
+                    lr: step.lr,
+                    step_size,
+                    one_minus_beta1: (1.0 - step.beta1) as f32,
+                    beta2: step.beta2 as f32,
+                    one_minus_beta2: (1.0 - step.beta2) as f32,
+                    bias_correction2_sqrt: bc2_sqrt,
+                    eps: step.eps as f32,
                     // The fp16 overflow flag (or null): the kernel then writes nothing.
-                    Arg::P(skip),
-                ],
+                    skip,
+                },
             )?;
         }
         Ok(())
@@ -2618,7 +2611,15 @@ impl Backend for CudaBackend {
 }
 
 impl CudaBackend {
-    fn dropout(&self, name: &str, out: &CudaTensor, x: &CudaTensor, d: Dropout) -> Result<()> {
+    /// An element-wise dropout kernel from `x` into `out`, its parameters made by `params` from
+    /// (out, x, n).
+    fn dropout<K: KernelParams>(
+        &self,
+        name: &str,
+        out: &CudaTensor,
+        x: &CudaTensor,
+        params: impl FnOnce(u64, u64, u64) -> K,
+    ) -> Result<()> {
         ensure!(
             out.len == x.len,
             "{name}: out {} elements, x {}",
@@ -2633,27 +2634,21 @@ impl CudaBackend {
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
-            &[
-                Arg::P(out.device_ptr()),
-                Arg::P(x.device_ptr()),
-                Arg::U64(x.len as u64),
-                Arg::F32(d.p),
-                Arg::U64(d.seed),
-                Arg::U64(d.stream),
-            ],
+            &params(out.device_ptr(), x.device_ptr(), x.len as u64),
         )
     }
 
-    /// gather (`gather` true: out[batch, hidden] from x[rows, hidden]) or scatter-add backward
-    /// (dx[rows, hidden] += dout[batch, hidden]).
-    fn first_tokens(
+    /// gather (`gather` true: `(a, b)` = (out[batch, hidden], x[rows, hidden])) or scatter-add
+    /// backward (`(a, b)` = (dx[rows, hidden], dout[batch, hidden])), its parameters made by
+    /// `params` from (a, b, starts, batch, hidden).
+    fn first_tokens<K: KernelParams>(
         &self,
         name: &str,
-        a: &CudaTensor,
-        b: &CudaTensor,
+        (a, b): (&CudaTensor, &CudaTensor),
         layout: &SeqLayout,
         hidden: usize,
         gather: bool,
+        params: impl FnOnce(u64, u64, u64, u32, u32) -> K,
     ) -> Result<()> {
         let batch = layout.batch();
         let (small, big) = if gather { (a, b) } else { (b, a) };
@@ -2684,13 +2679,13 @@ impl CudaBackend {
             grid,
             (block, 1, 1),
             0,
-            &[
-                Arg::P(a.device_ptr()),
-                Arg::P(b.device_ptr()),
-                Arg::P(l.starts()),
-                Arg::U32(u32_of(batch, "batch")?),
-                Arg::U32(u32_of(hidden, "hidden")?),
-            ],
+            &params(
+                a.device_ptr(),
+                b.device_ptr(),
+                l.starts(),
+                u32_of(batch, "batch")?,
+                u32_of(hidden, "hidden")?,
+            ),
         )
     }
 

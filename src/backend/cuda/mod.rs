@@ -12,6 +12,7 @@ pub mod cubin;
 pub mod driver;
 mod graph;
 pub mod kernel_cache;
+pub mod kernel_params;
 pub mod libs;
 mod lt;
 pub mod nvrtc;
@@ -19,12 +20,15 @@ mod readback;
 pub mod runtime;
 mod timing;
 
-pub use backend::{CudaBackend, CudaIds, CudaTensor, REQUIRED_KERNELS};
+pub use backend::{CudaBackend, CudaIds, CudaTensor};
 pub use blas::{cublas, Cublas};
 pub use driver::{driver, Driver, Gpu};
 pub use graph::GraphStats;
 pub use kernel_cache::{
     kernel_files, kernel_headers, CompiledKernels, KernelCache, KernelCompiler,
+};
+pub use kernel_params::{
+    declared_kernels, demangled_params, required_kernels, KernelSignature, ParamKind,
 };
 pub use libs::{SearchEnv, SearchRoot};
 pub use nvrtc::{nvrtc, Arch, CompileError, Nvrtc};
