@@ -137,6 +137,7 @@ pub const REQUIRED_KERNELS: &[&str] = &[
     "scatter_first_tokens_backward_f32",
     "cross_entropy_forward_f32",
     "cross_entropy_backward_f32",
+    "cross_entropy_forward_backward_f32",
     "sum_squares_partial",
     "sum_squares_finalize",
     "clip_by_global_norm",
@@ -2395,6 +2396,47 @@ impl Backend for CudaBackend {
             (256, 1, 1),
             0,
             &[
+                Arg::P(dlogits.device_ptr()),
+                Arg::P(logits.device_ptr()),
+                Arg::P(labels.device_ptr()),
+                Arg::U32(u32_of(rows, "rows")?),
+                Arg::U32(u32_of(classes, "classes")?),
+                Arg::F32(smoothing),
+                Arg::F32(scale),
+            ],
+        )
+    }
+
+    fn cross_entropy_forward_backward(
+        &self,
+        losses: &CudaTensor,
+        dlogits: &CudaTensor,
+        logits: &CudaTensor,
+        labels: &CudaIds,
+        classes: usize,
+        smoothing: f32,
+        scale: f32,
+    ) -> Result<()> {
+        let rows = labels.len();
+        ensure!(
+            (losses.len, dlogits.len, logits.len) == (rows, rows * classes, rows * classes),
+            "cross_entropy_forward_backward: lengths (losses {}, dlogits {}, logits {}) for \
+             {rows} labels of {classes} classes",
+            losses.len,
+            dlogits.len,
+            logits.len
+        );
+        self.check_labels(labels, classes)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "cross_entropy_forward_backward_f32",
+            (rows.div_ceil(8).min(65535) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(losses.device_ptr()),
                 Arg::P(dlogits.device_ptr()),
                 Arg::P(logits.device_ptr()),
                 Arg::P(labels.device_ptr()),
