@@ -820,6 +820,29 @@ fn cross_entropy(r: &mut Runner<'_>, c: &mut Criterion) {
                 })
             }),
         );
+        // The training step's fused op. Reads logits and labels, writes losses and dlogits:
+        // 4·(2·rows·classes + 2·rows).
+        r.bench(
+            &mut g,
+            "cross_entropy",
+            "fwd_bwd",
+            &param,
+            case(be, Work::Bytes(4 * (2 * rc + 2 * r_)), move || {
+                let (logits, labels) = inputs()?;
+                let (losses, dlogits) = (be.zeros(rows)?, be.zeros(rows * classes)?);
+                Ok(move || {
+                    be.cross_entropy_forward_backward(
+                        &losses,
+                        &dlogits,
+                        &logits,
+                        &labels,
+                        classes,
+                        0.0,
+                        1.0 / 32.0,
+                    )
+                })
+            }),
+        );
     }
     g.finish();
 }

@@ -5,13 +5,17 @@
 // loss = (1−ε)·(−log p_y) + ε·mean_c(−log p_c) = (1−ε)·(lse − z_y) + ε·(lse − Σ_c z_c / C)
 //        (= PyTorch's cross_entropy(label_smoothing=ε)),
 // dz_c = scale·(p_c − (1−ε)·[c = y] − ε/C)   (overwrites dlogits).
+// cross_entropy_forward writes the losses, cross_entropy_backward the gradient, and
+// cross_entropy_forward_backward both (the training step): one log-sum-exp per row instead of
+// two, from the same device functions, so the same bits as the other two. Its arguments:
+// (losses, dlogits, logits, labels, rows, classes, smoothing, scale).
 // The caller reduces `losses` (the mean over rows) and passes scale = 1/rows to backward.
 // A label ≥ classes (the CPU reference panics) gives a NaN loss and a NaN gradient row.
 // Layout: logits, dlogits T [rows, classes] (use _f32 for fp32 logits); labels u32 [rows];
 // losses fp32 [rows]. Math in fp32 (the CPU reference uses f64).
 #include "common.cuh"
 
-// Launch (both): one warp per row. block (256, 1, 1) (any multiple of 32, ≤ 1024), grid
+// Launch (all three): one warp per row. block (256, 1, 1) (any multiple of 32, ≤ 1024), grid
 // (ceil(rows / (blockDim.x/32)), 1, 1); grid-stride over rows, so any grid is correct. No shared
 // memory. The lanes stride over the classes (any number of classes).
 
@@ -32,64 +36,70 @@ __device__ __forceinline__ float row_lse(const T* __restrict__ z, unsigned int c
     return m + logf(warp_sum(e));
 }
 
+// Row z's loss for label y, from its lse and Σ z.
 template <typename T>
-__device__ __forceinline__ void cross_entropy_forward_impl(float* __restrict__ losses, const T* __restrict__ logits,
-                                                           const unsigned int* __restrict__ labels,
-                                                           unsigned int rows, unsigned int classes, float smoothing) {
-    const unsigned int lane = threadIdx.x & 31u, warps = blockDim.x >> 5;
-    for (unsigned int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
-        const T* __restrict__ z = logits + (unsigned long long)row * classes;
-        float sum_z;
-        const float lse = row_lse(z, classes, lane, &sum_z);
-        if (lane == 0) {
-            const unsigned int y = labels[row];
-            float loss = __int_as_float(0x7fffffff);  // NaN: label out of range
-            if (y < classes) {
-                const float nll_y = lse - to_f32(z[y]);
-                const float mean_nll = lse - sum_z / (float)classes;
-                loss = (1.0f - smoothing) * nll_y + smoothing * mean_nll;
-            }
-            losses[row] = loss;
+__device__ __forceinline__ float row_loss(const T* __restrict__ z, unsigned int y, unsigned int classes,
+                                          float lse, float sum_z, float smoothing) {
+    if (y >= classes) return __int_as_float(0x7fffffff);  // NaN: label out of range
+    const float nll_y = lse - to_f32(z[y]);
+    const float mean_nll = lse - sum_z / (float)classes;
+    return (1.0f - smoothing) * nll_y + smoothing * mean_nll;
+}
+
+// Row z's gradient into dz for label y, from its lse; the lanes stride over the classes.
+template <typename T>
+__device__ __forceinline__ void row_grad(T* __restrict__ dz, const T* __restrict__ z, unsigned int y,
+                                         unsigned int classes, unsigned int lane, float lse, float smoothing,
+                                         float scale) {
+    const float uniform = smoothing / (float)classes, on = 1.0f - smoothing;
+    for (unsigned int c = lane; c < classes; c += 32u) {
+        float d = __int_as_float(0x7fffffff);  // NaN: label out of range
+        if (y < classes) {
+            const float target = (c == y ? on : 0.0f) + uniform;
+            d = scale * (expf(to_f32(z[c]) - lse) - target);
         }
+        dz[c] = from_f32<T>(d);
     }
 }
 
+// Losses (unless `losses` is null) and gradient rows (unless `dlogits` is null) of every row, one
+// warp per row. The three kernels are this with one or both outputs: a null output is a constant
+// after inlining, so its code is compiled out.
 template <typename T>
-__device__ __forceinline__ void cross_entropy_backward_impl(T* __restrict__ dlogits, const T* __restrict__ logits,
-                                                            const unsigned int* __restrict__ labels,
-                                                            unsigned int rows, unsigned int classes, float smoothing,
-                                                            float scale) {
+__device__ __forceinline__ void cross_entropy_impl(float* __restrict__ losses, T* __restrict__ dlogits,
+                                                   const T* __restrict__ logits,
+                                                   const unsigned int* __restrict__ labels, unsigned int rows,
+                                                   unsigned int classes, float smoothing, float scale) {
     const unsigned int lane = threadIdx.x & 31u, warps = blockDim.x >> 5;
-    const float uniform = smoothing / (float)classes, on = 1.0f - smoothing;
     for (unsigned int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
         const unsigned long long base = (unsigned long long)row * classes;
         float sum_z;
         const float lse = row_lse(logits + base, classes, lane, &sum_z);
         const unsigned int y = labels[row];
-        for (unsigned int c = lane; c < classes; c += 32u) {
-            float d = __int_as_float(0x7fffffff);  // NaN: label out of range
-            if (y < classes) {
-                const float target = (c == y ? on : 0.0f) + uniform;
-                d = scale * (expf(to_f32(logits[base + c]) - lse) - target);
-            }
-            dlogits[base + c] = from_f32<T>(d);
-        }
+        if (losses && lane == 0) losses[row] = row_loss(logits + base, y, classes, lse, sum_z, smoothing);
+        if (dlogits) row_grad(dlogits + base, logits + base, y, classes, lane, lse, smoothing, scale);
     }
 }
 
-#define LOSS_KERNELS(T, SUFFIX)                                                                                    \
-    extern "C" __global__ void cross_entropy_forward_##SUFFIX(float* __restrict__ losses,                          \
-                                                              const T* __restrict__ logits,                        \
-                                                              const unsigned int* __restrict__ labels,             \
-                                                              unsigned int rows, unsigned int classes,             \
-                                                              float smoothing) {                                   \
-        cross_entropy_forward_impl(losses, logits, labels, rows, classes, smoothing);                              \
-    }                                                                                                              \
-    extern "C" __global__ void cross_entropy_backward_##SUFFIX(T* __restrict__ dlogits, const T* __restrict__ logits, \
-                                                               const unsigned int* __restrict__ labels,            \
-                                                               unsigned int rows, unsigned int classes,            \
-                                                               float smoothing, float scale) {                     \
-        cross_entropy_backward_impl(dlogits, logits, labels, rows, classes, smoothing, scale);                     \
+#define LOSS_KERNELS(T, SUFFIX)                                                                                        \
+    extern "C" __global__ void cross_entropy_forward_##SUFFIX(float* __restrict__ losses,                              \
+                                                              const T* __restrict__ logits,                            \
+                                                              const unsigned int* __restrict__ labels,                 \
+                                                              unsigned int rows, unsigned int classes,                 \
+                                                              float smoothing) {                                       \
+        cross_entropy_impl<T>(losses, nullptr, logits, labels, rows, classes, smoothing, 0.0f);                        \
+    }                                                                                                                  \
+    extern "C" __global__ void cross_entropy_backward_##SUFFIX(T* __restrict__ dlogits, const T* __restrict__ logits,  \
+                                                               const unsigned int* __restrict__ labels,                \
+                                                               unsigned int rows, unsigned int classes,                \
+                                                               float smoothing, float scale) {                         \
+        cross_entropy_impl<T>(nullptr, dlogits, logits, labels, rows, classes, smoothing, scale);                      \
+    }                                                                                                                  \
+    extern "C" __global__ void cross_entropy_forward_backward_##SUFFIX(                                                \
+        float* __restrict__ losses, T* __restrict__ dlogits, const T* __restrict__ logits,                             \
+        const unsigned int* __restrict__ labels, unsigned int rows, unsigned int classes, float smoothing,             \
+        float scale) {                                                                                                 \
+        cross_entropy_impl<T>(losses, dlogits, logits, labels, rows, classes, smoothing, scale);                       \
     }
 
 LOSS_KERNELS(float, f32)

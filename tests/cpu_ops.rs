@@ -1424,6 +1424,53 @@ fn cross_entropy_backward() {
     }
 }
 
+/// The bits of `x`, so that equality is bitwise (and a NaN equals itself).
+fn bits(x: &[f32]) -> Vec<u32> {
+    x.iter().map(|v| v.to_bits()).collect()
+}
+
+/// The fused op gives exactly what the forward and the backward give (the training step relies
+/// on it: its numbers did not change when it switched to the fused op).
+#[test]
+fn cross_entropy_forward_backward() {
+    for (rows, classes) in [1, 3, 37]
+        .into_iter()
+        .flat_map(|r| [2, 3, 5, 33].map(|c| (r, c)))
+    {
+        for smoothing in [0.0f32, 0.1] {
+            for scale in [1.0 / rows as f32, 0.37] {
+                let name = format!("{rows}x{classes} ε {smoothing} scale {scale}");
+                let seed = 1900 + (100 * rows + classes) as u64;
+                let (logits, labels) = ce_case(rows, classes, 0.5, seed);
+                let (logits, labels) = (up(&logits), up_ids(&labels));
+                // Outputs start as different garbage: each must be overwritten.
+                let fused = [
+                    up(&nonzero(rows, seed + 2, 50.0)),
+                    up(&nonzero(rows * classes, seed + 3, 50.0)),
+                ];
+                BE.cross_entropy_forward_backward(
+                    &fused[0], &fused[1], &logits, &labels, classes, smoothing, scale,
+                )
+                .unwrap();
+                let apart = [
+                    up(&nonzero(rows, seed + 4, 50.0)),
+                    up(&nonzero(rows * classes, seed + 5, 50.0)),
+                ];
+                BE.cross_entropy_forward(&apart[0], &logits, &labels, classes, smoothing)
+                    .unwrap();
+                BE.cross_entropy_backward(&apart[1], &logits, &labels, classes, smoothing, scale)
+                    .unwrap();
+                for (what, f, a) in [
+                    ("losses", &fused[0], &apart[0]),
+                    ("dlogits", &fused[1], &apart[1]),
+                ] {
+                    assert_eq!(bits(&down(f)), bits(&down(a)), "{name}: {what}");
+                }
+            }
+        }
+    }
+}
+
 /// The reduced precisions the dense layers can read their operands in.
 const REDUCED: [MatmulPrecision; 3] = [
     MatmulPrecision::F16,

@@ -857,6 +857,62 @@ fn cross_entropy() {
     }
 }
 
+/// [`loss_case`]'s inputs through the fused op, into outputs that start as other garbage.
+fn fused_loss_case<B: Backend>(
+    be: &B,
+    rows: usize,
+    classes: usize,
+    smoothing: f32,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = (rows * 100 + classes) as u64;
+    let logits = up(be, &random_vec(rows * classes, s, 3.0));
+    let labels = be
+        .upload_ids(&random_ids(rows, s + 1, classes as u32))
+        .unwrap();
+    let losses = up(be, &random_vec(rows, s + 4, 9.0));
+    let dlogits = up(be, &random_vec(rows * classes, s + 5, 9.0));
+    be.cross_entropy_forward_backward(
+        &losses,
+        &dlogits,
+        &logits,
+        &labels,
+        classes,
+        smoothing,
+        1.0 / rows as f32,
+    )
+    .unwrap();
+    vec![
+        ("losses", down(be, &losses)),
+        ("dlogits", down(be, &dlogits)),
+    ]
+}
+
+/// The fused op against the CPU reference (as `cross_entropy`), and bit for bit against the
+/// GPU's own forward and backward kernels: the training step switched to it, and its numbers
+/// must not change.
+#[test]
+fn cross_entropy_forward_backward() {
+    let Some(g) = gpu() else { return };
+    for rows in [1, 3, 37] {
+        for classes in [2, 3, 5, 33] {
+            for smoothing in [0.0, 0.1] {
+                let case = format!("rows {rows}, classes {classes}, smoothing {smoothing}");
+                let fused = fused_loss_case(&g, rows, classes, smoothing);
+                compare(
+                    &case,
+                    &fused,
+                    &fused_loss_case(&CPU, rows, classes, smoothing),
+                    1e-5,
+                );
+                let apart = loss_case(&g, rows, classes, smoothing);
+                for ((name, f), (_, a)) in fused.iter().zip(&apart) {
+                    exact(&format!("{case}: fused vs apart {name}"), f, a);
+                }
+            }
+        }
+    }
+}
+
 // ---- optimizer ----
 
 fn norm_case<B: Backend>(be: &B, n: usize, max_norm: f32) -> Vec<(&'static str, Vec<f32>)> {

@@ -502,6 +502,22 @@ pub trait Backend {
         smoothing: f32,
         scale: f32,
     ) -> Result<()>;
+    /// Both of the above in one pass, the training step's loss and its gradient:
+    /// `losses[r] = (1−ε)·(−log p[label]) + ε·mean_c(−log p[c])` and
+    /// `dlogits[r] = scale·(softmax(logits[r]) − (1−ε)·onehot(label) − ε/C)`, the same values as
+    /// [`Backend::cross_entropy_forward`] and [`Backend::cross_entropy_backward`] give, with one
+    /// log-sum-exp per row where the two compute it twice.
+    #[allow(clippy::too_many_arguments)]
+    fn cross_entropy_forward_backward(
+        &self,
+        losses: &Self::Tensor,
+        dlogits: &Self::Tensor,
+        logits: &Self::Tensor,
+        labels: &Self::Ids,
+        classes: usize,
+        smoothing: f32,
+        scale: f32,
+    ) -> Result<()>;
 
     // ---- optimizer (optim.rs) ----
     /// `out[0] = Σ x²` (accumulated in f64 on the CPU, fp32 on the GPU).

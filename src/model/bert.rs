@@ -475,6 +475,20 @@ impl LossSpec {
             loss_scale: 1.0,
         }
     }
+
+    /// The factor of each row's loss gradient: in fp32, as GradScaler's `loss * scale` is, then
+    /// divided as the mean's backward does.
+    fn grad_scale(&self) -> f32 {
+        self.loss_scale / self.normalizer as f32
+    }
+}
+
+/// The batch's labels, which a loss needs.
+fn labels_of<B: Backend>(batch: &Batch<B>) -> Result<&B::Ids> {
+    batch
+        .labels
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("the batch has no labels"))
 }
 
 /// The model over one backend: its config and its parameter views.
@@ -710,16 +724,32 @@ impl<B: Backend> Bert<'_, B> {
         acts: &Activations<B::Tensor>,
         label_smoothing: f32,
     ) -> Result<()> {
-        let labels = batch
-            .labels
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("the batch has no labels"))?;
         self.backend.cross_entropy_forward(
             &acts.losses,
             &acts.logits,
-            labels,
+            labels_of(batch)?,
             self.cfg.num_labels(),
             label_smoothing,
+        )
+    }
+
+    /// Per-row losses of the last forward into `acts.losses` and their gradient, that of
+    /// `loss`, into `acts.g_logits`, in one pass (the training step's loss and the start of its
+    /// backward): then [`Bert::backward_from_logits_grad`].
+    pub fn compute_losses_and_grad(
+        &self,
+        batch: &Batch<B>,
+        acts: &Activations<B::Tensor>,
+        loss: LossSpec,
+    ) -> Result<()> {
+        self.backend.cross_entropy_forward_backward(
+            &acts.losses,
+            &acts.g_logits,
+            &acts.logits,
+            labels_of(batch)?,
+            self.cfg.num_labels(),
+            loss.label_smoothing,
+            loss.grad_scale(),
         )
     }
 
@@ -744,50 +774,46 @@ impl<B: Backend> Bert<'_, B> {
         mode: Mode,
         loss: LossSpec,
     ) -> Result<()> {
-        self.backward_with(grads, batch, acts, mode, loss, None)
+        self.check_shape(batch, acts)?;
+        self.backend.cross_entropy_backward(
+            &acts.g_logits,
+            &acts.logits,
+            labels_of(batch)?,
+            self.cfg.num_labels(),
+            loss.label_smoothing,
+            loss.grad_scale(),
+        )?;
+        self.backward_with(grads, batch, acts, mode, None)
     }
 
-    /// [`Bert::backward`] with the loss also multiplied by `scale[0]`, a factor held on the
-    /// device (the fp16 loss scale, which the host does not wait to learn).
-    pub fn backward_device_scaled(
+    /// Backward from the loss gradient that [`Bert::compute_losses_and_grad`] left in
+    /// `acts.g_logits` (same `batch`, `acts`, `mode` as the forward), multiplied by `scale[0]`
+    /// when given, a factor held on the device (the fp16 loss scale, which the host does not
+    /// wait to learn); accumulates every parameter's gradient into `grads`.
+    pub fn backward_from_logits_grad(
         &self,
         grads: &BertTensors<B::Tensor>,
         batch: &Batch<B>,
         acts: &Activations<B::Tensor>,
         mode: Mode,
-        loss: LossSpec,
-        scale: &B::Tensor,
+        device_scale: Option<&B::Tensor>,
     ) -> Result<()> {
-        self.backward_with(grads, batch, acts, mode, loss, Some(scale))
+        self.check_shape(batch, acts)?;
+        self.backward_with(grads, batch, acts, mode, device_scale)
     }
 
+    /// Backward from the loss gradient in `acts.g_logits` (shapes already checked).
     fn backward_with(
         &self,
         grads: &BertTensors<B::Tensor>,
         batch: &Batch<B>,
         acts: &Activations<B::Tensor>,
         mode: Mode,
-        loss: LossSpec,
         device_scale: Option<&B::Tensor>,
     ) -> Result<()> {
-        self.check_shape(batch, acts)?;
         let (be, w, cfg) = (self.backend, self.weights, self.cfg);
         let (h, _, c) = self.dims();
         let (rows, n) = (batch.rows(), batch.size());
-        let labels = batch
-            .labels
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("the batch has no labels"))?;
-        // In fp32, as GradScaler's `loss * scale` is, then divided as the mean's backward does.
-        let scale = loss.loss_scale / loss.normalizer as f32;
-        be.cross_entropy_backward(
-            &acts.g_logits,
-            &acts.logits,
-            labels,
-            c,
-            loss.label_smoothing,
-            scale,
-        )?;
         if let Some(s) = device_scale {
             // (p − y)·fl(1/N)·2^k: the same bits as torch's (p − y)·fl(2^k/N) for a power-of-two
             // scale, unless (p − y)/N is subnormal.

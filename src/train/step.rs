@@ -405,7 +405,7 @@ pub fn queue_train_step<B: Backend>(
     if backend.len(&scratch.step_losses) < normalizer {
         scratch.step_losses = backend.zeros(normalizer.next_power_of_two())?;
     }
-    // fp16's loss scale is applied on the device (`backward_device_scaled`).
+    // fp16's loss scale is applied on the device (the `device_scale` of the backward).
     let spec = LossSpec::mean(s.label_smoothing, normalizer);
     let bert = model.bert(backend);
     let key = region_key(micro_batches, s, scratch.scaler.is_some());
@@ -429,21 +429,13 @@ pub fn queue_train_step<B: Backend>(
             };
             let acts = &acts_cache.get(backend, model, batch)?;
             bert.forward(batch, acts, mode)?;
-            bert.compute_losses(batch, acts, s.label_smoothing)?;
+            // The losses and their gradient in one kernel, one log-sum-exp per row.
+            bert.compute_losses_and_grad(batch, acts, spec)?;
             let rows = backend.len(&acts.losses);
             backend.copy(&backend.view(step_losses, row, rows), &acts.losses)?;
             row += rows;
-            match scaler {
-                Some(l) => bert.backward_device_scaled(
-                    &model.grad_views,
-                    batch,
-                    acts,
-                    mode,
-                    spec,
-                    &l.scale,
-                )?,
-                None => bert.backward(&model.grad_views, batch, acts, mode, spec)?,
-            }
+            let device_scale = scaler.map(|l| &l.scale);
+            bert.backward_from_logits_grad(&model.grad_views, batch, acts, mode, device_scale)?;
         }
         // fp16: unscale and check the gradients, and update the scale, on the device.
         if let Some(l) = scaler {

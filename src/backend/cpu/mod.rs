@@ -423,6 +423,28 @@ impl Backend for CpuBackend {
         );
         Ok(())
     }
+    fn cross_entropy_forward_backward(
+        &self,
+        losses: &CpuTensor,
+        dlogits: &CpuTensor,
+        logits: &CpuTensor,
+        labels: &Self::Ids,
+        classes: usize,
+        smoothing: f32,
+        scale: f32,
+    ) -> Result<()> {
+        check_disjoint(&[losses, dlogits], &[logits]);
+        loss::cross_entropy_forward_backward(
+            losses.data_mut(),
+            dlogits.data_mut(),
+            logits.data(),
+            labels,
+            classes,
+            smoothing,
+            scale,
+        );
+        Ok(())
+    }
 
     fn sum_squares(&self, out: &CpuTensor, x: &CpuTensor) -> Result<()> {
         check_disjoint(&[out], &[x]);

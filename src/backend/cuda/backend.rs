@@ -2399,6 +2399,47 @@ impl Backend for CudaBackend {
         )
     }
 
+    fn cross_entropy_forward_backward(
+        &self,
+        losses: &CudaTensor,
+        dlogits: &CudaTensor,
+        logits: &CudaTensor,
+        labels: &CudaIds,
+        classes: usize,
+        smoothing: f32,
+        scale: f32,
+    ) -> Result<()> {
+        let rows = labels.len();
+        ensure!(
+            (losses.len, dlogits.len, logits.len) == (rows, rows * classes, rows * classes),
+            "cross_entropy_forward_backward: lengths (losses {}, dlogits {}, logits {}) for \
+             {rows} labels of {classes} classes",
+            losses.len,
+            dlogits.len,
+            logits.len
+        );
+        self.check_labels(labels, classes)?;
+        if rows == 0 {
+            return Ok(());
+        }
+        self.launch(
+            "cross_entropy_forward_backward_f32",
+            (rows.div_ceil(8).min(65535) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &CrossEntropyForwardBackward {
+                losses: losses.device_ptr(),
+                dlogits: dlogits.device_ptr(),
+                logits: logits.device_ptr(),
+                labels: labels.device_ptr(),
+                rows: u32_of(rows, "rows")?,
+                classes: u32_of(classes, "classes")?,
+                smoothing,
+                scale,
+            },
+        )
+    }
+
     // ---- optimizer ----
     fn sum_squares(&self, out: &CudaTensor, x: &CudaTensor) -> Result<()> {
         ensure!(out.len >= 1, "sum_squares: out is empty");

@@ -214,6 +214,12 @@ kernel_params! {
         dlogits: P, logits: P, labels: P, rows: U32, classes: U32, smoothing: F32, scale: F32,
     }
 
+    /// loss.cu, both in one pass (the training step).
+    CrossEntropyForwardBackward ["cross_entropy_forward_backward_f32"] {
+        losses: P, dlogits: P, logits: P, labels: P, rows: U32, classes: U32, smoothing: F32,
+        scale: F32,
+    }
+
     /// optim.cu: Σx² partials.
     SumSquaresPartial ["sum_squares_partial"] { partials: P, x: P, n: U64 }
 
