@@ -4,6 +4,11 @@
 //! `loss = (1−ε)·(−log p_y) + ε·mean_c(−log p_c)`   (= PyTorch's `cross_entropy(label_smoothing=ε)`),
 //! `dz_c = scale·(p_c − (1−ε)·[c = y] − ε/C)`.
 //! The caller reduces `loss` (the mean over rows) and passes `scale = 1/rows` to backward.
+//! A row labelled [`IGNORE_LABEL`] (a dummy sequence of a batch padded to its sequence bucket)
+//! has loss 0 and gradient 0 exactly, and the caller's mean does not count it; any other label
+//! out of range panics.
+
+use crate::backend::IGNORE_LABEL;
 
 pub fn log_softmax_row(z: &[f32]) -> Vec<f64> {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -32,6 +37,10 @@ pub fn cross_entropy_forward(
     );
     let eps = smoothing as f64;
     for (r, z) in logits.chunks(classes).enumerate() {
+        if labels[r] == IGNORE_LABEL {
+            losses[r] = 0.0;
+            continue;
+        }
         let logp = log_softmax_row(z);
         let y = checked_label(labels[r], classes);
         let mean_nll = -logp.iter().sum::<f64>() / classes as f64;
@@ -57,6 +66,10 @@ pub fn cross_entropy_backward(
         .zip(logits.chunks(classes))
         .enumerate()
     {
+        if labels[r] == IGNORE_LABEL {
+            dz.fill(0.0);
+            continue;
+        }
         let logp = log_softmax_row(z);
         let y = checked_label(labels[r], classes);
         for c in 0..classes {
