@@ -10,10 +10,17 @@
 // two, from the same device functions, so the same bits as the other two. Its arguments:
 // (losses, dlogits, logits, labels, rows, classes, smoothing, scale).
 // The caller reduces `losses` (the mean over rows) and passes scale = 1/rows to backward.
-// A label ≥ classes (the CPU reference panics) gives a NaN loss and a NaN gradient row.
+// The label IGNORE_LABEL (0xffffffff, PyTorch's ignore_index; Rust's backend::IGNORE_LABEL) marks
+// a row the loss leaves out — the dummy sequences a batch is padded with to its sequence bucket:
+// its loss and its gradient row are exactly 0 (whatever the logits and scale), and the caller's
+// mean does not count it. Any other label ≥ classes (the CPU reference panics) gives a NaN loss
+// and a NaN gradient row.
 // Layout: logits, dlogits T [rows, classes] (use _f32 for fp32 logits); labels u32 [rows];
 // losses fp32 [rows]. Math in fp32 (the CPU reference uses f64).
 #include "common.cuh"
+
+// The label of a row the loss leaves out (loss 0, gradient 0).
+#define IGNORE_LABEL 0xffffffffu
 
 // Launch (all three): one warp per row. block (256, 1, 1) (any multiple of 32, ≤ 1024), grid
 // (ceil(rows / (blockDim.x/32)), 1, 1); grid-stride over rows, so any grid is correct. No shared
@@ -40,6 +47,7 @@ __device__ __forceinline__ float row_lse(const T* __restrict__ z, unsigned int c
 template <typename T>
 __device__ __forceinline__ float row_loss(const T* __restrict__ z, unsigned int y, unsigned int classes,
                                           float lse, float sum_z, float smoothing) {
+    if (y == IGNORE_LABEL) return 0.0f;
     if (y >= classes) return __int_as_float(0x7fffffff);  // NaN: label out of range
     const float nll_y = lse - to_f32(z[y]);
     const float mean_nll = lse - sum_z / (float)classes;
@@ -54,7 +62,9 @@ __device__ __forceinline__ void row_grad(T* __restrict__ dz, const T* __restrict
     const float uniform = smoothing / (float)classes, on = 1.0f - smoothing;
     for (unsigned int c = lane; c < classes; c += 32u) {
         float d = __int_as_float(0x7fffffff);  // NaN: label out of range
-        if (y < classes) {
+        if (y == IGNORE_LABEL) {
+            d = 0.0f;
+        } else if (y < classes) {
             const float target = (c == y ? on : 0.0f) + uniform;
             d = scale * (expf(to_f32(z[c]) - lse) - target);
         }

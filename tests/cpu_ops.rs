@@ -21,7 +21,7 @@ use bertft_cuda::backend::cpu::{CpuBackend, CpuTensor};
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
     attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
-    Dropout, MatmulPrecision, ResidualAdd, SeqLayout,
+    Dropout, MatmulPrecision, ResidualAdd, SeqLayout, IGNORE_LABEL,
 };
 use common::naive::{self, abs, assert_close, dot, f64s, finite_differences, U};
 use common::tiny::random_vec;
@@ -1469,6 +1469,56 @@ fn cross_entropy_forward_backward() {
             }
         }
     }
+}
+
+/// A row labelled `IGNORE_LABEL` (a dummy sequence of a batch padded to its sequence bucket) has
+/// loss 0 and gradient 0 exactly, whatever its logits, the smoothing and the scale; the other
+/// rows are computed as without it.
+#[test]
+fn cross_entropy_ignores_the_ignore_label() {
+    let (rows, classes) = (7, 5);
+    for smoothing in [0.0f32, 0.1] {
+        for scale in [1.0 / 3.0, f32::MAX] {
+            let (logits, labels) = ce_case(rows, classes, 40.0, 1900);
+            let ignored = [1, 4, 6];
+            let mut with_ignored = labels.clone();
+            for &r in &ignored {
+                with_ignored[r] = IGNORE_LABEL;
+            }
+            let run = |labels: &[u32]| {
+                let losses = up(&nonzero(rows, 1902, 50.0));
+                let dz = up(&nonzero(rows * classes, 1903, 50.0));
+                let (z, y) = (up(&logits), up_ids(labels));
+                BE.cross_entropy_forward(&losses, &z, &y, classes, smoothing)
+                    .unwrap();
+                BE.cross_entropy_backward(&dz, &z, &y, classes, smoothing, scale)
+                    .unwrap();
+                (down(&losses), down(&dz))
+            };
+            let (losses, dz) = run(&with_ignored);
+            let (want_losses, want_dz) = run(&labels);
+            for r in 0..rows {
+                let dz_r = &dz[r * classes..][..classes];
+                if ignored.contains(&r) {
+                    assert_eq!(losses[r].to_bits(), 0, "row {r}'s loss");
+                    assert!(dz_r.iter().all(|g| g.to_bits() == 0), "row {r}: {dz_r:?}");
+                } else {
+                    assert_eq!(losses[r], want_losses[r], "row {r}'s loss");
+                    assert_eq!(dz_r, &want_dz[r * classes..][..classes], "row {r}");
+                }
+            }
+        }
+    }
+}
+
+/// Labels out of range other than `IGNORE_LABEL` are still an error of the caller.
+#[test]
+#[should_panic(expected = "out of range")]
+fn cross_entropy_rejects_other_labels_out_of_range() {
+    let losses = up(&[0.0; 2]);
+    let labels = up_ids(&[0, IGNORE_LABEL - 1]);
+    BE.cross_entropy_forward(&losses, &up(&[0.5; 6]), &labels, 3, 0.1)
+        .unwrap();
 }
 
 /// The reduced precisions the dense layers can read their operands in.

@@ -5,12 +5,12 @@
 mod common;
 
 use bertft_cuda::backend::cpu::CpuBackend;
-use bertft_cuda::backend::Backend;
+use bertft_cuda::backend::{Backend, IGNORE_LABEL};
 use bertft_cuda::data::encoded::EncodedSet;
 use bertft_cuda::data::sampler::Batching;
-use bertft_cuda::model::bert::{row_bucket, Batch, HostBatch};
+use bertft_cuda::model::bert::{row_bucket, sequence_bucket, Batch, HostBatch};
 use bertft_cuda::model::Classifier;
-use bertft_cuda::train::evaluate::predict;
+use bertft_cuda::train::evaluate::{eval_metrics, predict, Predictions};
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
 use bertft_cuda::train::step::{train_step, ActivationCache, StepScratch, StepSettings};
 use common::fixture::max_abs_diff;
@@ -179,4 +179,191 @@ fn a_batch_padded_to_its_row_bucket_computes_what_the_packed_batch_does() {
     assert!(grads.iter().any(|&g| g.abs() > 1e-3));
     let d = max_abs_diff(&grads, &bucketed_grads);
     assert!(d <= 1e-6, "gradients differ by {d:.3e}");
+}
+
+#[test]
+fn sequence_buckets_are_few_and_close_above() {
+    assert_eq!(
+        [0, 1, 4, 8, 9, 63, 64, 65, 73, 127, 128, 129, 145, 1000, 1024, 1025].map(sequence_bucket),
+        [0, 8, 8, 8, 16, 64, 64, 72, 80, 128, 128, 144, 160, 1024, 1024, 1152]
+    );
+    let mut previous = 0;
+    for n in 1..=5000 {
+        let b = sequence_bucket(n);
+        assert!(b >= n && b >= previous, "bucket {b} of {n}");
+        // At most 7 dummies, or 12.5% of the sequences.
+        assert!(b - n <= 7.max(n / 8), "bucket {b} of {n}");
+        assert_eq!(sequence_bucket(b), b, "a bucket is its own bucket");
+        assert_eq!(b % 8, 0);
+        previous = b;
+    }
+    // Eight buckets per octave (beyond the first 64 sequences).
+    for lo in [64, 128, 1024] {
+        let mut buckets: Vec<usize> = (lo + 1..=2 * lo).map(sequence_bucket).collect();
+        buckets.dedup();
+        assert_eq!(buckets.len(), 8, "buckets of {}..={}", lo + 1, 2 * lo);
+    }
+}
+
+/// A packed batch of the tiny set's rows `rows`, padded by `pad`.
+fn host_batch(set: &EncodedSet, rows: &[usize], pad: &dyn Fn(&mut HostBatch)) -> HostBatch {
+    let (ids, types, labels) = set.rows(rows);
+    let mut host = HostBatch::packed(&ids, &types, labels.as_deref()).unwrap();
+    pad(&mut host);
+    host
+}
+
+#[test]
+fn padding_to_buckets_appends_dummies_then_rows() {
+    let pad_id = tiny_config("gelu").pad_token_id.unwrap();
+    let set = tiny_set();
+    let host = host_batch(&set, &[0, 1, 2, 3], &|h| h.pad_to_buckets(pad_id));
+    // 4 sequences → 8 (4 one-token dummies after the 17 rows), 21 rows → 64 (the last dummy's).
+    assert_eq!((host.size(), host.real_size()), (8, 4));
+    assert_eq!(host.layout.total_rows(), 64);
+    assert_eq!(host.layout.starts, [0, 7, 10, 16, 17, 18, 19, 20]);
+    assert_eq!(host.layout.rows, [7, 3, 6, 1, 1, 1, 1, 44]);
+    assert_eq!(host.layout.valid, [7, 3, 6, 1, 1, 1, 1, 1]);
+    assert_eq!(
+        host.labels.as_deref().unwrap(),
+        [
+            2,
+            0,
+            1,
+            2,
+            IGNORE_LABEL,
+            IGNORE_LABEL,
+            IGNORE_LABEL,
+            IGNORE_LABEL
+        ]
+    );
+    assert_eq!(host.ids.len(), 64);
+    assert!(host.ids[17..].iter().all(|&i| i == pad_id));
+    assert!(host.positions[17..].iter().all(|&p| p == 0));
+    assert!(host.type_ids[17..].iter().all(|&t| t == 0));
+    // Padded again: nothing changes (a bucket is its own bucket).
+    let mut again = host.clone();
+    again.pad_to_buckets(pad_id);
+    assert_eq!(again, host);
+    // Unlabelled batches get unlabelled dummies.
+    let mut unlabelled = HostBatch::packed(&[&[2, 3]], &[&[0, 0]], None).unwrap();
+    unlabelled.pad_to_buckets(pad_id);
+    assert_eq!((unlabelled.size(), unlabelled.real_size()), (8, 1));
+    assert_eq!(unlabelled.labels, None);
+    // A full bucket gets no dummy: its rows go to its last sequence, as before.
+    let eight: Vec<usize> = [0, 1, 2, 3].repeat(2);
+    let mut set8 = tiny_set();
+    set8.ids = eight.iter().map(|&r| set.ids[r].clone()).collect();
+    set8.type_ids = eight.iter().map(|&r| set.type_ids[r].clone()).collect();
+    set8.labels = Some(
+        eight
+            .iter()
+            .map(|&r| set.labels.as_ref().unwrap()[r])
+            .collect(),
+    );
+    let full = host_batch(&set8, &(0..8).collect::<Vec<_>>(), &|h| {
+        h.pad_to_buckets(pad_id)
+    });
+    assert_eq!((full.size(), full.real_size()), (8, 8));
+    assert_eq!(full.layout.valid, [7, 3, 6, 1, 7, 3, 6, 1]);
+    assert_eq!(full.layout.rows[7], 64 - 33);
+}
+
+/// Loss and gradients of one step (dropout on, label smoothing 0.1) over `micro_batches` of the
+/// tiny rows, each packed and then padded by `pad`.
+fn padded_step(micro_batches: &[Vec<usize>], pad: &dyn Fn(&mut HostBatch)) -> (f64, Vec<f32>) {
+    let set = tiny_set();
+    step_over(Some(3), |be| {
+        micro_batches
+            .iter()
+            .map(|rows| Batch::upload(be, host_batch(&set, rows, pad)).unwrap())
+            .collect()
+    })
+}
+
+/// A packed batch padded to its sequence bucket and then its row bucket (as steps run as CUDA
+/// graphs are) computes the loss and the gradients of the unpadded batch, dropout on: the
+/// dummies come after the real sequences (the real ones draw the same dropout and see the same
+/// attention), their loss and gradient are exactly 0, and the mean counts the real sequences
+/// only. Also over several micro-batches, each padded (the step's loss leaves out the dummies
+/// between them). Bit for bit with one micro-batch here; within fp32 rounding in general (the
+/// CPU GEMM's kernels depend on the row count, here of the per-sequence GEMMs).
+#[test]
+fn a_batch_padded_to_its_sequence_and_row_buckets_computes_what_the_packed_batch_does() {
+    let pad_id = tiny_config("gelu").pad_token_id.unwrap();
+    let bucketed = |h: &mut HostBatch| h.pad_to_buckets(pad_id);
+    for micro_batches in [vec![vec![0, 1, 2, 3]], vec![vec![0], vec![1, 2], vec![3]]] {
+        let (loss, grads) = padded_step(&micro_batches, &|_| {});
+        let (bucketed_loss, bucketed_grads) = padded_step(&micro_batches, &bucketed);
+        assert!(
+            (loss - bucketed_loss).abs() <= 1e-6 * loss.abs(),
+            "{micro_batches:?}: loss {loss} vs {bucketed_loss}"
+        );
+        assert!(grads.iter().any(|&g| g.abs() > 1e-3));
+        let d = max_abs_diff(&grads, &bucketed_grads);
+        assert!(d <= 1e-6, "{micro_batches:?}: gradients differ by {d:.3e}");
+    }
+}
+
+/// Predictions (logits, loss, metrics) with every batch padded to its buckets, as evaluation
+/// with CUDA graphs pads them, are those of the unpadded batches up to fp32 rounding (the CPU
+/// GEMM's kernels depend on the row count): the dummies' logits and losses are dropped.
+#[test]
+fn evaluation_padded_to_buckets_gives_the_same_predictions_and_metrics() {
+    let model = tiny_model(&CpuBackend::FP32);
+    let labels = [2, 0, 1, 2, 1, 1, 0, 2];
+    let run = |be: &CpuBackend, batching: Batching, labelled: bool| -> Predictions {
+        let mut set = tiny_set();
+        set.ids.extend(set.ids.clone());
+        set.type_ids.extend(set.type_ids.clone());
+        set.labels = labelled.then(|| labels.to_vec());
+        predict(
+            be,
+            &model,
+            &mut ActivationCache::default(),
+            &set,
+            batching,
+            0.1,
+        )
+        .unwrap()
+    };
+    let padding = CpuBackend::FP32.with_bucket_padding();
+    for batching in [
+        Batching::Tokens {
+            max_tokens: 9,
+            max_rows: 2,
+        },
+        Batching::Rows {
+            size: 3,
+            drop_last: false,
+        },
+    ] {
+        for labelled in [true, false] {
+            let plain = run(&CpuBackend::FP32, batching, labelled);
+            let padded = run(&padding, batching, labelled);
+            assert_eq!(padded.batches, plain.batches);
+            assert_eq!(padded.logits.len(), 8);
+            for (r, (a, b)) in padded.logits.iter().zip(&plain.logits).enumerate() {
+                assert!(max_abs_diff(a, b) <= 1e-6, "row {r}: {a:?} vs {b:?}");
+            }
+            match (padded.loss, plain.loss) {
+                (Some(a), Some(b)) => assert!((a - b).abs() <= 1e-6 * b.abs(), "{a} vs {b}"),
+                (None, None) => assert!(!labelled),
+                other => panic!("losses {other:?}"),
+            }
+            if labelled {
+                // The loss is compared above; the rest are counts of argmaxes.
+                let metrics = |p: &Predictions| {
+                    let mut m = eval_metrics(p, &labels, 3);
+                    m.retain(|(name, _)| {
+                        !["loss", "runtime", "per_second"]
+                            .iter()
+                            .any(|s| name.contains(s))
+                    });
+                    m
+                };
+                assert_eq!(metrics(&padded), metrics(&plain));
+            }
+        }
+    }
 }

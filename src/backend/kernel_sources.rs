@@ -18,4 +18,12 @@ mod tests {
             .unwrap()
             .contains("philox4x32_10"));
     }
+
+    /// loss.cu spells the ignored label as the Rust side does.
+    #[test]
+    fn loss_kernels_ignore_the_rust_ignore_label() {
+        let src = super::kernel_source("loss.cu").unwrap();
+        let define = format!("#define IGNORE_LABEL {:#x}u", crate::backend::IGNORE_LABEL);
+        assert!(src.contains(&define), "loss.cu lacks `{define}`");
+    }
 }

@@ -23,6 +23,12 @@ pub mod philox;
 
 use anyhow::Result;
 
+/// The label of a row the cross-entropy leaves out (PyTorch's `ignore_index`): its loss and its
+/// logits' gradient are exactly 0. The dummy sequences of a batch padded to its
+/// [`sequence_bucket`](crate::model::bert::sequence_bucket) carry it; the loss's mean
+/// ([`LossSpec::normalizer`](crate::model::bert::LossSpec)) does not count them.
+pub const IGNORE_LABEL: u32 = u32::MAX;
+
 /// Activation function of the feed-forward block, from `config.json`'s `hidden_act`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Activation {
@@ -300,10 +306,17 @@ pub trait Backend {
     fn run_region(&self, _key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
         region()
     }
-    /// Whether [`Backend::run_region`] records graphs: batches are then padded to a few row
-    /// counts ([`crate::model::bert::row_bucket`]), so that one graph serves many batches.
+    /// Whether [`Backend::run_region`] records graphs: batches are then padded to a few
+    /// sequence counts and row counts ([`Backend::pads_to_buckets`]), so that one graph serves
+    /// many batches.
     fn runs_graphs(&self) -> bool {
         false
+    }
+    /// Whether the trainer and evaluation pad each batch to its buckets
+    /// ([`crate::model::bert::HostBatch::pad_to_buckets`]): when graphs are on (and on a CPU
+    /// backend asked to, to test that the padding changes no result).
+    fn pads_to_buckets(&self) -> bool {
+        self.runs_graphs()
     }
     fn upload(&self, data: &[f32]) -> Result<Self::Tensor>;
     fn upload_ids(&self, data: &[u32]) -> Result<Self::Ids>;
@@ -483,7 +496,8 @@ pub trait Backend {
 
     // ---- loss (loss.rs) ----
     /// Per-row softmax cross-entropy with label smoothing `ε`:
-    /// `loss[r] = (1−ε)·(−log p[label]) + ε·mean_c(−log p[c])`.
+    /// `loss[r] = (1−ε)·(−log p[label]) + ε·mean_c(−log p[c])`; exactly 0 for a row labelled
+    /// [`IGNORE_LABEL`].
     fn cross_entropy_forward(
         &self,
         losses: &Self::Tensor,
@@ -492,7 +506,8 @@ pub trait Backend {
         classes: usize,
         smoothing: f32,
     ) -> Result<()>;
-    /// `dlogits[r] = scale·(softmax(logits[r]) − (1−ε)·onehot(label) − ε/C)`.
+    /// `dlogits[r] = scale·(softmax(logits[r]) − (1−ε)·onehot(label) − ε/C)`; exactly 0 for a
+    /// row labelled [`IGNORE_LABEL`].
     fn cross_entropy_backward(
         &self,
         dlogits: &Self::Tensor,

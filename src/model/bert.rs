@@ -21,7 +21,9 @@
 use anyhow::{ensure, Result};
 
 use crate::backend::philox::stream_id;
-use crate::backend::{AttentionDims, Backend, BranchGrad, Dropout, ResidualAdd, SeqLayout};
+use crate::backend::{
+    AttentionDims, Backend, BranchGrad, Dropout, ResidualAdd, SeqLayout, IGNORE_LABEL,
+};
 use crate::config::BertConfig;
 use crate::model::params::{BertTensors, LayerTensors};
 
@@ -46,6 +48,27 @@ pub fn row_bucket(rows: usize) -> usize {
     rows.next_multiple_of((octave / 8).max(64))
 }
 
+/// The sequence count a batch of `n` sequences is padded to (with dummy sequences,
+/// [`HostBatch::pad_sequences_to`]) when its steps run as CUDA graphs: the next multiple of 8,
+/// or of an eighth of the power of two at or below `n` when that is larger.
+///
+/// The count is part of a graph's key because the pooler's and the classifier's GEMMs, the
+/// `[CLS]` gather and the loss have one row per sequence (a cuBLAS call cannot be patched in a
+/// graph), and with token-budget batches it changes almost every batch. A dummy sequence costs
+/// one token row of the encoder (attending to itself only) and one row of those per-sequence
+/// ops, far less than a real sequence (one or more rows, typically tens), so the bound can be
+/// the same kind as [`row_bucket`]'s: at most 7 dummies below 64 sequences and 12.5% of the
+/// sequences above, 8 shapes per octave of sequence count (a token-budget run whose batches hold
+/// 40 to 120 sequences meets 11 of them). Multiples of 8 also keep the per-sequence GEMMs'
+/// row count aligned for tensor cores.
+pub fn sequence_bucket(n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    let octave = 1usize << (usize::BITS - 1 - n.leading_zeros());
+    n.next_multiple_of((octave / 8).max(8))
+}
+
 /// A batch as the host builds it, before upload: token ids, positions and token type ids laid
 /// out as `layout` says, and the labels. Plain vectors, so that it can be built on another
 /// thread than the one that owns the backend (see `train::prefetch`).
@@ -56,6 +79,9 @@ pub struct HostBatch {
     pub positions: Vec<u32>,
     pub type_ids: Vec<u32>,
     pub labels: Option<Vec<u32>>,
+    /// The sequences that are not dummies ([`HostBatch::pad_sequences_to`]): the first `real`
+    /// of the layout.
+    real: usize,
 }
 
 impl HostBatch {
@@ -141,7 +167,8 @@ impl HostBatch {
     /// the unpadded batch up to fp32 summation order (the weight gradients' GEMMs and the
     /// reductions run over more rows, adding zeros); what changes is the shape, so that a CUDA
     /// graph made for [`row_bucket`]'s shape serves every batch of that bucket. The attention
-    /// kernels then also compute the padding rows' queries of the last sequence.
+    /// kernels then also compute the padding rows' queries of the last sequence: after
+    /// [`HostBatch::pad_sequences_to`] a dummy's, and the real sequences keep their shapes.
     pub fn pad_rows_to(&mut self, total_rows: usize, pad_id: u32) {
         let rows = self.layout.total_rows();
         if total_rows <= rows || self.layout.batch() == 0 {
@@ -156,6 +183,44 @@ impl HostBatch {
         self.ids.resize(total_rows, pad_id);
         self.type_ids.resize(total_rows, 0);
         self.positions.resize(total_rows, 0);
+    }
+
+    /// Pads the batch to `total` sequences by appending dummy sequences after its rows: each one
+    /// token (`pad_id`, position 0, token type 0) labelled [`IGNORE_LABEL`] (when the batch has
+    /// labels), so that its loss and gradient are exactly zero, and [`HostBatch::real_size`]
+    /// still counts the sequences before them. Appended at the end, they change nothing of the
+    /// real sequences: not their rows, not their batch indices, so not the attention they see
+    /// nor the dropout they draw (Philox streams are indexed by element, and attention's by
+    /// sequence, head and row within the sequence). What changes is the shape, so that a CUDA
+    /// graph made for [`sequence_bucket`]'s shape serves every batch of that bucket.
+    pub fn pad_sequences_to(&mut self, total: usize, pad_id: u32) {
+        let n = self.layout.batch();
+        if total <= n {
+            return;
+        }
+        let rows = self.layout.total_rows();
+        debug_assert_eq!(self.ids.len(), rows);
+        for k in 0..total - n {
+            self.layout.starts.push((rows + k) as u32);
+            self.layout.rows.push(1);
+            self.layout.valid.push(1);
+        }
+        let total_rows = rows + (total - n);
+        self.ids.resize(total_rows, pad_id);
+        self.type_ids.resize(total_rows, 0);
+        self.positions.resize(total_rows, 0);
+        if let Some(labels) = &mut self.labels {
+            labels.resize(total, IGNORE_LABEL);
+        }
+    }
+
+    /// Pads the batch to its buckets, as steps and evaluation batches that run as CUDA graphs
+    /// are: first its sequences to [`sequence_bucket`] (dummies, which count as rows), then its
+    /// rows to [`row_bucket`]. The loss, the gradients and the real sequences' logits stay those
+    /// of the unpadded batch (up to fp32 summation order of the weight gradients).
+    pub fn pad_to_buckets(&mut self, pad_id: u32) {
+        self.pad_sequences_to(sequence_bucket(self.size()), pad_id);
+        self.pad_rows_to(row_bucket(self.layout.total_rows()), pad_id);
     }
 
     fn new(
@@ -174,6 +239,7 @@ impl HostBatch {
             );
         }
         Ok(HostBatch {
+            real: layout.batch(),
             layout,
             ids,
             positions,
@@ -182,8 +248,14 @@ impl HostBatch {
         })
     }
 
+    /// Sequences in the layout, dummies included.
     pub fn size(&self) -> usize {
         self.layout.batch()
+    }
+
+    /// Sequences that are not dummies: the first `real_size()` of the layout.
+    pub fn real_size(&self) -> usize {
+        self.real
     }
 }
 
@@ -198,6 +270,8 @@ pub struct Batch<B: Backend> {
     pub host_labels: Option<Vec<u32>>,
     /// The largest position id (checked against the position table before use).
     pub max_position: u32,
+    /// See [`Batch::real_size`].
+    real: usize,
 }
 
 impl<B: Backend> Batch<B> {
@@ -239,6 +313,18 @@ impl<B: Backend> Batch<B> {
     pub fn upload(backend: &B, host: HostBatch) -> Result<Self> {
         // Uploaded with the batch, not inside the step (a CUDA graph copies nothing in).
         backend.prepare_layout(&host.layout)?;
+        let real = host.real_size();
+        ensure!(
+            real <= host.size(),
+            "{real} real sequences in a batch of {}",
+            host.size()
+        );
+        if let Some(labels) = &host.labels {
+            ensure!(
+                labels[real..].iter().all(|&l| l == IGNORE_LABEL),
+                "a dummy sequence with a label the loss does not ignore"
+            );
+        }
         let max_position = host.positions.iter().copied().max().unwrap_or(0);
         Ok(Batch {
             max_position,
@@ -252,6 +338,7 @@ impl<B: Backend> Batch<B> {
                 .transpose()?,
             host_labels: host.labels,
             layout: host.layout,
+            real,
         })
     }
 
@@ -259,8 +346,15 @@ impl<B: Backend> Batch<B> {
         self.layout.total_rows()
     }
 
+    /// Sequences in the layout, dummies included (the shape ops run at).
     pub fn size(&self) -> usize {
         self.layout.batch()
+    }
+
+    /// Sequences that are not dummies ([`HostBatch::pad_sequences_to`]): the first
+    /// `real_size()` of the layout, the ones the loss's mean counts and whose logits are kept.
+    pub fn real_size(&self) -> usize {
+        self.real
     }
 }
 
@@ -457,8 +551,9 @@ impl Site {
 }
 
 /// The loss a backward pass differentiates: the mean cross-entropy over `normalizer` rows (the
-/// rows of the whole accumulated batch, so micro-batches add up to one batch's gradient), times
-/// `loss_scale` (fp16 loss scaling; 1 otherwise).
+/// real sequences of the whole accumulated batch — dummies, labelled [`IGNORE_LABEL`], add 0 and
+/// are not counted — so micro-batches add up to one batch's gradient), times `loss_scale` (fp16
+/// loss scaling; 1 otherwise).
 #[derive(Clone, Copy, Debug)]
 pub struct LossSpec {
     pub label_smoothing: f32,

@@ -8,7 +8,7 @@ use anyhow::Result;
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
 use crate::data::sampler::Batching;
-use crate::model::bert::{row_bucket, Batch, Mode};
+use crate::model::bert::{Batch, Mode};
 use crate::model::Classifier;
 use crate::train::metrics::{classification_metrics, Metrics};
 use crate::train::out_of_memory::{explain_out_of_memory, BatchShape};
@@ -53,10 +53,11 @@ pub fn predict<B: Backend>(
         let mut done = 0;
         for host in batches {
             let mut host = host?;
-            let (n, labelled) = (host.size(), host.labels.is_some());
-            if backend.runs_graphs() {
-                // One CUDA graph per bucket of row counts, as in training.
-                host.pad_rows_to(row_bucket(host.layout.total_rows()), pad_id);
+            let (n, labelled) = (host.real_size(), host.labels.is_some());
+            if backend.pads_to_buckets() {
+                // One CUDA graph per bucket of sequence and row counts, as in training; the
+                // dummy sequences come after the real `n` and are dropped below.
+                host.pad_to_buckets(pad_id);
             }
             let batch = Batch::upload(backend, host)?;
             let explain = |e| {
@@ -65,7 +66,12 @@ pub fn predict<B: Backend>(
             };
             // The forward (and loss) as one region, a CUDA graph where the backend makes them;
             // the copies to their places in the results come after it (their places move).
-            let key = [EVAL_REGION, batch.rows() as u64, n as u64, labelled as u64];
+            let key = [
+                EVAL_REGION,
+                batch.rows() as u64,
+                batch.size() as u64,
+                labelled as u64,
+            ];
             acts.reserve(backend, model, &[&batch]).map_err(explain)?;
             backend
                 .run_region(&key, &mut || {
@@ -79,9 +85,10 @@ pub fn predict<B: Backend>(
                 .map_err(explain)?;
             let a = &acts.get(backend, model, &batch)?;
             let logits_at = backend.view(&all_logits, done * classes, n * classes);
-            backend.copy(&logits_at, &a.logits)?;
+            backend.copy(&logits_at, &backend.view(&a.logits, 0, n * classes))?;
             if labelled {
-                backend.copy(&backend.view(&all_losses, done, n), &a.losses)?;
+                let losses = backend.view(&a.losses, 0, n);
+                backend.copy(&backend.view(&all_losses, done, n), &losses)?;
             }
             done += n;
         }

@@ -80,7 +80,7 @@ pub struct StepSettings {
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepReport {
-    /// Mean loss over the rows of all micro-batches.
+    /// Mean loss over the rows (real sequences) of all micro-batches.
     pub loss: f64,
     /// Global gradient norm before clipping (inf or NaN on an overflowed fp16 step).
     pub grad_norm: f32,
@@ -338,10 +338,30 @@ fn region_key<B: Backend>(micro_batches: &[Batch<B>], s: &StepSettings, scaled: 
     ];
     for b in micro_batches {
         // Not the longest sequence: it only sets the attention kernels' grids, which a graph
-        // patches like any argument.
+        // patches like any argument. Nor the real sequences' count: it only sets the loss's
+        // scale, an argument too. With graphs on, rows and sequences are those of the batch
+        // padded to its buckets (`HostBatch::pad_to_buckets`), so that few keys serve a run.
         key.extend([b.rows() as u64, b.size() as u64]);
     }
     key
+}
+
+/// Where the real sequences' losses lie in a step's per-sequence losses (each micro-batch's
+/// sequences back to back, its dummies after its real ones): `(offset, length)` runs, merged
+/// where they touch, so a step without dummies has one.
+fn real_loss_runs<B: Backend>(micro_batches: &[Batch<B>]) -> Vec<(usize, usize)> {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    let mut at = 0;
+    for b in micro_batches {
+        let len = b.real_size();
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == at => *n += len,
+            _ if len > 0 => runs.push((at, len)),
+            _ => {}
+        }
+        at += b.size();
+    }
+    runs
 }
 
 /// One optimizer step at learning rate `lr` over `micro_batches`, read back at once: the
@@ -396,14 +416,17 @@ pub fn queue_train_step<B: Backend>(
         !micro_batches.is_empty(),
         "an optimizer step needs at least one batch"
     );
-    let normalizer: usize = micro_batches.iter().map(|b| b.size()).sum();
+    // The mean is over the real sequences; the dummies of a batch padded to its sequence bucket
+    // have loss 0 and are left out of the ledger.
+    let normalizer: usize = micro_batches.iter().map(|b| b.real_size()).sum();
+    let padded: usize = micro_batches.iter().map(|b| b.size()).sum();
     if scratch.ledger.must_read_before(normalizer) {
         // The reports read now must carry their settled scale changes.
         scratch.settle(backend, opt)?;
     }
     scratch.ledger.reserve(backend, normalizer)?;
-    if backend.len(&scratch.step_losses) < normalizer {
-        scratch.step_losses = backend.zeros(normalizer.next_power_of_two())?;
+    if backend.len(&scratch.step_losses) < padded {
+        scratch.step_losses = backend.zeros(padded.next_power_of_two())?;
     }
     // fp16's loss scale is applied on the device (the `device_scale` of the backward).
     let spec = LossSpec::mean(s.label_smoothing, normalizer);
@@ -458,9 +481,11 @@ pub fn queue_train_step<B: Backend>(
         None => None,
     };
     let first_row = scratch.ledger.rows_used;
-    scratch
-        .ledger
-        .record_losses(backend, &backend.view(&scratch.step_losses, 0, normalizer))?;
+    // The real sequences' losses only (outside the region, where their count may vary).
+    for (at, len) in real_loss_runs(micro_batches) {
+        let losses = backend.view(&scratch.step_losses, at, len);
+        scratch.ledger.record_losses(backend, &losses)?;
+    }
     let slot = scratch.ledger.pending.len();
     backend.copy(
         &backend.view(&scratch.ledger.sumsq, slot, 1),

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 use crate::backend::Backend;
 use crate::data::encoded::EncodedSet;
-use crate::model::bert::{row_bucket, Batch};
+use crate::model::bert::Batch;
 use crate::model::Classifier;
 use crate::train::args::{IntervalStrategy, SaveStrategy, SchedulerChoice, TrainArgs};
 use crate::train::checkpoint::{
@@ -264,9 +264,10 @@ impl<B: Backend> Trainer<'_, B> {
                     .micro_batches
                     .into_iter()
                     .map(|mut host| {
-                        if be.runs_graphs() {
-                            // One CUDA graph per bucket of row counts, not per batch.
-                            host.pad_rows_to(row_bucket(host.layout.total_rows()), pad_id);
+                        if be.pads_to_buckets() {
+                            // One CUDA graph per bucket of sequence and row counts, not per
+                            // batch.
+                            host.pad_to_buckets(pad_id);
                         }
                         Batch::upload(be, host)
                     })
@@ -299,7 +300,7 @@ impl<B: Backend> Trainer<'_, B> {
                 state.epoch = position.epoch as f64 + micro_done as f64 / micro_in_epoch as f64;
                 steps_since_log += 1;
                 samples_done += if by_budget {
-                    batches.iter().map(|b| b.size() as u64).sum()
+                    batches.iter().map(|b| b.real_size() as u64).sum()
                 } else {
                     step_samples
                 };

@@ -8,6 +8,12 @@
 //! The forward, the backward and the fused forward + backward share the per-row math
 //! ([`row_loss`], [`row_grad`]) over one log-softmax per row, so the fused op gives exactly the
 //! bits of the other two.
+//!
+//! A row labelled [`IGNORE_LABEL`] (a dummy sequence of a batch padded to its sequence bucket)
+//! has loss 0 and gradient 0 exactly, and the caller's mean does not count it; any other label
+//! out of range panics.
+
+use crate::backend::IGNORE_LABEL;
 
 pub fn log_softmax_row(z: &[f32]) -> Vec<f64> {
     let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
@@ -15,23 +21,35 @@ pub fn log_softmax_row(z: &[f32]) -> Vec<f64> {
     z.iter().map(|&v| v as f64 - lse).collect()
 }
 
-fn checked_label(label: u32, classes: usize) -> usize {
+/// The label as an index, `None` for [`IGNORE_LABEL`].
+fn checked_label(label: u32, classes: usize) -> Option<usize> {
+    if label == IGNORE_LABEL {
+        return None;
+    }
     assert!(
         (label as usize) < classes,
         "label {label} out of range for {classes} classes"
     );
-    label as usize
+    Some(label as usize)
 }
 
-/// One row's loss from its log-probabilities `logp` and label `y`.
-fn row_loss(logp: &[f64], y: usize, smoothing: f32) -> f32 {
+/// One row's loss from its log-probabilities `logp` and label `y` (0 for an ignored row).
+fn row_loss(logp: &[f64], y: Option<usize>, smoothing: f32) -> f32 {
+    let Some(y) = y else {
+        return 0.0;
+    };
     let eps = smoothing as f64;
     let mean_nll = -logp.iter().sum::<f64>() / logp.len() as f64;
     ((1.0 - eps) * -logp[y] + eps * mean_nll) as f32
 }
 
-/// One row's gradient `dz` (overwritten) from its log-probabilities `logp` and label `y`.
-fn row_grad(dz: &mut [f32], logp: &[f64], y: usize, smoothing: f32, scale: f32) {
+/// One row's gradient `dz` (overwritten) from its log-probabilities `logp` and label `y` (0
+/// for an ignored row).
+fn row_grad(dz: &mut [f32], logp: &[f64], y: Option<usize>, smoothing: f32, scale: f32) {
+    let Some(y) = y else {
+        dz.fill(0.0);
+        return;
+    };
     let (eps, classes) = (smoothing as f64, logp.len());
     for c in 0..classes {
         let target = (1.0 - eps) * (c == y) as u8 as f64 + eps / classes as f64;

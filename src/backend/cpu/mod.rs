@@ -31,22 +31,42 @@ use super::{
 pub struct CpuBackend {
     /// The format the dense layers' GEMM operands are rounded to (emulating the GPU's).
     precision: MatmulPrecision,
+    /// Whether the trainer and evaluation pad batches to their buckets as for CUDA graphs
+    /// ([`Backend::pads_to_buckets`]; tests check the padding changes no result).
+    bucket_padding: bool,
 }
 
 impl CpuBackend {
     /// The fp32 reference.
     pub const FP32: CpuBackend = CpuBackend {
         precision: MatmulPrecision::F32,
+        bucket_padding: false,
     };
 
     pub fn with_matmul_precision(precision: MatmulPrecision) -> Self {
-        CpuBackend { precision }
+        CpuBackend {
+            precision,
+            bucket_padding: false,
+        }
+    }
+
+    /// This backend, with batches padded to their sequence and row buckets by the trainer and
+    /// evaluation as they are when steps run as CUDA graphs (there are no graphs on the CPU).
+    pub const fn with_bucket_padding(self) -> Self {
+        CpuBackend {
+            bucket_padding: true,
+            ..self
+        }
     }
 }
 
 impl Backend for CpuBackend {
     type Tensor = CpuTensor;
     type Ids = Arc<Vec<u32>>;
+
+    fn pads_to_buckets(&self) -> bool {
+        self.bucket_padding
+    }
 
     fn name(&self) -> String {
         let threads = rayon::current_num_threads();

@@ -78,7 +78,7 @@ use super::readback::PendingDownload;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
     attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
-    Dropout, MatmulPrecision, OutOfMemory, ResidualAdd, SeqLayout,
+    Dropout, MatmulPrecision, OutOfMemory, ResidualAdd, SeqLayout, IGNORE_LABEL,
 };
 
 /// The driver functions cudarc calls for this backend (cudarc panics on a missing one, so they
@@ -2731,7 +2731,7 @@ impl CudaBackend {
     }
 
     fn check_labels(&self, labels: &CudaIds, classes: usize) -> Result<()> {
-        if let Some(&bad) = labels.host.iter().find(|&&l| l as usize >= classes) {
+        if let Some(bad) = first_bad_label(&labels.host, classes) {
             bail!("label {bad} out of range for {classes} classes");
         }
         Ok(())
@@ -2813,6 +2813,15 @@ fn plan_adamw(tensors: &[AdamWViews]) -> Vec<AdamWGroup> {
         }
     }
     groups
+}
+
+/// The first label that is neither a class nor [`IGNORE_LABEL`] (a padding sequence's: the
+/// kernels give it loss and gradient 0).
+fn first_bad_label(labels: &[u32], classes: usize) -> Option<u32> {
+    labels
+        .iter()
+        .copied()
+        .find(|&l| l as usize >= classes && l != IGNORE_LABEL)
 }
 
 /// The kernels' `act` code: the order of [`Activation`].
@@ -2908,6 +2917,16 @@ mod tests {
                     segments: vec![seg(0, 4, 0.0)],
                 },
             ]
+        );
+    }
+
+    #[test]
+    fn labels_are_classes_or_ignored() {
+        assert_eq!(first_bad_label(&[0, 1, IGNORE_LABEL, 2], 3), None);
+        assert_eq!(first_bad_label(&[0, 3, IGNORE_LABEL - 1], 3), Some(3));
+        assert_eq!(
+            first_bad_label(&[IGNORE_LABEL - 1], 3),
+            Some(IGNORE_LABEL - 1)
         );
     }
 
