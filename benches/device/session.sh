@@ -10,7 +10,8 @@
 #   bench     `bertft-cuda bench` and benches/hf_reference.py at BERT-base seq 128, batch 32/64,
 #             fp16/bf16 (and ours in fp32), side by side
 #   kernels   benches/gpu_kernels.rs (criterion, CUDA events): every kernel family's GB/s or
-#             TFLOP/s beside the copy and GEMM ceilings measured in the same run
+#             TFLOP/s beside the copy and GEMM ceilings measured in the same run; then PyTorch
+#             SDPA at the attention group's shapes (benches/sdpa_reference.py)
 #   sst2      `train --fp16` MiniLM on SST-2 for one epoch, then the Hugging Face Trainer on the
 #             same settings (benches/hf_reference.py --sst2-dir), accuracy and wall clock
 # The numbers go to benches/RESULTS.md by hand, with the date, the commit (device-pack/commit),
@@ -111,6 +112,8 @@ stage_kernels() {
     [ -x "$work/benches/gpu_kernels" ] || { echo "gpu_kernels was not packed" >&2; return 0; }
     # Criterion's reports go under the working directory's target/criterion.
     run_logged gpu-kernels "$work/benches/gpu_kernels" --bench --noplot
+    # PyTorch SDPA at the attention group's shapes, the same ids under sdpa/ (the baseline).
+    run_logged sdpa python3 benches/sdpa_reference.py
 }
 
 stage_sst2() {
