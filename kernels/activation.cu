@@ -11,8 +11,10 @@
 //   pre[r, c] = x[r, c] + bias[c] (rounded to T), out = act(pre): the same values as a separate
 //   bias add followed by activation_forward, and `pre` is what activation_backward reads.
 // Layout: all tensors T, flat (n elements), except bias: fp32 [cols] and x/pre/out [rows, cols].
-// Math in fp32 with the CPU's constants and order of operations; erff/expf/tanhf are CUDA's
-// full-precision functions (the launcher must not compile with --use_fast_math).
+// Math in fp32 with the CPU's constants and order of operations, except that NVRTC's default
+// --fmad=true contracts a multiply and an add into one FMA (x + 0.044715·x³, for one), so results
+// differ from the CPU's by ulps; erff/expf/tanhf are CUDA's full-precision functions (the
+// launcher must not compile with --use_fast_math).
 #include "common.cuh"
 
 #define SQRT_2_OVER_PI 0.7978846f

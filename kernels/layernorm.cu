@@ -28,7 +28,9 @@
 //      writes one partial per block: partials[blockIdx.x][0][c] (dgamma), [1][c] (dbeta).
 //   2. layernorm_backward_reduce: adds the gridDim.x partials of stage 1 in a fixed order and adds
 //      the result into dgamma/dbeta (+=).
-// The result is bit-identical from run to run for the same launch configuration (grid, block).
+// The result is bit-identical from run to run for the same launch configuration (grid, block)
+// and the same pointer alignment (16-byte aligned tensors take the vector path, whose summation
+// order differs from the scalar path's).
 #include "common.cuh"
 
 // v[0..4B) = keep ? v·scale : 0 (rounded to T) for the 4B elements from flat index `first`, a

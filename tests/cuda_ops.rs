@@ -465,8 +465,11 @@ fn layernorm_case<B: Backend>(
 #[test]
 fn layernorm() {
     let Some(g) = gpu() else { return };
-    for rows in [1, 7, 33, 300] {
-        for cols in [5, 20, 37, 64, 768, 1030] {
+    // 3000 rows: several rows per warp in the backward's partials (above 8·SMs rows); 2048
+    // columns: dynamic shared memory past 48 KiB, and the forward's scalar path (cols > 1024)
+    // with the backward's vector path.
+    for rows in [1, 7, 33, 300, 3000] {
+        for cols in [5, 20, 37, 64, 768, 1030, 2048] {
             // Without a residual, with one, and with the dropout fused before it: the same
             // Philox mask as the CPU's (a mask differing in one element fails by far).
             for residual in [None, Some(0.0), Some(0.1)] {

@@ -2705,6 +2705,14 @@ impl CudaBackend {
                 big.len / hidden.max(1)
             );
         }
+        if !gather {
+            // The scatter's blocks add into dx rows without atomics: one sequence per row.
+            let mut starts = layout.starts.clone();
+            starts.sort_unstable();
+            if let Some(w) = starts.windows(2).find(|w| w[0] == w[1]) {
+                bail!("{name}: two sequences start at row {}", w[0]);
+            }
+        }
         if batch == 0 || hidden == 0 {
             return Ok(());
         }
@@ -2833,7 +2841,7 @@ fn act_code(act: Activation) -> i32 {
     }
 }
 
-/// The dropout probability the attention kernels get (0: none).
+/// The dropout probability the attention and LayerNorm kernels get (0: none).
 fn dropout_p(d: Dropout) -> f32 {
     if d.is_active() {
         d.p
