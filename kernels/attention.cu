@@ -48,8 +48,9 @@
 // for those d and _generic otherwise, and rejects d > 128). A kernel given a head_dim its variant
 // does not handle, a sequence over 65535 rows or valid > rows executes __trap() (the launch fails,
 // sticky on the context) rather than compute garbage. No dynamic shared memory, no attributes.
-// ptxas (NVRTC 13.0, sm_90): 87–167 registers per thread, no spills except ≤ 12 bytes in a few
-// (dq_d64, generic on sm_80); delta 28 registers.
+// ptxas: 87–168 registers per thread; small spills (≤ 24 bytes, by NVRTC version: 13.0 on sm_90
+// 4/8 B in dq_d64 and dq_generic, on sm_80 up to 16 B in the generic kernels; 13.2 more) in
+// dq_d64 and the generic kernels; delta 28 registers.
 //
 // ---- Kernels and launch configurations (S = max_b rows[b], B = batch) --------------------------
 // Parameter types: T* out / dqkv; float* lse (forward) / delta (delta kernel); const T* qkv, dout,

@@ -4,7 +4,8 @@
 // sum_squares_finalize: fp32 per-thread and per-block sums, the block partials added in fp64 in a
 // fixed order — deterministic for a given grid and block).
 // Clipping, as clip_grad_norm_: coef = min(1, max_norm / (√sumsq + 1e-6)) (computed in f64 from
-// the device scalar sumsq, as the CPU does; a NaN coef counts as 1); g *= coef when coef < 1.
+// the device scalar sumsq, as the CPU does; a NaN coef counts as 1, where torch would multiply
+// the gradients by NaN — fp16 skips such a step anyway); g *= coef when coef < 1.
 // No host synchronization: the scalar stays on the device.
 // AdamW as torch.optim.AdamW (single-tensor path), step t (1-based), per element, in fp32:
 //   θ *= 1 − lr·λ (when λ ≠ 0; the factor computed in f64 and rounded to fp32);
@@ -12,7 +13,9 @@
 //   step_size = lr/(1−β₁ᵗ). The host computes the step's scalars in f64 (as Python floats) and
 //   passes them rounded to fp32, except lr (f64, for the decay factor). Every operation is an
 //   explicitly rounded intrinsic (__fmul_rn, …), so no FMA contraction changes the result: the
-//   update is the CPU reference's, bit for bit, given the same inputs.
+//   update is the CPU reference's, bit for bit, given the same inputs. It is within 1 ulp of
+//   torch's, not bit for bit: torch's lerp_ and addcmul_ fuse their multiply-add (about 1 in
+//   1000 parameters differs by 1 ulp after a step).
 // Dynamic loss scaling, all on the device: scale_by_device multiplies the logits' gradient by the
 // scale; unscale_and_check multiplies the gradients by 1/scale and sets a device flag when any
 // result is inf or NaN; update_loss_scale applies GradScaler's rule to [scale, growth_tracker];

@@ -659,7 +659,18 @@ fn attention() {
     let Some(g) = gpu() else { return };
     assert_eq!(g.matmul_precision(), MatmulPrecision::F32);
     for (name, layout) in layouts() {
-        for (heads, head_dim) in [(2, 5), (3, 12), (2, 32), (1, 64), (2, 100)] {
+        // d = 1, an odd d above 32, and d = 128 (every column group live, the most registers)
+        // on the generic path.
+        for (heads, head_dim) in [
+            (2, 5),
+            (3, 12),
+            (2, 32),
+            (1, 64),
+            (2, 100),
+            (1, 1),
+            (1, 33),
+            (1, 128),
+        ] {
             for p in [0.0, 0.1, 0.5] {
                 let dims = AttentionDims { heads, head_dim };
                 let d = Dropout {

@@ -8,7 +8,9 @@ use bertft_cuda::backend::cpu::CpuBackend;
 use bertft_cuda::backend::{Backend, IGNORE_LABEL};
 use bertft_cuda::data::encoded::EncodedSet;
 use bertft_cuda::data::sampler::Batching;
-use bertft_cuda::model::bert::{row_bucket, sequence_bucket, Batch, HostBatch};
+use bertft_cuda::model::bert::{
+    row_bucket, sequence_bucket, Batch, HostBatch, MAX_BATCH_SEQUENCES, MAX_SEQUENCE_ROWS,
+};
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::evaluate::{eval_metrics, predict, Predictions};
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
@@ -211,6 +213,29 @@ fn host_batch(set: &EncodedSet, rows: &[usize], pad: &dyn Fn(&mut HostBatch)) ->
     let mut host = HostBatch::packed(&ids, &types, labels.as_deref()).unwrap();
     pad(&mut host);
     host
+}
+
+/// Padding stops at what the attention kernels index (65535 sequences, 65535 rows in one): a
+/// batch that big keeps a shape of its own rather than fail for its padding.
+#[test]
+fn padding_stops_at_the_attention_kernels_limits() {
+    // 61441 one-token sequences: their bucket would be 65536.
+    let n = 61441;
+    assert_eq!(sequence_bucket(n), 65536);
+    let ids: Vec<[u32; 1]> = vec![[5]; n];
+    let types: Vec<[u32; 1]> = vec![[0]; n];
+    let ids: Vec<&[u32]> = ids.iter().map(|r| &r[..]).collect();
+    let types: Vec<&[u32]> = types.iter().map(|r| &r[..]).collect();
+    let mut host = HostBatch::packed(&ids, &types, None).unwrap();
+    host.pad_to_buckets(0);
+    assert_eq!(host.size(), MAX_BATCH_SEQUENCES);
+    // The last sequence takes the row padding, up to 65535 rows.
+    let long = vec![7u32; MAX_SEQUENCE_ROWS - 10];
+    let zeros = vec![0u32; long.len()];
+    let mut host = HostBatch::packed(&[&long[..]], &[&zeros[..]], None).unwrap();
+    host.pad_rows_to(2 * MAX_SEQUENCE_ROWS, 0);
+    assert_eq!(host.layout.rows, vec![MAX_SEQUENCE_ROWS as u32]);
+    assert_eq!(host.ids.len(), MAX_SEQUENCE_ROWS);
 }
 
 #[test]

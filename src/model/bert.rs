@@ -69,6 +69,11 @@ pub fn sequence_bucket(n: usize) -> usize {
     n.next_multiple_of((octave / 8).max(8))
 }
 
+/// The most rows one sequence may have, and the most sequences one batch may have: the attention
+/// kernels index them in 16 bits (the CUDA backend's `check_layout`), so padding stops there.
+pub const MAX_SEQUENCE_ROWS: usize = 65535;
+pub const MAX_BATCH_SEQUENCES: usize = 65535;
+
 /// A batch as the host builds it, before upload: token ids, positions and token type ids laid
 /// out as `layout` says, and the labels. Plain vectors, so that it can be built on another
 /// thread than the one that owns the backend (see `train::prefetch`).
@@ -161,8 +166,8 @@ impl HostBatch {
         )
     }
 
-    /// Pads the batch to `total_rows` rows by giving its last sequence that many more padding
-    /// rows (`pad_id`, token type 0, position 0: any valid index, since a padding row is never
+    /// Pads the batch to `total_rows` rows (or until its last sequence has
+    /// [`MAX_SEQUENCE_ROWS`]) by giving its last sequence that many more padding rows (`pad_id`, token type 0, position 0: any valid index, since a padding row is never
     /// attended to and its gradient is exactly zero). The loss and every gradient stay those of
     /// the unpadded batch up to fp32 summation order (the weight gradients' GEMMs and the
     /// reductions run over more rows, adding zeros); what changes is the shape, so that a CUDA
@@ -174,12 +179,16 @@ impl HostBatch {
         if total_rows <= rows || self.layout.batch() == 0 {
             return;
         }
-        let extra = total_rows - rows;
         // The last sequence in row order (the packed and padded layouts keep batch order).
         let last = (0..self.layout.batch())
             .max_by_key(|&b| self.layout.starts[b] + self.layout.rows[b])
             .expect("a batch has a sequence");
+        // Not past the rows a sequence may have (the attention kernels' limit): a batch that
+        // big stops short of its bucket, a graph shape of its own.
+        let room = MAX_SEQUENCE_ROWS.saturating_sub(self.layout.rows[last] as usize);
+        let extra = (total_rows - rows).min(room);
         self.layout.rows[last] += extra as u32;
+        let total_rows = rows + extra;
         self.ids.resize(total_rows, pad_id);
         self.type_ids.resize(total_rows, 0);
         self.positions.resize(total_rows, 0);
@@ -219,7 +228,9 @@ impl HostBatch {
     /// rows to [`row_bucket`]. The loss, the gradients and the real sequences' logits stay those
     /// of the unpadded batch (up to fp32 summation order of the weight gradients).
     pub fn pad_to_buckets(&mut self, pad_id: u32) {
-        self.pad_sequences_to(sequence_bucket(self.size()), pad_id);
+        // Not past the sequences a batch may have (the attention kernels' grid).
+        let n = self.size();
+        self.pad_sequences_to(sequence_bucket(n).min(MAX_BATCH_SEQUENCES.max(n)), pad_id);
         self.pad_rows_to(row_bucket(self.layout.total_rows()), pad_id);
     }
 

@@ -420,10 +420,13 @@ pub fn queue_train_step<B: Backend>(
     // have loss 0 and are left out of the ledger.
     let normalizer: usize = micro_batches.iter().map(|b| b.real_size()).sum();
     let padded: usize = micro_batches.iter().map(|b| b.size()).sum();
-    if scratch.ledger.must_read_before(normalizer) {
-        // The reports read now must carry their settled scale changes.
-        scratch.settle(backend, opt)?;
-    }
+    // The reports read now must carry their settled scale changes; a change settled here is
+    // returned below (the trainer logs a skipped step from it).
+    let settled_early = if scratch.ledger.must_read_before(normalizer) {
+        scratch.settle(backend, opt)?
+    } else {
+        None
+    };
     scratch.ledger.reserve(backend, normalizer)?;
     if backend.len(&scratch.step_losses) < padded {
         scratch.step_losses = backend.zeros(padded.next_power_of_two())?;
@@ -493,7 +496,7 @@ pub fn queue_train_step<B: Backend>(
     )?;
     // The step before is settled here, not earlier: its flag was copied a whole forward and
     // backward ago, so reading it waits for nothing still queued.
-    let settled = scratch.settle(backend, opt)?;
+    let settled = scratch.settle(backend, opt)?.or(settled_early);
     let lr = lr(opt.step);
     // An overflowed fp16 step changes nothing (GradScaler.step skips optimizer.step()): the
     // kernel reads the flag.

@@ -127,6 +127,21 @@ fn scores(s: &mut [f32], qkv: &[f32], head: &Head, d: usize, hidden: usize, scal
     s.iter_mut().for_each(|x| *x *= scale);
 }
 
+/// What the GPU launcher checks too: sequences of at most 65535 rows, each with 1 ≤ valid ≤ rows
+/// (a sequence with no valid key has no softmax).
+fn assert_layout(layout: &SeqLayout) {
+    assert!(
+        layout.max_rows() < 1 << 16,
+        "sequences are limited to 65535 rows"
+    );
+    for (b, (&v, &r)) in layout.valid.iter().zip(&layout.rows).enumerate() {
+        assert!(
+            v >= 1 && v <= r,
+            "sequence {b} has {v} valid rows out of {r} (needs 1 ≤ valid ≤ rows)"
+        );
+    }
+}
+
 pub fn attention_forward(
     out: &mut [f32],
     lse: &mut [f32],
@@ -136,6 +151,7 @@ pub fn attention_forward(
     dropout: Dropout,
     rounding: MatmulPrecision,
 ) {
+    assert_layout(layout);
     if is_16bit(rounding) {
         return attention_forward_16(out, lse, qkv, layout, dims, dropout, rounding);
     }
@@ -145,10 +161,6 @@ pub fn attention_forward(
     assert_eq!(
         (out.len(), lse.len(), qkv.len()),
         (rows * hidden, rows * heads, rows * 3 * hidden)
-    );
-    assert!(
-        layout.max_rows() < 1 << 16,
-        "sequences are limited to 65535 rows"
     );
     let scale = 1.0 / (d as f32).sqrt();
     let results: Vec<_> = heads_of(layout, dims)
@@ -205,6 +217,7 @@ pub fn attention_backward(
     dropout: Dropout,
     rounding: MatmulPrecision,
 ) {
+    assert_layout(layout);
     if is_16bit(rounding) {
         return attention_backward_16(dqkv, dout, qkv, out, lse, layout, dims, dropout, rounding);
     }

@@ -5,7 +5,9 @@
 //! AdamW as `torch.optim.AdamW` (single-tensor path), step `t` (1-based):
 //!   `θ *= 1 − lr·λ`; `m = m + (1−β₁)·(g − m)`; `v = β₂·v + (1−β₂)·g²`;
 //!   `θ −= (lr/(1−β₁ᵗ))·m/(√v/√(1−β₂ᵗ) + ε)`.
-//! The scalars are computed in f64 (as Python floats) and applied in f32 (as torch does).
+//! The scalars are computed in f64 (as Python floats) and applied in f32 (as torch does); each
+//! operation is rounded on its own, where torch's `lerp_`/`addcmul_` fuse a multiply-add, so a
+//! parameter may differ from torch's by 1 ulp after a step.
 //! Loss-scale unscaling as `GradScaler.unscale_`: `g *= 1/scale`, then report whether any
 //! result is inf or NaN (checked after the product, which also catches its overflow); the
 //! scale's update as `torch._amp_update_scale_`.

@@ -312,6 +312,9 @@ impl Drop for BlasHandle {
 }
 
 /// The uploaded arrays of one [`SeqLayout`]: starts | rows | valid, `batch` u32 each.
+/// An AdamW segment table (optim.cu's layout, as u64 words) and its device copy.
+type AdamWTable = (Vec<u64>, Arc<Buffer<u64>>);
+
 struct LayoutBuf {
     layout: SeqLayout,
     buf: Arc<Buffer<u32>>,
@@ -343,6 +346,9 @@ pub struct CudaBackend {
     blas: Mutex<BlasHandle>,
     ones: Mutex<Option<CudaTensor>>,
     layouts: Mutex<Vec<Arc<LayoutBuf>>>,
+    /// AdamW's segment tables (optim.cu's layout), the same every step of a run: uploaded once,
+    /// not per step from pageable memory (a copy that can make the host wait for the queue).
+    adamw_tables: Mutex<Vec<AdamWTable>>,
     name: String,
     /// What the dense layers' GEMMs read their operands as.
     precision: MatmulPrecision,
@@ -555,6 +561,7 @@ impl CudaBackend {
             blas: Mutex::new(handle),
             ones: Mutex::new(None),
             layouts: Mutex::new(Vec::new()),
+            adamw_tables: Mutex::new(Vec::new()),
             name,
             precision: MatmulPrecision::F32,
             sms,
@@ -1108,6 +1115,21 @@ impl CudaBackend {
         }
         cache.push(l.clone());
         Ok(l)
+    }
+
+    /// The device copy of an AdamW segment table, uploaded the first time it is seen (a few
+    /// tables are kept: one per parameter group a run updates).
+    fn adamw_table(&self, table: Vec<u64>) -> Result<Arc<Buffer<u64>>> {
+        let mut cache = self.adamw_tables.lock().unwrap();
+        if let Some((_, buf)) = cache.iter().find(|(t, _)| *t == table) {
+            return Ok(buf.clone());
+        }
+        let buf = self.upload_raw(&table)?;
+        if cache.len() >= ADAMW_TABLES {
+            cache.remove(0);
+        }
+        cache.push((table, buf.clone()));
+        Ok(buf)
     }
 
     /// An fp32 tensor as this backend's dense-layer GEMMs read it: itself (fp32, TF32), or a
@@ -2622,7 +2644,7 @@ impl Backend for CudaBackend {
                 .iter()
                 .flat_map(|s| [s.offset, s.length, s.weight_decay.to_bits()])
                 .collect();
-            let table = self.upload_raw(&bytes)?;
+            let table = self.adamw_table(bytes)?;
             self.launch(
                 "adamw_update",
                 (g.segments.len().min(65535) as u32, 1, 1),
@@ -2774,6 +2796,9 @@ impl PartialEq for AdamWSegment {
             == (o.offset, o.length, o.weight_decay.to_bits())
     }
 }
+
+/// AdamW segment tables kept on the device ([`CudaBackend::adamw_table`]).
+const ADAMW_TABLES: usize = 8;
 
 /// Elements per segment of the table (~64 Ki balances the blocks, optim.cu).
 const ADAMW_CHUNK: usize = 1 << 16;
