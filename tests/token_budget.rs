@@ -243,11 +243,12 @@ fn padding_to_buckets_appends_dummies_then_rows() {
     let pad_id = tiny_config("gelu").pad_token_id.unwrap();
     let set = tiny_set();
     let host = host_batch(&set, &[0, 1, 2, 3], &|h| h.pad_to_buckets(pad_id));
-    // 4 sequences → 8 (4 one-token dummies after the 17 rows), 21 rows → 64 (the last dummy's).
+    // 4 sequences → 8 (4 one-token dummies after the 17 rows), 21 rows → 64: the 43 padding
+    // rows spread over the dummies (11, 11, 11, 10 more), so none is much longer than the rest.
     assert_eq!((host.size(), host.real_size()), (8, 4));
     assert_eq!(host.layout.total_rows(), 64);
-    assert_eq!(host.layout.starts, [0, 7, 10, 16, 17, 18, 19, 20]);
-    assert_eq!(host.layout.rows, [7, 3, 6, 1, 1, 1, 1, 44]);
+    assert_eq!(host.layout.starts, [0, 7, 10, 16, 17, 29, 41, 53]);
+    assert_eq!(host.layout.rows, [7, 3, 6, 1, 12, 12, 12, 11]);
     assert_eq!(host.layout.valid, [7, 3, 6, 1, 1, 1, 1, 1]);
     assert_eq!(
         host.labels.as_deref().unwrap(),

@@ -167,13 +167,14 @@ impl HostBatch {
     }
 
     /// Pads the batch to `total_rows` rows (or until its last sequence has
-    /// [`MAX_SEQUENCE_ROWS`]) by giving its last sequence that many more padding rows (`pad_id`, token type 0, position 0: any valid index, since a padding row is never
-    /// attended to and its gradient is exactly zero). The loss and every gradient stay those of
+    /// [`MAX_SEQUENCE_ROWS`]) by giving its last sequence that many more padding rows (`pad_id`,
+    /// token type 0, position 0: any valid index, since a padding row is never attended to and
+    /// its gradient is exactly zero). The loss and every gradient stay those of
     /// the unpadded batch up to fp32 summation order (the weight gradients' GEMMs and the
     /// reductions run over more rows, adding zeros); what changes is the shape, so that a CUDA
     /// graph made for [`row_bucket`]'s shape serves every batch of that bucket. The attention
-    /// kernels then also compute the padding rows' queries of the last sequence: after
-    /// [`HostBatch::pad_sequences_to`] a dummy's, and the real sequences keep their shapes.
+    /// kernels then also compute the padding rows' queries of the last sequence (a batch with
+    /// dummies spreads them over those instead, [`HostBatch::spread_rows_over_dummies`]).
     pub fn pad_rows_to(&mut self, total_rows: usize, pad_id: u32) {
         let rows = self.layout.total_rows();
         if total_rows <= rows || self.layout.batch() == 0 {
@@ -225,13 +226,40 @@ impl HostBatch {
 
     /// Pads the batch to its buckets, as steps and evaluation batches that run as CUDA graphs
     /// are: first its sequences to [`sequence_bucket`] (dummies, which count as rows), then its
-    /// rows to [`row_bucket`]. The loss, the gradients and the real sequences' logits stay those
-    /// of the unpadded batch (up to fp32 summation order of the weight gradients).
+    /// rows to [`row_bucket`], the padding rows spread over the dummies
+    /// ([`HostBatch::spread_rows_over_dummies`]). The loss, the gradients and the real
+    /// sequences' logits stay those of the unpadded batch (up to fp32 summation order of the
+    /// weight gradients).
     pub fn pad_to_buckets(&mut self, pad_id: u32) {
         // Not past the sequences a batch may have (the attention kernels' grid).
         let n = self.size();
         self.pad_sequences_to(sequence_bucket(n).min(MAX_BATCH_SEQUENCES.max(n)), pad_id);
-        self.pad_rows_to(row_bucket(self.layout.total_rows()), pad_id);
+        self.spread_rows_over_dummies(row_bucket(self.layout.total_rows()), pad_id);
+    }
+
+    /// Pads the batch to `total_rows` rows by lengthening its dummy sequences (those after the
+    /// real ones, laid out last) evenly, each by padding rows as [`HostBatch::pad_rows_to`]'s;
+    /// without dummies, as [`HostBatch::pad_rows_to`]. Spread, not given to one sequence: the
+    /// attention kernels' grid is sized by the longest sequence of the batch, so one long
+    /// padding sequence would launch blocks for every sequence over its whole length (most of
+    /// them exiting at once), and the dummies' rows are cheap (one valid key each).
+    pub fn spread_rows_over_dummies(&mut self, total_rows: usize, pad_id: u32) {
+        let (n, real, rows) = (self.layout.batch(), self.real, self.layout.total_rows());
+        if n == real || total_rows <= rows {
+            return self.pad_rows_to(total_rows, pad_id);
+        }
+        let (dummies, extra) = (n - real, total_rows - rows);
+        let mut start = self.layout.starts[real] as usize;
+        for (k, b) in (real..n).enumerate() {
+            let more = extra / dummies + usize::from(k < extra % dummies);
+            let len = (self.layout.rows[b] as usize + more).min(MAX_SEQUENCE_ROWS);
+            self.layout.starts[b] = start as u32;
+            self.layout.rows[b] = len as u32;
+            start += len;
+        }
+        self.ids.resize(start, pad_id);
+        self.type_ids.resize(start, 0);
+        self.positions.resize(start, 0);
     }
 
     fn new(
