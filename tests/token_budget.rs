@@ -276,7 +276,8 @@ fn padding_to_buckets_appends_dummies_then_rows() {
     unlabelled.pad_to_buckets(pad_id);
     assert_eq!((unlabelled.size(), unlabelled.real_size()), (8, 1));
     assert_eq!(unlabelled.labels, None);
-    // A full bucket gets no dummy: its rows go to its last sequence, as before.
+    // 8 real sequences, a whole bucket, still get dummies (the bucket above 8 + 1), and those
+    // take the row padding: the real sequences keep their rows.
     let eight: Vec<usize> = [0, 1, 2, 3].repeat(2);
     let mut set8 = tiny_set();
     set8.ids = eight.iter().map(|&r| set.ids[r].clone()).collect();
@@ -290,9 +291,15 @@ fn padding_to_buckets_appends_dummies_then_rows() {
     let full = host_batch(&set8, &(0..8).collect::<Vec<_>>(), &|h| {
         h.pad_to_buckets(pad_id)
     });
-    assert_eq!((full.size(), full.real_size()), (8, 8));
-    assert_eq!(full.layout.valid, [7, 3, 6, 1, 7, 3, 6, 1]);
-    assert_eq!(full.layout.rows[7], 64 - 33);
+    assert_eq!((full.size(), full.real_size()), (16, 8));
+    assert_eq!(full.layout.total_rows(), 64);
+    assert_eq!(full.layout.valid[..8], [7, 3, 6, 1, 7, 3, 6, 1]);
+    assert_eq!(full.layout.rows[..8], [7, 3, 6, 1, 7, 3, 6, 1]);
+    assert_eq!(full.layout.rows[8..], [4, 4, 4, 4, 4, 4, 3, 3]);
+    // Without dummies (pad_rows_to alone), the last sequence takes them.
+    let mut last = host_batch(&set8, &(0..8).collect::<Vec<_>>(), &|_| {});
+    last.pad_rows_to(64, pad_id);
+    assert_eq!(last.layout.rows[7], 64 - 33);
 }
 
 /// Loss and gradients of one step (dropout on, label smoothing 0.1) over `micro_batches` of the

@@ -60,7 +60,8 @@ pub fn row_bucket(rows: usize) -> usize {
 /// the same kind as [`row_bucket`]'s: at most 7 dummies below 64 sequences and 12.5% of the
 /// sequences above, 8 shapes per octave of sequence count (a token-budget run whose batches hold
 /// 40 to 120 sequences meets 11 of them). Multiples of 8 also keep the per-sequence GEMMs'
-/// row count aligned for tensor cores.
+/// row count aligned for tensor cores. [`HostBatch::pad_to_buckets`] takes the bucket of one
+/// more than the real sequences, so that there is always a dummy to take the row padding.
 pub fn sequence_bucket(n: usize) -> usize {
     if n == 0 {
         return 0;
@@ -225,15 +226,16 @@ impl HostBatch {
     }
 
     /// Pads the batch to its buckets, as steps and evaluation batches that run as CUDA graphs
-    /// are: first its sequences to [`sequence_bucket`] (dummies, which count as rows), then its
-    /// rows to [`row_bucket`], the padding rows spread over the dummies
-    /// ([`HostBatch::spread_rows_over_dummies`]). The loss, the gradients and the real
-    /// sequences' logits stay those of the unpadded batch (up to fp32 summation order of the
-    /// weight gradients).
+    /// are: first its sequences to the [`sequence_bucket`] above its real ones (at least one
+    /// dummy, which counts as a row), then its rows to [`row_bucket`], the padding rows spread
+    /// over the dummies ([`HostBatch::spread_rows_over_dummies`]), so that the real sequences
+    /// keep their shapes. The loss, the gradients and the real sequences' logits stay those of
+    /// the unpadded batch (up to fp32 summation order of the weight gradients).
     pub fn pad_to_buckets(&mut self, pad_id: u32) {
         // Not past the sequences a batch may have (the attention kernels' grid).
         let n = self.size();
-        self.pad_sequences_to(sequence_bucket(n).min(MAX_BATCH_SEQUENCES.max(n)), pad_id);
+        let sequences = sequence_bucket(self.real + 1).min(MAX_BATCH_SEQUENCES.max(n));
+        self.pad_sequences_to(sequences, pad_id);
         self.spread_rows_over_dummies(row_bucket(self.layout.total_rows()), pad_id);
     }
 
