@@ -41,7 +41,24 @@ impl Selected {
     }
 }
 
+/// Set to 1, batches are padded to their sequence and row buckets (with dummy sequences) as they
+/// are when steps run as CUDA graphs, on any backend: the padded path alone, for tests on the
+/// CPU and to tell a padding problem from a graph problem on a GPU.
+const BUCKET_PADDING: &str = "BERTFT_BUCKET_PADDING";
+
 pub fn select_backend(device: DeviceChoice, precision: MatmulPrecision) -> Result<Selected> {
+    let selected = select_device(device, precision)?;
+    if std::env::var_os(BUCKET_PADDING).is_some_and(|v| v == "1") {
+        eprintln!("notice: {BUCKET_PADDING}=1: batches are padded to their buckets");
+        return Ok(match selected {
+            Selected::Cpu(b) => Selected::Cpu(b.with_bucket_padding()),
+            Selected::Cuda(b) => Selected::Cuda(Box::new(b.with_bucket_padding())),
+        });
+    }
+    Ok(selected)
+}
+
+fn select_device(device: DeviceChoice, precision: MatmulPrecision) -> Result<Selected> {
     let cpu = || {
         if precision != MatmulPrecision::F32 {
             eprintln!(

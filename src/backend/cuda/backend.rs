@@ -349,6 +349,8 @@ pub struct CudaBackend {
     /// AdamW's segment tables (optim.cu's layout), the same every step of a run: uploaded once,
     /// not per step from pageable memory (a copy that can make the host wait for the queue).
     adamw_tables: Mutex<Vec<AdamWTable>>,
+    /// Pad batches to their buckets also without graphs ([`CudaBackend::with_bucket_padding`]).
+    bucket_padding: bool,
     name: String,
     /// What the dense layers' GEMMs read their operands as.
     precision: MatmulPrecision,
@@ -562,6 +564,7 @@ impl CudaBackend {
             ones: Mutex::new(None),
             layouts: Mutex::new(Vec::new()),
             adamw_tables: Mutex::new(Vec::new()),
+            bucket_padding: false,
             name,
             precision: MatmulPrecision::F32,
             sms,
@@ -671,6 +674,16 @@ impl CudaBackend {
     /// The same backend recording the training step as CUDA graphs (see `graph`) when `on`.
     /// Needs stream-ordered allocation and a driver with the graph functions; without them it
     /// says so once and runs eagerly.
+    /// This backend, with batches padded to their sequence and row buckets by the trainer and
+    /// evaluation whether or not steps run as CUDA graphs: the padded path alone, to tell a
+    /// padding problem from a graph problem.
+    pub fn with_bucket_padding(self) -> Self {
+        CudaBackend {
+            bucket_padding: true,
+            ..self
+        }
+    }
+
     pub fn with_cuda_graphs(mut self, on: bool) -> Self {
         if !on {
             self.graphs = None;
@@ -1493,6 +1506,10 @@ impl Backend for CudaBackend {
 
     fn runs_graphs(&self) -> bool {
         self.graphs.is_some()
+    }
+
+    fn pads_to_buckets(&self) -> bool {
+        self.bucket_padding || self.runs_graphs()
     }
 
     fn run_region(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
