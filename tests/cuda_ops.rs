@@ -288,6 +288,83 @@ fn linear_reduced_precision() {
     }
 }
 
+/// A linear layer's forward and backward with its weight a view of a flat parameter buffer,
+/// either cast per GEMM or read from the region's 16-bit copy (`refresh_weight_copies`); the
+/// outputs in the order of `linear_case`.
+fn linear_from_params(
+    be: &CudaBackend,
+    (rows, k, n): (usize, usize, usize),
+    weight_copies: bool,
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = (rows * 1000 + k * 10 + n) as u64;
+    // Weight and bias at odd offsets of the flat buffer, the copy covering more than them.
+    let flat = up(be, &random_vec(3 + n * k + n + 5, s, 0.5));
+    let dense = be.view(&flat, 1, 2 + n * k + n + 4);
+    let (w, bias) = (be.view(&flat, 3, n * k), be.view(&flat, 3 + n * k, n));
+    let x = up(be, &random_vec(rows * k, s + 1, 1.0));
+    let out = up(be, &random_vec(rows * n, s + 2, 9.0));
+    let dout = up(be, &random_vec(rows * n, s + 3, 1.0));
+    let dx = up(be, &random_vec(rows * k, s + 4, 1.0));
+    let dw = up(be, &random_vec(n * k, s + 5, 1.0));
+    let dbias = up(be, &random_vec(n, s + 6, 1.0));
+    if weight_copies {
+        be.prepare_weight_copies(&dense).unwrap();
+    }
+    be.run_region(&[s], &mut || {
+        be.refresh_weight_copies(&dense)?;
+        be.linear_forward(&out, &x, &w, &bias, rows, k, n)?;
+        be.linear_backward(Some(&dx), false, &dw, &dbias, &dout, &x, &w, rows, k, n)
+    })
+    .unwrap();
+    vec![
+        ("out", down(be, &out)),
+        ("dx", down(be, &dx)),
+        ("dw", down(be, &dw)),
+        ("dbias", down(be, &dbias)),
+    ]
+}
+
+/// The weights' 16-bit copy, cast once per region, gives the GEMMs exactly the bits of the
+/// per-call casts (both round to nearest even), for fp16 and bf16; and a copy is only read
+/// inside the region that refreshed it.
+#[test]
+fn refresh_weight_copies() {
+    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        let Some(g) = gpu() else { return };
+        let (per_call, with_copy) = (
+            g.with_matmul_precision(p),
+            gpu().unwrap().with_matmul_precision(p),
+        );
+        for shape in [(1, 5, 20), (33, 37, 5), (130, 384, 1152)] {
+            let case = format!("{} {shape:?}", p.name());
+            let want = linear_from_params(&per_call, shape, false);
+            let got = linear_from_params(&with_copy, shape, true);
+            for ((name, w), (_, g)) in want.iter().zip(&got) {
+                exact(&format!("{case}: {name}"), g, w);
+            }
+        }
+        // Outside a region the copy is stale: a weight changed after the region is read as
+        // it is now.
+        let be = gpu().unwrap().with_matmul_precision(p);
+        let (rows, k, n) = (4, 8, 8);
+        let flat = up(&be, &random_vec(n * k + n, 5, 0.5));
+        let (w, bias) = (be.view(&flat, 0, n * k), be.view(&flat, n * k, n));
+        let x = up(&be, &random_vec(rows * k, 6, 1.0));
+        let out = up(&be, &vec![0.0; rows * n]);
+        be.prepare_weight_copies(&flat).unwrap();
+        be.run_region(&[1], &mut || be.refresh_weight_copies(&flat))
+            .unwrap();
+        be.copy(&w, &up(&be, &vec![0.0; n * k])).unwrap();
+        be.linear_forward(&out, &x, &w, &bias, rows, k, n).unwrap();
+        let bias_rows: Vec<f32> = down(&be, &bias).repeat(rows);
+        exact(
+            &format!("{} stale copy", p.name()),
+            &down(&be, &out),
+            &bias_rows,
+        );
+    }
+}
+
 // ---- embeddings ----
 
 fn embeddings_case<B: Backend>(

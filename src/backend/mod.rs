@@ -297,6 +297,21 @@ pub trait Backend {
     fn prepare_layout(&self, _layout: &SeqLayout) -> Result<()> {
         Ok(())
     }
+    /// Makes ready, outside any region, a 16-bit copy of `params` (the model's one flat
+    /// parameter tensor) for [`Backend::refresh_weight_copies`]: the CUDA backend under fp16/bf16
+    /// GEMMs allocates it; others have nothing to do.
+    fn prepare_weight_copies(&self, _params: &Self::Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// Casts `params` into the copy [`Backend::prepare_weight_copies`] made, for the dense
+    /// layers' GEMMs of the [`Backend::run_region`] this is called in (before any GEMM of it; no
+    /// op of a region writes the parameters): each weight is then cast once per region, not
+    /// once per GEMM that reads it (forward, backward, every micro-batch). The copy is used
+    /// until the region ends. Outside a region, or without a prepared copy, nothing changes:
+    /// the GEMMs cast their operands per call, to the same bits.
+    fn refresh_weight_copies(&self, _params: &Self::Tensor) -> Result<()> {
+        Ok(())
+    }
     /// Runs `region`: device work with no host copy, read-back or synchronization inside, the
     /// same sequence of ops every time it runs under `key` (its shapes). The CUDA backend with
     /// graphs on runs it as a CUDA graph (captured the second time the key is seen, replayed

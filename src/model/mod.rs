@@ -60,4 +60,11 @@ impl<B: Backend> Classifier<B> {
     pub fn zero_grads(&self, backend: &B) -> Result<()> {
         backend.fill_zero(&self.grads)
     }
+
+    /// The parameters the dense layers' GEMMs read ([`ParamLayout::dense_range`]), one view:
+    /// what [`Backend::refresh_weight_copies`] casts.
+    pub fn dense_params(&self, backend: &B) -> B::Tensor {
+        let (offset, len) = self.layout.dense_range();
+        backend.view(&self.params, offset, len)
+    }
 }

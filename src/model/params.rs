@@ -109,6 +109,18 @@ impl ParamLayout {
         self.specs.iter().find(|s| s.name == name)
     }
 
+    /// `(offset, length)` of the parameters from the first encoder layer (or the pooler) to the
+    /// end: every weight a dense layer's GEMM reads (and the biases and LayerNorm parameters
+    /// between them), not the embedding tables, which no GEMM reads.
+    pub fn dense_range(&self) -> (usize, usize) {
+        let start = self
+            .specs
+            .iter()
+            .find(|s| s.name.starts_with("bert.encoder.") || s.name.starts_with("bert.pooler."))
+            .map_or(self.total, |s| s.offset);
+        (start, self.total - start)
+    }
+
     fn range(&self, name: &str) -> (usize, usize) {
         let s = self
             .get(name)
@@ -202,6 +214,33 @@ pub struct BertTensors<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_dense_range_starts_after_the_embeddings() {
+        let cfg = |layers: usize| {
+            BertConfig::from_json(&format!(
+                r#"{{"vocab_size":30,"hidden_size":12,"num_attention_heads":3,
+                    "num_hidden_layers":{layers},"intermediate_size":20,
+                    "max_position_embeddings":16,"num_labels":3}}"#
+            ))
+            .unwrap()
+        };
+        for layers in [0, 2] {
+            let l = ParamLayout::new(&cfg(layers));
+            let (start, len) = l.dense_range();
+            assert_eq!(start + len, l.total);
+            // Everything a GEMM reads is inside, and no embedding table is.
+            for s in &l.specs {
+                let inside = s.offset >= start;
+                assert_eq!(
+                    inside,
+                    !s.name.starts_with("bert.embeddings."),
+                    "{}",
+                    s.name
+                );
+            }
+        }
+    }
 
     #[test]
     fn layout_is_contiguous_and_groups_decay() {

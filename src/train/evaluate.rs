@@ -51,6 +51,7 @@ pub fn predict<B: Backend>(
     // Assembled on a producer thread while the device runs the batches before.
     prefetch(AHEAD, eval_batches(set, &chunks), |batches| {
         let mut done = 0;
+        let dense_params = model.dense_params(backend);
         for host in batches {
             let mut host = host?;
             let (n, labelled) = (host.real_size(), host.labels.is_some());
@@ -73,8 +74,11 @@ pub fn predict<B: Backend>(
                 labelled as u64,
             ];
             acts.reserve(backend, model, &[&batch]).map_err(explain)?;
+            backend.prepare_weight_copies(&dense_params)?;
             backend
                 .run_region(&key, &mut || {
+                    // One cast of the weights for the batch, instead of one per GEMM launch.
+                    backend.refresh_weight_copies(&dense_params)?;
                     let a = &acts.get(backend, model, &batch)?;
                     bert.forward(&batch, a, Mode::Eval)?;
                     if labelled {

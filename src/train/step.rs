@@ -437,12 +437,16 @@ pub fn queue_train_step<B: Backend>(
     let key = region_key(micro_batches, s, scratch.scaler.is_some());
     let all: Vec<&Batch<B>> = micro_batches.iter().collect();
     scratch.acts.reserve(backend, model, &all)?;
+    let dense_params = model.dense_params(backend);
+    backend.prepare_weight_copies(&dense_params)?;
     let (acts_cache, scaler) = (&mut scratch.acts, scratch.scaler.as_ref());
     let (step_losses, sumsq) = (&scratch.step_losses, &scratch.sumsq);
     // Forward and backward of every micro-batch, the fp16 unscaling and check, the loss
     // scale's update and the clipping: the same ops at every step of these shapes, with no
     // host copy or read-back, so a CUDA graph can stand for them (`Backend::run_region`).
     backend.run_region(&key, &mut || {
+        // The weights as the GEMMs read them (16-bit), cast once for every micro-batch.
+        backend.refresh_weight_copies(&dense_params)?;
         model.zero_grads(backend)?;
         let mut row = 0;
         for (k, batch) in micro_batches.iter().enumerate() {

@@ -55,8 +55,8 @@
 
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::cublas::sys as blas;
@@ -312,6 +312,35 @@ impl Drop for BlasHandle {
 }
 
 /// The uploaded arrays of one [`SeqLayout`]: starts | rows | valid, `batch` u32 each.
+/// The 16-bit copy of the parameters the dense layers' GEMMs read within a region
+/// ([`Backend::refresh_weight_copies`]).
+struct WeightCopies {
+    /// The parameters' allocation (by identity: a weak handle, so that the model's memory is
+    /// not kept alive by this), and the flat tensor's place in it.
+    params: Weak<Buffer<f32>>,
+    offset: usize,
+    len: usize,
+    /// `len` elements, fp16 or bf16 as the backend's precision.
+    copy: Arc<Buffer<u16>>,
+    /// Cast in the region now running; false outside regions.
+    fresh: bool,
+}
+
+impl WeightCopies {
+    fn is_for(&self, params: &CudaTensor) -> bool {
+        self.params.as_ptr() == Arc::as_ptr(&params.buf)
+            && (self.offset, self.len) == (params.offset, params.len)
+    }
+
+    /// Where `t`'s 16-bit copy lies, if `t` is a view of the parameters and the copy is fresh.
+    fn copy_of(&self, t: &CudaTensor) -> Option<u64> {
+        let inside = self.params.as_ptr() == Arc::as_ptr(&t.buf)
+            && t.offset >= self.offset
+            && t.offset + t.len <= self.offset + self.len;
+        (self.fresh && inside).then(|| self.copy.ptr + 2 * (t.offset - self.offset) as u64)
+    }
+}
+
 /// An AdamW segment table (optim.cu's layout, as u64 words) and its device copy.
 type AdamWTable = (Vec<u64>, Arc<Buffer<u64>>);
 
@@ -351,6 +380,9 @@ pub struct CudaBackend {
     adamw_tables: Mutex<Vec<AdamWTable>>,
     /// Pad batches to their buckets also without graphs ([`CudaBackend::with_bucket_padding`]).
     bucket_padding: bool,
+    weight_copies: Mutex<Option<WeightCopies>>,
+    /// A [`Backend::run_region`] is running (weight copies are fresh only inside one).
+    in_region: AtomicBool,
     name: String,
     /// What the dense layers' GEMMs read their operands as.
     precision: MatmulPrecision,
@@ -565,6 +597,8 @@ impl CudaBackend {
             layouts: Mutex::new(Vec::new()),
             adamw_tables: Mutex::new(Vec::new()),
             bucket_padding: false,
+            weight_copies: Mutex::new(None),
+            in_region: AtomicBool::new(false),
             name,
             precision: MatmulPrecision::F32,
             sms,
@@ -960,6 +994,31 @@ impl CudaBackend {
 
     /// Fails inside a graph region: a host copy there would be baked into the graph, or (when
     /// replaying) not made at all.
+    /// [`Backend::run_region`]: eagerly without graphs; with graphs, eagerly the first time
+    /// `key` is seen, captured the second, replayed after that.
+    fn run_region_inner(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        let Some(graphs) = &self.graphs else {
+            return region();
+        };
+        self.bind()?;
+        let entry = graphs.lock().unwrap().cache.take(key);
+        match entry {
+            None => {
+                // First seen: run eagerly, filling the caches a capture must find full.
+                self.put_graph(key, Entry::Seen(0));
+                region()
+            }
+            Some(Entry::Failed) => {
+                self.put_graph(key, Entry::Failed);
+                region()
+            }
+            Some(Entry::Seen(mismatches)) => self.capture_region(key, mismatches, region),
+            Some(Entry::Ready(exec, tape, mismatches)) => {
+                self.replay_region(key, (exec, tape, mismatches), region)
+            }
+        }
+    }
+
     fn outside_graphs(&self, what: &str) -> Result<()> {
         if let Some(g) = &self.graphs {
             if !matches!(g.lock().unwrap().mode, GraphMode::Eager) {
@@ -1156,6 +1215,16 @@ impl CudaBackend {
             MatmulPrecision::F16 => ("cast_f32_to_f16", blas::cudaDataType::CUDA_R_16F),
             MatmulPrecision::Bf16 => ("cast_f32_to_bf16", blas::cudaDataType::CUDA_R_16BF),
         };
+        // A weight: the region's copy, cast once (`refresh_weight_copies`).
+        if let Some(c) = self.weight_copies.lock().unwrap().as_ref() {
+            if let Some(ptr) = c.copy_of(t) {
+                return Ok(GemmOperand {
+                    ptr,
+                    dtype,
+                    _copy: Some(c.copy.clone()),
+                });
+            }
+        }
         let copy = self.alloc_raw::<u16>(t.len)?;
         if t.len > 0 {
             self.launch(
@@ -1512,27 +1581,66 @@ impl Backend for CudaBackend {
         self.bucket_padding || self.runs_graphs()
     }
 
-    fn run_region(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        let Some(graphs) = &self.graphs else {
-            return region();
-        };
-        self.bind()?;
-        let entry = graphs.lock().unwrap().cache.take(key);
-        match entry {
-            None => {
-                // First seen: run eagerly, filling the caches a capture must find full.
-                self.put_graph(key, Entry::Seen(0));
-                region()
-            }
-            Some(Entry::Failed) => {
-                self.put_graph(key, Entry::Failed);
-                region()
-            }
-            Some(Entry::Seen(mismatches)) => self.capture_region(key, mismatches, region),
-            Some(Entry::Ready(exec, tape, mismatches)) => {
-                self.replay_region(key, (exec, tape, mismatches), region)
-            }
+    fn prepare_weight_copies(&self, params: &CudaTensor) -> Result<()> {
+        if matches!(self.precision, MatmulPrecision::F32 | MatmulPrecision::Tf32) {
+            return Ok(());
         }
+        let mut copies = self.weight_copies.lock().unwrap();
+        if copies.as_ref().is_some_and(|c| c.is_for(params)) {
+            return Ok(());
+        }
+        self.outside_graphs("allocating the weights' 16-bit copy")?;
+        *copies = Some(WeightCopies {
+            params: Arc::downgrade(&params.buf),
+            offset: params.offset,
+            len: params.len,
+            copy: self.alloc_raw::<u16>(params.len)?,
+            fresh: false,
+        });
+        Ok(())
+    }
+
+    fn refresh_weight_copies(&self, params: &CudaTensor) -> Result<()> {
+        let kernel = match self.precision {
+            MatmulPrecision::F32 | MatmulPrecision::Tf32 => return Ok(()),
+            MatmulPrecision::F16 => "cast_f32_to_f16",
+            MatmulPrecision::Bf16 => "cast_f32_to_bf16",
+        };
+        let copy = match self.weight_copies.lock().unwrap().as_ref() {
+            Some(c) if c.is_for(params) => c.copy.ptr,
+            _ => return Ok(()),
+        };
+        if !self.in_region.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if params.len > 0 {
+            self.launch(
+                kernel,
+                (grid_1d(params.len, 1, 256, 32 * self.sms), 1, 1),
+                (256, 1, 1),
+                0,
+                &Cast {
+                    x: params.device_ptr(),
+                    y: copy,
+                    n: params.len as u64,
+                },
+            )?;
+        }
+        if let Some(c) = self.weight_copies.lock().unwrap().as_mut() {
+            c.fresh = true;
+        }
+        Ok(())
+    }
+
+    fn run_region(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+        self.in_region.store(true, Ordering::Relaxed);
+        let result = self.run_region_inner(key, region);
+        // The weights' copy is the region's: the parameters change between regions (AdamW).
+        self.in_region.store(false, Ordering::Relaxed);
+        if let Some(c) = self.weight_copies.lock().unwrap().as_mut() {
+            c.fresh = false;
+        }
+        result
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaTensor> {
