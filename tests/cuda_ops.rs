@@ -66,16 +66,28 @@ fn gpu() -> Option<CudaBackend> {
     Some(CudaBackend::new(0).unwrap_or_else(|e| panic!("CudaBackend::new(0): {e:#}")))
 }
 
-/// `|gpu − cpu| ≤ rtol·(|cpu| + max|cpu|)` element-wise, naming the worst element.
+/// `|gpu − cpu| ≤ rtol·(|cpu| + max|cpu|)` element-wise (max over the finite values), naming
+/// the worst element; where the CPU's value is not finite, the GPU's must be the same bits (an
+/// infinite max|cpu| would let everything pass, and NaN passes nothing).
 fn close(what: &str, gpu: &[f32], cpu: &[f32], rtol: f64) {
     assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
-    let scale = cpu.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    let scale = cpu
+        .iter()
+        .filter(|v| v.is_finite())
+        .map(|v| v.abs() as f64)
+        .fold(0.0, f64::max);
     let mut worst = None;
     let mut worst_ratio = 0.0f64;
     for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
         let err = (g as f64 - c as f64).abs();
         let tol = rtol * (c.abs() as f64 + scale) + 1e-30;
-        let ratio = if err.is_nan() || g.is_nan() != c.is_nan() {
+        let ratio = if !c.is_finite() {
+            if g.to_bits() == c.to_bits() && !c.is_nan() {
+                0.0
+            } else {
+                f64::INFINITY
+            }
+        } else if err.is_nan() {
             f64::INFINITY
         } else {
             err / tol
@@ -242,12 +254,24 @@ fn linear_forward_bias_epilogue_and_fallback() {
                 let epilogue = g.bias_epilogue_gemms() - before;
                 let case = format!("{} {shape:?} at offsets {offsets:?}", p.name());
                 close(&case, &got, &linear_forward_at(&c, shape, offsets), rtol);
-                let (rows, _, n) = shape;
-                let expected = u64::from(offsets.1 % 4 == 0 && rows > 1 && n > 1);
-                assert_eq!(
-                    epilogue, expected,
-                    "{case}: GEMMs through the bias epilogue"
-                );
+                let (rows, k, n) = shape;
+                let eligible = offsets.1 % 4 == 0 && rows > 1 && n > 1;
+                if !eligible {
+                    // Our own rule: the fallback bias GEMM.
+                    assert_eq!(epilogue, 0, "{case}: GEMMs through the bias epilogue");
+                } else if offsets.0 % 4 == 0 && k % 8 == 0 {
+                    // Aligned operands and leading dimensions: cuBLASLt has an algorithm.
+                    assert_eq!(epilogue, 1, "{case}: GEMMs through the bias epilogue");
+                } else {
+                    // Misaligned operands or an odd k: cuBLASLt may offer none, and the
+                    // fallback then runs; either is right, the values are checked above.
+                    assert!(epilogue <= 1, "{case}: {epilogue} epilogue GEMMs");
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "{case}: {}",
+                        ["fallback bias GEMM", "cuBLASLt bias epilogue"][epilogue as usize]
+                    );
+                }
             }
         }
     }
@@ -294,13 +318,16 @@ fn linear_reduced_precision() {
 fn linear_from_params(
     be: &CudaBackend,
     (rows, k, n): (usize, usize, usize),
+    w_at: usize,
     weight_copies: bool,
 ) -> Vec<(&'static str, Vec<f32>)> {
     let s = (rows * 1000 + k * 10 + n) as u64;
-    // Weight and bias at odd offsets of the flat buffer, the copy covering more than them.
-    let flat = up(be, &random_vec(3 + n * k + n + 5, s, 0.5));
-    let dense = be.view(&flat, 1, 2 + n * k + n + 4);
-    let (w, bias) = (be.view(&flat, 3, n * k), be.view(&flat, 3 + n * k, n));
+    // The copy covers `dense` (from element 4 of the buffer); the weight lies `w_at` elements
+    // into it, the bias after it, and more parameters after them.
+    let flat = up(be, &random_vec(4 + w_at + n * k + n + 5, s, 0.5));
+    let dense = be.view(&flat, 4, w_at + n * k + n + 5);
+    let w = be.view(&flat, 4 + w_at, n * k);
+    let bias = be.view(&flat, 4 + w_at + n * k, n);
     let x = up(be, &random_vec(rows * k, s + 1, 1.0));
     let out = up(be, &random_vec(rows * n, s + 2, 9.0));
     let dout = up(be, &random_vec(rows * n, s + 3, 1.0));
@@ -324,9 +351,10 @@ fn linear_from_params(
     ]
 }
 
-/// The weights' 16-bit copy, cast once per region, gives the GEMMs exactly the bits of the
-/// per-call casts (both round to nearest even), for fp16 and bf16; and a copy is only read
-/// inside the region that refreshed it.
+/// The weights' 16-bit copy, cast once per region, gives the GEMMs the bits of the per-call
+/// casts (both round to nearest even), for fp16 and bf16: exactly where the weight's copy is as
+/// aligned as a fresh allocation (cuBLAS picks its kernels by alignment too), within fp32
+/// summation order where it is not; and a copy is only read inside the region that cast it.
 #[test]
 fn refresh_weight_copies() {
     for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
@@ -336,11 +364,17 @@ fn refresh_weight_copies() {
             gpu().unwrap().with_matmul_precision(p),
         );
         for shape in [(1, 5, 20), (33, 37, 5), (130, 384, 1152)] {
-            let case = format!("{} {shape:?}", p.name());
-            let want = linear_from_params(&per_call, shape, false);
-            let got = linear_from_params(&with_copy, shape, true);
-            for ((name, w), (_, g)) in want.iter().zip(&got) {
-                exact(&format!("{case}: {name}"), g, w);
+            // 128 elements in: 256 bytes into the copy, as aligned as an allocation.
+            for w_at in [128, 2] {
+                let case = format!("{} {shape:?}, weight at {w_at}", p.name());
+                let want = linear_from_params(&per_call, shape, w_at, false);
+                let got = linear_from_params(&with_copy, shape, w_at, true);
+                for ((name, w), (_, g)) in want.iter().zip(&got) {
+                    match w_at {
+                        128 => exact(&format!("{case}: {name}"), g, w),
+                        _ => close(&format!("{case}: {name}"), g, w, 1e-5),
+                    }
+                }
             }
         }
         // Outside a region the copy is stale: a weight changed after the region is read as
@@ -900,6 +934,17 @@ fn attention_tensor_cores() {
 
 // ---- loss ----
 
+/// Random labels, every third row (from the second) labelled IGNORE_LABEL (loss and gradient 0).
+fn loss_labels(rows: usize, classes: usize, seed: u64) -> Vec<u32> {
+    let mut labels = random_ids(rows, seed, classes as u32);
+    labels
+        .iter_mut()
+        .skip(1)
+        .step_by(3)
+        .for_each(|l| *l = IGNORE_LABEL);
+    labels
+}
+
 fn loss_case<B: Backend>(
     be: &B,
     rows: usize,
@@ -908,14 +953,7 @@ fn loss_case<B: Backend>(
 ) -> Vec<(&'static str, Vec<f32>)> {
     let s = (rows * 100 + classes) as u64;
     let logits = up(be, &random_vec(rows * classes, s, 3.0));
-    // Every third row (from the second) labelled IGNORE_LABEL: loss and gradient 0.
-    let mut labels = random_ids(rows, s + 1, classes as u32);
-    labels
-        .iter_mut()
-        .skip(1)
-        .step_by(3)
-        .for_each(|l| *l = IGNORE_LABEL);
-    let labels = be.upload_ids(&labels).unwrap();
+    let labels = be.upload_ids(&loss_labels(rows, classes, s + 1)).unwrap();
     let losses = up(be, &random_vec(rows, s + 2, 9.0));
     be.cross_entropy_forward(&losses, &logits, &labels, classes, smoothing)
         .unwrap();
@@ -972,9 +1010,7 @@ fn fused_loss_case<B: Backend>(
 ) -> Vec<(&'static str, Vec<f32>)> {
     let s = (rows * 100 + classes) as u64;
     let logits = up(be, &random_vec(rows * classes, s, 3.0));
-    let labels = be
-        .upload_ids(&random_ids(rows, s + 1, classes as u32))
-        .unwrap();
+    let labels = be.upload_ids(&loss_labels(rows, classes, s + 1)).unwrap();
     let losses = up(be, &random_vec(rows, s + 4, 9.0));
     let dlogits = up(be, &random_vec(rows * classes, s + 5, 9.0));
     be.cross_entropy_forward_backward(

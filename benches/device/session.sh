@@ -6,7 +6,8 @@
 # Stages, each well under the tool's 10-minute limit, so a session can run them one call each:
 #   env       what the machine has (nvidia-smi, nvcc, NVRTC/cuBLAS libraries), `doctor`
 #   tests     the GPU tests (tests/cuda_ops.rs, tests/mixed_precision.rs, tests/doctor.rs) for real
-#   sanitize  compute-sanitizer memcheck over the GPU tests, racecheck over attention
+#   sanitize  compute-sanitizer racecheck over attention, memcheck over the GPU tests
+#             (SANITIZE="test ..." runs those cuda_ops tests only)
 #   bench     `bertft-cuda bench` and benches/hf_reference.py at BERT-base seq 128, batch 32/64,
 #             fp16/bf16 (and ours in fp32), side by side
 #   kernels   benches/gpu_kernels.rs (criterion, CUDA events): every kernel family's GB/s or
@@ -69,20 +70,29 @@ stage_env() {
 }
 
 stage_tests() {
-    for t in cuda_ops mixed_precision doctor; do
-        [ -x "$work/tests/$t" ] && run_logged "test-$t" "$work/tests/$t" --test-threads 1
-    done
+    # cuda_ops is the GPU's; of doctor only the test that reads the GPU (the others compile every
+    # kernel with NVRTC, as CI does without a GPU). mixed_precision is CPU-only: CI runs it.
+    [ -x "$work/tests/cuda_ops" ] && run_logged test-cuda_ops "$work/tests/cuda_ops" --test-threads 1
+    [ -x "$work/tests/doctor" ] && run_logged test-doctor "$work/tests/doctor" \
+        --exact doctor_without_arch_uses_the_gpu_or_asks_for_arch --test-threads 1
     grep -h "test result\|FAILED\|panicked\|skipped" "$OUT"/test-*.log | tee -a "$OUT/summary.log" || true
 }
 
 stage_sanitize() {
+    # SANITIZE="name ..." picks cuda_ops tests (the whole list may not fit one 10-minute call):
+    # the attention kernels first, racecheck (shared memory) then memcheck, then every other op.
     local cs; cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-    for t in linear linear_reduced_precision embeddings layernorm activations dropout first_tokens \
-             cross_entropy sum_squares_and_clipping unscale_and_check adamw_update model_forward_backward; do
+    local t
+    for t in ${SANITIZE:-attention attention_tensor_cores}; do
+        case "$t" in attention*) run_logged "racecheck-$t" "$cs" --tool racecheck --error-exitcode 9 \
+            "$work/tests/cuda_ops" --exact "$t" --test-threads 1 ;; esac
+    done
+    for t in ${SANITIZE:-attention attention_tensor_cores linear linear_reduced_precision \
+             linear_forward_bias_epilogue_and_fallback refresh_weight_copies embeddings layernorm \
+             activations dropout first_tokens cross_entropy cross_entropy_forward_backward \
+             sum_squares_and_clipping loss_scaling adamw_update model_forward_backward}; do
         run_logged "memcheck-$t" "$cs" --tool memcheck --error-exitcode 9 "$work/tests/cuda_ops" --exact "$t" --test-threads 1
     done
-    run_logged memcheck-attention "$cs" --tool memcheck --error-exitcode 9 "$work/tests/cuda_ops" --exact attention --test-threads 1
-    run_logged racecheck-attention "$cs" --tool racecheck --error-exitcode 9 "$work/tests/cuda_ops" --exact attention --test-threads 1
 }
 
 stage_bench() {

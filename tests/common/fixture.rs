@@ -103,12 +103,20 @@ impl Fixture {
     }
 }
 
-/// Largest absolute difference.
+/// Largest absolute difference; infinite where a difference is NaN (a NaN or infinite value on
+/// either side): `f32::max` would drop a NaN, and a NaN weight would pass any bound.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
-        .map(|(x, y)| (x - y).abs())
+        .map(|(x, y)| {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                f32::INFINITY
+            } else {
+                d
+            }
+        })
         .fold(0.0, f32::max)
 }
 
