@@ -2488,24 +2488,16 @@ impl Backend for CudaBackend {
             losses.len,
             logits.len
         );
-        self.check_labels(labels, classes)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        self.launch(
-            "cross_entropy_forward_f32",
-            (rows.div_ceil(8).min(65535) as u32, 1, 1),
-            (256, 1, 1),
-            0,
-            &CrossEntropyForward {
+        self.launch_cross_entropy("cross_entropy_forward_f32", labels, classes, || {
+            Ok(CrossEntropyForward {
                 losses: losses.device_ptr(),
                 logits: logits.device_ptr(),
                 labels: labels.device_ptr(),
                 rows: u32_of(rows, "rows")?,
                 classes: u32_of(classes, "classes")?,
                 smoothing,
-            },
-        )
+            })
+        })
     }
 
     fn cross_entropy_backward(
@@ -2525,16 +2517,8 @@ impl Backend for CudaBackend {
             dlogits.len,
             logits.len
         );
-        self.check_labels(labels, classes)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        self.launch(
-            "cross_entropy_backward_f32",
-            (rows.div_ceil(8).min(65535) as u32, 1, 1),
-            (256, 1, 1),
-            0,
-            &CrossEntropyBackward {
+        self.launch_cross_entropy("cross_entropy_backward_f32", labels, classes, || {
+            Ok(CrossEntropyBackward {
                 dlogits: dlogits.device_ptr(),
                 logits: logits.device_ptr(),
                 labels: labels.device_ptr(),
@@ -2542,8 +2526,8 @@ impl Backend for CudaBackend {
                 classes: u32_of(classes, "classes")?,
                 smoothing,
                 scale,
-            },
-        )
+            })
+        })
     }
 
     fn cross_entropy_forward_backward(
@@ -2565,24 +2549,21 @@ impl Backend for CudaBackend {
             dlogits.len,
             logits.len
         );
-        self.check_labels(labels, classes)?;
-        if rows == 0 {
-            return Ok(());
-        }
-        self.launch(
+        self.launch_cross_entropy(
             "cross_entropy_forward_backward_f32",
-            (rows.div_ceil(8).min(65535) as u32, 1, 1),
-            (256, 1, 1),
-            0,
-            &CrossEntropyForwardBackward {
-                losses: losses.device_ptr(),
-                dlogits: dlogits.device_ptr(),
-                logits: logits.device_ptr(),
-                labels: labels.device_ptr(),
-                rows: u32_of(rows, "rows")?,
-                classes: u32_of(classes, "classes")?,
-                smoothing,
-                scale,
+            labels,
+            classes,
+            || {
+                Ok(CrossEntropyForwardBackward {
+                    losses: losses.device_ptr(),
+                    dlogits: dlogits.device_ptr(),
+                    logits: logits.device_ptr(),
+                    labels: labels.device_ptr(),
+                    rows: u32_of(rows, "rows")?,
+                    classes: u32_of(classes, "classes")?,
+                    smoothing,
+                    scale,
+                })
             },
         )
     }
@@ -2883,6 +2864,23 @@ impl CudaBackend {
                 u32_of(hidden, "hidden")?,
             ),
         )
+    }
+
+    /// A loss.cu kernel over `labels.len()` rows, its labels checked first: one warp per row.
+    fn launch_cross_entropy<K: KernelParams>(
+        &self,
+        kernel: &str,
+        labels: &CudaIds,
+        classes: usize,
+        params: impl FnOnce() -> Result<K>,
+    ) -> Result<()> {
+        self.check_labels(labels, classes)?;
+        let rows = labels.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let grid = (rows.div_ceil(8).min(65535) as u32, 1, 1);
+        self.launch(kernel, grid, (256, 1, 1), 0, &params()?)
     }
 
     fn check_labels(&self, labels: &CudaIds, classes: usize) -> Result<()> {
