@@ -296,6 +296,14 @@ fn padding_to_buckets_appends_dummies_then_rows() {
     assert_eq!(full.layout.valid[..8], [7, 3, 6, 1, 7, 3, 6, 1]);
     assert_eq!(full.layout.rows[..8], [7, 3, 6, 1, 7, 3, 6, 1]);
     assert_eq!(full.layout.rows[8..], [4, 4, 4, 4, 4, 4, 3, 3]);
+    // A batch on both buckets (8 sequences of 8 rows) is left as it is.
+    let rows8: Vec<Vec<u32>> = (0..8).map(|s| vec![5 + s; 8]).collect();
+    let rows8: Vec<&[u32]> = rows8.iter().map(|r| &r[..]).collect();
+    let types8 = vec![&[0u32; 8][..]; 8];
+    let mut on_buckets = HostBatch::packed(&rows8, &types8, Some(&[1; 8])).unwrap();
+    let before = on_buckets.clone();
+    on_buckets.pad_to_buckets(pad_id);
+    assert_eq!(on_buckets, before);
     // Without dummies (pad_rows_to alone), the last sequence takes them.
     let mut last = host_batch(&set8, &(0..8).collect::<Vec<_>>(), &|_| {});
     last.pad_rows_to(64, pad_id);

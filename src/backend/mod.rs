@@ -308,7 +308,8 @@ pub trait Backend {
     /// op of a region writes the parameters): each weight is then cast once per region, not
     /// once per GEMM that reads it (forward, backward, every micro-batch). The copy is used
     /// until the region ends. Outside a region, or without a prepared copy, nothing changes:
-    /// the GEMMs cast their operands per call, to the same bits.
+    /// the GEMMs cast their operands per call, to the same bits (a copy's view may be less
+    /// aligned than a fresh allocation, and cuBLAS may then sum in another order).
     fn refresh_weight_copies(&self, _params: &Self::Tensor) -> Result<()> {
         Ok(())
     }

@@ -60,8 +60,8 @@ pub fn row_bucket(rows: usize) -> usize {
 /// the same kind as [`row_bucket`]'s: at most 7 dummies below 64 sequences and 12.5% of the
 /// sequences above, 8 shapes per octave of sequence count (a token-budget run whose batches hold
 /// 40 to 120 sequences meets 11 of them). Multiples of 8 also keep the per-sequence GEMMs'
-/// row count aligned for tensor cores. [`HostBatch::pad_to_buckets`] takes the bucket of one
-/// more than the real sequences, so that there is always a dummy to take the row padding.
+/// row count aligned for tensor cores. [`HostBatch::pad_to_buckets`] takes the bucket above a
+/// full one when the rows need padding, so that a dummy, not a real sequence, takes them.
 pub fn sequence_bucket(n: usize) -> usize {
     if n == 0 {
         return 0;
@@ -226,16 +226,21 @@ impl HostBatch {
     }
 
     /// Pads the batch to its buckets, as steps and evaluation batches that run as CUDA graphs
-    /// are: first its sequences to the [`sequence_bucket`] above its real ones (at least one
-    /// dummy, which counts as a row), then its rows to [`row_bucket`], the padding rows spread
-    /// over the dummies ([`HostBatch::spread_rows_over_dummies`]), so that the real sequences
-    /// keep their shapes. The loss, the gradients and the real sequences' logits stay those of
-    /// the unpadded batch (up to fp32 summation order of the weight gradients).
+    /// are: first its sequences to their [`sequence_bucket`] (dummies, which count as rows),
+    /// then its rows to [`row_bucket`], the padding rows spread over the dummies
+    /// ([`HostBatch::spread_rows_over_dummies`]), so that the real sequences keep their shapes.
+    /// A batch whose sequences are on a bucket but whose rows are not takes the bucket above,
+    /// for dummies to take those rows; one on both buckets (fixed-length batches) is left as it
+    /// is. The loss, the gradients and the real sequences' logits stay those of the unpadded
+    /// batch (up to fp32 summation order of the weight gradients).
     pub fn pad_to_buckets(&mut self, pad_id: u32) {
+        let (n, real, rows) = (self.size(), self.real, self.layout.total_rows());
+        let mut sequences = sequence_bucket(real);
+        if sequences == real && n == real && row_bucket(rows) != rows {
+            sequences = sequence_bucket(real + 1);
+        }
         // Not past the sequences a batch may have (the attention kernels' grid).
-        let n = self.size();
-        let sequences = sequence_bucket(self.real + 1).min(MAX_BATCH_SEQUENCES.max(n));
-        self.pad_sequences_to(sequences, pad_id);
+        self.pad_sequences_to(sequences.min(MAX_BATCH_SEQUENCES.max(n)), pad_id);
         self.spread_rows_over_dummies(row_bucket(self.layout.total_rows()), pad_id);
     }
 

@@ -311,7 +311,6 @@ impl Drop for BlasHandle {
     }
 }
 
-/// The uploaded arrays of one [`SeqLayout`]: starts | rows | valid, `batch` u32 each.
 /// The 16-bit copy of the parameters the dense layers' GEMMs read within a region
 /// ([`Backend::refresh_weight_copies`]).
 struct WeightCopies {
@@ -341,9 +340,34 @@ impl WeightCopies {
     }
 }
 
+/// Marks a [`Backend::run_region`] as running; on leaving it, also by a panic, the weights'
+/// copy goes stale: it is the region's, and the parameters change between regions (AdamW).
+struct RegionGuard<'a>(&'a CudaBackend);
+
+impl<'a> RegionGuard<'a> {
+    fn enter(backend: &'a CudaBackend) -> Self {
+        backend.in_region.store(true, Ordering::Relaxed);
+        RegionGuard(backend)
+    }
+}
+
+impl Drop for RegionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.in_region.store(false, Ordering::Relaxed);
+        let mut copies = match self.0.weight_copies.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(c) = copies.as_mut() {
+            c.fresh = false;
+        }
+    }
+}
+
 /// An AdamW segment table (optim.cu's layout, as u64 words) and its device copy.
 type AdamWTable = (Vec<u64>, Arc<Buffer<u64>>);
 
+/// The uploaded arrays of one [`SeqLayout`]: starts | rows | valid, `batch` u32 each.
 struct LayoutBuf {
     layout: SeqLayout,
     buf: Arc<Buffer<u32>>,
@@ -992,8 +1016,6 @@ impl CudaBackend {
         Ok(Arc::new(buf))
     }
 
-    /// Fails inside a graph region: a host copy there would be baked into the graph, or (when
-    /// replaying) not made at all.
     /// [`Backend::run_region`]: eagerly without graphs; with graphs, eagerly the first time
     /// `key` is seen, captured the second, replayed after that.
     fn run_region_inner(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
@@ -1019,6 +1041,8 @@ impl CudaBackend {
         }
     }
 
+    /// Fails inside a graph region: a host copy there would be baked into the graph, or (when
+    /// replaying) not made at all.
     fn outside_graphs(&self, what: &str) -> Result<()> {
         if let Some(g) = &self.graphs {
             if !matches!(g.lock().unwrap().mode, GraphMode::Eager) {
@@ -1590,6 +1614,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.outside_graphs("allocating the weights' 16-bit copy")?;
+        // Another model's copy is freed first: never two copies at once.
+        drop(copies.take());
         *copies = Some(WeightCopies {
             params: Arc::downgrade(&params.buf),
             offset: params.offset,
@@ -1633,14 +1659,8 @@ impl Backend for CudaBackend {
     }
 
     fn run_region(&self, key: &[u64], region: &mut dyn FnMut() -> Result<()>) -> Result<()> {
-        self.in_region.store(true, Ordering::Relaxed);
-        let result = self.run_region_inner(key, region);
-        // The weights' copy is the region's: the parameters change between regions (AdamW).
-        self.in_region.store(false, Ordering::Relaxed);
-        if let Some(c) = self.weight_copies.lock().unwrap().as_mut() {
-            c.fresh = false;
-        }
-        result
+        let _region = RegionGuard::enter(self);
+        self.run_region_inner(key, region)
     }
 
     fn upload(&self, data: &[f32]) -> Result<CudaTensor> {
