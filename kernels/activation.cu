@@ -10,6 +10,8 @@
 // Backward: dx = dout·y'(x) (overwrites dx). Fused bias_activation_forward (optional):
 //   pre[r, c] = x[r, c] + bias[c] (rounded to T), out = act(pre): the same values as a separate
 //   bias add followed by activation_forward, and `pre` is what activation_backward reads.
+// activation_backward_x_{f16,bf16}: the same backward with x stored in 16 bits (the feed-forward
+//   pre-activation kept in the GEMMs' format), dx and dout fp32.
 // Layout: all tensors T, flat (n elements), except bias: fp32 [cols] and x/pre/out [rows, cols].
 // Math in fp32 with the CPU's constants and order of operations, except that NVRTC's default
 // --fmad=true contracts a multiply and an add into one FMA (x + 0.044715·x³, for one), so results
@@ -109,6 +111,31 @@ __device__ __forceinline__ void map2(T* __restrict__ out, const T* __restrict__ 
     for (unsigned long long i = done + tid; i < n; i += stride) out[i] = from_f32<T>(f(to_f32(a[i]), to_f32(b[i])));
 }
 
+// out[i] = f(a[i], b[i]) with out and a fp32, b 16-bit (U): packs of N = Pack<U>::N (8) elements,
+// b with one 128-bit load and a, out with two each, when all three are 16-byte aligned (8 floats
+// from an aligned start stay aligned); then the tail, or everything, one element at a time.
+template <typename U, typename F>
+__device__ __forceinline__ void map2_narrow_b(float* __restrict__ out, const float* __restrict__ a,
+                                              const U* __restrict__ b, unsigned long long n, F f) {
+    constexpr int N = Pack<U>::N;
+    const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    unsigned long long done = 0;
+    if (is_aligned16(out) && is_aligned16(a) && is_aligned16(b)) {
+        const unsigned long long packs = n / N;
+        for (unsigned long long k = tid; k < packs; k += stride) {
+            float u[N], v[N];
+            ld_f32xN<N>(a + k * N, u);
+            ld_pack_f32(b + k * N, v);
+#pragma unroll
+            for (int j = 0; j < N; ++j) u[j] = f(u[j], v[j]);
+            st_f32xN<N>(out + k * N, u);
+        }
+        done = packs * N;
+    }
+    for (unsigned long long i = done + tid; i < n; i += stride) out[i] = f(a[i], to_f32(b[i]));
+}
+
 // pre = x + bias (rounded to T; skipped when pre is null), out = act(pre).
 // blockIdx.y walks rows (grid-stride), x the columns of a row (grid-stride).
 template <typename T, int ACT>
@@ -189,3 +216,20 @@ __device__ __forceinline__ void bias_act_rows(T* __restrict__ out, T* __restrict
 ACTIVATION_KERNELS(float, f32)
 ACTIVATION_KERNELS(__half, f16)
 ACTIVATION_KERNELS(__nv_bfloat16, bf16)
+
+// Launch as activation_backward_*.
+#define ACTIVATION_BACKWARD_NARROW_X(U, SUFFIX)                                                                    \
+    extern "C" __global__ void activation_backward_x_##SUFFIX(float* __restrict__ dx,                              \
+                                                              const float* __restrict__ dout,                      \
+                                                              const U* __restrict__ x, unsigned long long n,       \
+                                                              int act) {                                           \
+        switch (act) {                                                                                             \
+            case 0: map2_narrow_b(dx, dout, x, n, ActBackward<0>()); break;                                        \
+            case 1: map2_narrow_b(dx, dout, x, n, ActBackward<1>()); break;                                        \
+            case 2: map2_narrow_b(dx, dout, x, n, ActBackward<2>()); break;                                        \
+            default: fill_nan(dx, n); break;                                                                       \
+        }                                                                                                          \
+    }
+
+ACTIVATION_BACKWARD_NARROW_X(__half, f16)
+ACTIVATION_BACKWARD_NARROW_X(__nv_bfloat16, bf16)

@@ -21,7 +21,7 @@ use bertft_cuda::backend::cpu::{CpuBackend, CpuTensor};
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
     attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
-    Dropout, MatmulPrecision, ResidualAdd, SeqLayout, IGNORE_LABEL,
+    Dropout, Dtype, MatmulPrecision, ResidualAdd, SeqLayout, IGNORE_LABEL,
 };
 use common::naive::{self, abs, assert_close, dot, f64s, finite_differences, U};
 use common::tiny::random_vec;
@@ -1895,4 +1895,151 @@ fn adamw_update() {
             });
         }
     }
+}
+
+// ---- activations stored in the matmul format ---------------------------------------------
+
+/// Bitwise equality of two op results.
+fn same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = (0..got.len()).find(|&i| got[i].to_bits() != want[i].to_bits()) {
+        panic!("{what}: element {i}: {} vs {}", got[i], want[i]);
+    }
+}
+
+/// `x` in a tensor of `be`'s matmul format (through `copy`, which rounds).
+fn stored<B: Backend>(be: &B, x: &[f32]) -> B::Tensor {
+    let t = be.zeros_in_matmul_format(x.len()).unwrap();
+    be.copy(&t, &be.upload(x).unwrap()).unwrap();
+    t
+}
+
+/// Under fp16/bf16 GEMMs the feed-forward activations are kept 16-bit (`Dtype`): a 16-bit
+/// output holds the fp32 result rounded once, and a 16-bit input gives the ops exactly what
+/// the fp32 tensor of the same values gives (the GEMMs round their operands to that format
+/// anyway, and the activation computes in fp32). So every check here is bit for bit, against
+/// the fp32 path and `Dtype::round`.
+#[test]
+fn matmul_format_storage() {
+    for p in [MatmulPrecision::F32, MatmulPrecision::Tf32] {
+        let be = CpuBackend::with_matmul_precision(p);
+        let t = be.zeros_in_matmul_format(5).unwrap();
+        assert_eq!(be.dtype(&t), Dtype::F32, "{}", p.name());
+    }
+    for (p, dtype) in [
+        (MatmulPrecision::F16, Dtype::F16),
+        (MatmulPrecision::Bf16, Dtype::Bf16),
+    ] {
+        let be = CpuBackend::with_matmul_precision(p);
+        let round = |v: &[f32]| v.iter().map(|&x| dtype.round(x)).collect::<Vec<f32>>();
+        let t = be.zeros_in_matmul_format(7).unwrap();
+        assert_eq!(be.dtype(&t), dtype);
+        assert_eq!(be.dtype(&be.view(&t, 2, 3)), dtype, "a view keeps the type");
+        assert!(down(&t).iter().all(|&v| v == 0.0));
+
+        // copy rounds into 16 bits; 1e5 is beyond fp16's range (inf there, finite in bf16).
+        let mut v = nonzero(33, 1, 3.0);
+        v[3] = 1e5;
+        let c = stored(&be, &v);
+        same_bits(
+            &format!("{} copy", p.name()),
+            &be.download(&c).unwrap(),
+            &round(&v),
+        );
+        assert_eq!(
+            be.download(&c).unwrap()[3].is_infinite(),
+            dtype == Dtype::F16
+        );
+
+        for &(rows, k, n) in &LINEAR_SHAPES {
+            let name = format!("{} linear {rows}x{k}x{n}", p.name());
+            let seed = (rows * 100 + k * 10 + n) as u64;
+            let (x, w, b) = (
+                nonzero(rows * k, seed, 1.0),
+                nonzero(n * k, seed + 1, 1.0),
+                nonzero(n, seed + 2, 1.0),
+            );
+            let (w, b) = (up(&w), up(&b));
+            let wide = up(&nonzero(rows * n, seed + 3, 9.0));
+            be.linear_forward(&wide, &up(&x), &w, &b, rows, k, n)
+                .unwrap();
+            let narrow = stored(&be, &nonzero(rows * n, seed + 4, 9.0));
+            let x16 = stored(&be, &x);
+            be.linear_forward(&narrow, &x16, &w, &b, rows, k, n)
+                .unwrap();
+            same_bits(&name, &be.download(&narrow).unwrap(), &round(&down(&wide)));
+
+            let dout = nonzero(rows * n, seed + 5, 1.0);
+            let backward = |x: &CpuTensor| {
+                let (dx, dw, db) = (
+                    up(&nonzero(rows * k, seed + 6, 1.0)),
+                    up(&nonzero(n * k, seed + 7, 1.0)),
+                    up(&nonzero(n, seed + 8, 1.0)),
+                );
+                be.linear_backward(Some(&dx), true, &dw, &db, &up(&dout), x, &w, rows, k, n)
+                    .unwrap();
+                [down(&dx), down(&dw), down(&db)]
+            };
+            let (from_wide, from_narrow) = (backward(&up(&round(&x))), backward(&x16));
+            for (what, (a, b)) in ["dx", "dw", "dbias"]
+                .iter()
+                .zip(from_narrow.iter().zip(&from_wide))
+            {
+                same_bits(&format!("{name} backward {what}"), a, b);
+            }
+        }
+
+        for act in ACTIVATIONS {
+            for &n in &ELEMENTWISE_SIZES {
+                let name = format!("{} {act:?} n {n}", p.name());
+                let x = round(&nonzero(n, 900 + n as u64, 4.0));
+                let wide = up(&nonzero(n, 901, 9.0));
+                be.activation_forward(&wide, &up(&x), act).unwrap();
+                let narrow = stored(&be, &nonzero(n, 902, 9.0));
+                be.activation_forward(&narrow, &stored(&be, &x), act)
+                    .unwrap();
+                same_bits(&name, &be.download(&narrow).unwrap(), &round(&down(&wide)));
+
+                let dout = up(&nonzero(n, 903, 1.0));
+                let (dx_wide, dx_narrow) = (up(&nonzero(n, 904, 9.0)), up(&nonzero(n, 905, 9.0)));
+                be.activation_backward(&dx_wide, &dout, &up(&x), act)
+                    .unwrap();
+                be.activation_backward(&dx_narrow, &dout, &stored(&be, &x), act)
+                    .unwrap();
+                same_bits(
+                    &format!("{name} backward"),
+                    &down(&dx_narrow),
+                    &down(&dx_wide),
+                );
+            }
+        }
+
+        // Mixed types where the op wants one, and another backend's format, are errors.
+        let (x16, out32) = (stored(&be, &[0.5; 4]), up(&[0.0; 4]));
+        let err = be
+            .activation_forward(&out32, &x16, Activation::GeluErf)
+            .unwrap_err();
+        assert!(err.to_string().contains("activation_forward"), "{err}");
+        let other = match dtype {
+            Dtype::F16 => CpuBackend::with_matmul_precision(MatmulPrecision::Bf16),
+            _ => CpuBackend::with_matmul_precision(MatmulPrecision::F16),
+        };
+        let foreign = stored(&other, &[0.5; 4]);
+        let err = be
+            .activation_backward(&up(&[0.0; 4]), &up(&[1.0; 4]), &foreign, Activation::Relu)
+            .unwrap_err();
+        assert!(err.to_string().contains("matmul format"), "{err}");
+        assert!(be.copy(&up(&[0.0; 4]), &x16).is_err(), "16-bit into fp32");
+    }
+}
+
+/// An op that reads fp32 only refuses a 16-bit tensor loudly (on the CUDA backend it would read
+/// the wrong bytes): the CPU tests of the shared model code thereby check that it never passes
+/// one.
+#[test]
+#[should_panic(expected = "reads and writes fp32 only")]
+fn fp32_only_ops_refuse_16_bit_tensors() {
+    let be = CpuBackend::with_matmul_precision(MatmulPrecision::F16);
+    let x = stored(&be, &[0.5; 8]);
+    let _ = be.tanh_forward(&up(&[0.0; 8]), &x);
 }

@@ -30,7 +30,7 @@ use bertft_cuda::backend::cpu::CpuBackend;
 use bertft_cuda::backend::cuda::{driver, CudaBackend, CudaTensor};
 use bertft_cuda::backend::philox::uniform;
 use bertft_cuda::backend::{
-    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout,
+    Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad, Dropout, Dtype,
     MatmulPrecision, ResidualAdd, SeqLayout, IGNORE_LABEL,
 };
 use bertft_cuda::model::bert::{Activations, Batch, HostBatch, LossSpec, Mode};
@@ -591,6 +591,139 @@ fn layernorm() {
                 );
                 compare(&case, &gg[..3], &cc[..3], 1e-5);
                 compare(&case, &gg[3..], &cc[3..], 5e-5);
+            }
+        }
+    }
+}
+
+// ---- activations stored in the matmul format ----
+
+/// `x` at element `offset` of a tensor stored in `be`'s matmul format (16-bit under
+/// fp16/bf16): an fp32 upload copied in (`copy` rounds it).
+fn stored_at<B: Backend>(be: &B, x: &[f32], offset: usize) -> B::Tensor {
+    let big = be.zeros_in_matmul_format(offset + x.len() + 3).unwrap();
+    let t = be.view(&big, offset, x.len());
+    be.copy(&t, &up_at(be, x, offset)).unwrap();
+    t
+}
+
+/// 16-bit results of the same math on both backends: equal bits, except where the fp32 values
+/// before the one rounding differed (summation order, erf's last ulp) across a rounding
+/// boundary, which moves the stored value by one ulp of the format, or where they cancelled to
+/// near 0 and their fp32 differences, up to `1e-5·max|cpu|` as in `linear_reduced_precision`,
+/// exceed that ulp. Both are rare (fp32 differences ~1e-6 relative, an fp16 ulp ~1e-3, a bf16 ulp
+/// ~8e-3): at most 2% of the elements may differ. A bias rounded to 16 bits before the add, or
+/// a value rounded twice, moves a quarter or more of them.
+fn one_rounding_apart(what: &str, gpu: &[f32], cpu: &[f32], dtype: Dtype) {
+    assert_eq!(gpu.len(), cpu.len(), "{what}: lengths differ");
+    let mantissa_bits = if dtype == Dtype::Bf16 { 7 } else { 10 };
+    let scale = cpu.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    let mut differing = 0;
+    for (i, (&g, &c)) in gpu.iter().zip(cpu).enumerate() {
+        if g.to_bits() == c.to_bits() {
+            continue;
+        }
+        differing += 1;
+        let ulp = 2f64.powi(((c.abs() as f64).log2().floor() as i32).max(-14) - mantissa_bits);
+        let tol = ulp + 1e-5 * scale;
+        assert!(
+            c.is_finite() && (g as f64 - c as f64).abs() <= tol,
+            "{what}: element {i}: gpu {g}, cpu {c}, more than {tol:e} (one ulp, {ulp:e}, and \
+             fp32 noise) apart"
+        );
+    }
+    assert!(
+        differing * 50 <= gpu.len().max(50),
+        "{what}: {differing} of {} elements differ",
+        gpu.len()
+    );
+}
+
+/// A dense layer with its input and output stored in the matmul format: the stored input, the
+/// output, and the gradients (dx accumulated).
+fn stored_linear_case<B: Backend>(
+    be: &B,
+    (rows, k, n): (usize, usize, usize),
+    (offset, bias_offset): (usize, usize),
+) -> Vec<(&'static str, Vec<f32>)> {
+    let s = (rows * 1000 + k * 10 + n + offset) as u64;
+    let x = stored_at(be, &random_vec(rows * k, s, 1.0), offset);
+    let w = up_at(be, &random_vec(n * k, s + 1, 0.1), offset);
+    // A bias larger than the product: rounding it to 16 bits before the add would move most
+    // outputs.
+    let bias = up_at(be, &random_vec(n, s + 2, 4.0), bias_offset);
+    let out = stored_at(be, &random_vec(rows * n, s + 3, 9.0), offset);
+    be.linear_forward(&out, &x, &w, &bias, rows, k, n).unwrap();
+    let dout = up_at(be, &random_vec(rows * n, s + 4, 1.0), offset);
+    let dx = up_at(be, &random_vec(rows * k, s + 5, 1.0), offset);
+    let dw = up_at(be, &random_vec(n * k, s + 6, 1.0), offset);
+    let dbias = up_at(be, &random_vec(n, s + 7, 1.0), bias_offset);
+    be.linear_backward(Some(&dx), true, &dw, &dbias, &dout, &x, &w, rows, k, n)
+        .unwrap();
+    vec![
+        ("x", down(be, &x)),
+        ("out", down(be, &out)),
+        ("dx", down(be, &dx)),
+        ("dw", down(be, &dw)),
+        ("dbias", down(be, &dbias)),
+    ]
+}
+
+/// An activation with its input and output stored in the matmul format: the output (16-bit)
+/// and the input gradient (fp32).
+fn stored_activation_case<B: Backend>(
+    be: &B,
+    n: usize,
+    act: Activation,
+    offset: usize,
+) -> [Vec<f32>; 2] {
+    let s = n as u64 * 3 + offset as u64;
+    let x = stored_at(be, &random_vec(n, s, 4.0), offset);
+    let out = stored_at(be, &random_vec(n, s + 1, 9.0), offset);
+    be.activation_forward(&out, &x, act).unwrap();
+    let dout = up_at(be, &random_vec(n, s + 2, 1.0), offset);
+    let dx = up_at(be, &random_vec(n, s + 3, 9.0), offset);
+    be.activation_backward(&dx, &dout, &x, act).unwrap();
+    [down(be, &out), down(be, &dx)]
+}
+
+/// The ops that take 16-bit tensors (`Backend::zeros_in_matmul_format`), each on inputs both
+/// backends hold bit for bit (checked: the stored input); views at odd offsets reach the
+/// kernels' scalar paths and 2-byte-aligned GEMM operands, a bias at an odd offset the fallback
+/// GEMMs (fp32 scratch, then a cast). The 16-bit outputs as `one_rounding_apart`, the fp32 ones
+/// with the tolerances of `linear_reduced_precision` and `activations`.
+#[test]
+fn matmul_format_storage() {
+    for (p, dtype) in [
+        (MatmulPrecision::F16, Dtype::F16),
+        (MatmulPrecision::Bf16, Dtype::Bf16),
+    ] {
+        let Some((g, c)) = pair(p) else { return };
+        assert_eq!(g.dtype(&g.zeros_in_matmul_format(3).unwrap()), dtype);
+        for offset in [0, 1] {
+            for bias_offset in [0, 1] {
+                for shape in [(33, 64, 96), (7, 37, 20), (128, 384, 1536), (1, 64, 96)] {
+                    let offsets = (offset, bias_offset);
+                    let case = format!("{} {shape:?} at offsets {offsets:?}", p.name());
+                    let before = g.bias_epilogue_gemms();
+                    let got = stored_linear_case(&g, shape, offsets);
+                    let path = ["fallback GEMMs + cast", "cuBLASLt bias epilogue, 16-bit D"]
+                        [(g.bias_epilogue_gemms() - before).min(1) as usize];
+                    let _ = writeln!(std::io::stderr(), "{case}: {path}");
+                    let want = stored_linear_case(&c, shape, offsets);
+                    exact(&format!("{case}: x stored"), &got[0].1, &want[0].1);
+                    one_rounding_apart(&format!("{case}: out"), &got[1].1, &want[1].1, dtype);
+                    compare(&case, &got[2..], &want[2..], 1e-5);
+                }
+            }
+            for n in [1, 7, 33 * 37, 4099] {
+                for act in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+                    let case = format!("{} n {n}, {act:?}, offset {offset}", p.name());
+                    let got = stored_activation_case(&g, n, act, offset);
+                    let want = stored_activation_case(&c, n, act, offset);
+                    one_rounding_apart(&format!("{case}: out"), &got[0], &want[0], dtype);
+                    close(&format!("{case}: dx"), &got[1], &want[1], 1e-6);
+                }
             }
         }
     }

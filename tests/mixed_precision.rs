@@ -10,8 +10,8 @@
 mod common;
 
 use bertft_cuda::backend::cpu::CpuBackend;
-use bertft_cuda::backend::{Backend, MatmulPrecision};
-use bertft_cuda::model::bert::Batch;
+use bertft_cuda::backend::{Backend, Dtype, MatmulPrecision};
+use bertft_cuda::model::bert::{Activations, Batch};
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::loss_scale::{LossScaler, ScaleChange};
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
@@ -180,4 +180,36 @@ fn fp16_overflow_skips_the_step_halves_the_scale_and_recovers() {
     let r = direct.step();
     assert!(!r.skipped());
     assert_eq!(direct.params(), run.params());
+}
+
+/// Under fp16/bf16 the feed-forward pre-activation and activation are stored in 16 bits (half
+/// the bytes of the largest saved activations), every other activation in fp32; under fp32 and
+/// TF32 everything is fp32. The fp16/bf16 steps above run with this storage, and the CPU backend
+/// panics if the model hands a 16-bit tensor to an op that reads fp32 only.
+#[test]
+fn feed_forward_activations_are_stored_in_the_matmul_format() {
+    for (p, ffn) in [
+        (MatmulPrecision::F32, Dtype::F32),
+        (MatmulPrecision::Tf32, Dtype::F32),
+        (MatmulPrecision::F16, Dtype::F16),
+        (MatmulPrecision::Bf16, Dtype::Bf16),
+    ] {
+        let run = Run::new(p);
+        let acts =
+            Activations::new(&run.be, &run.model.cfg, run.batch.rows(), run.batch.size()).unwrap();
+        for l in &acts.layers {
+            assert_eq!(run.be.dtype(&l.ffn_pre), ffn, "{}", p.name());
+            assert_eq!(run.be.dtype(&l.ffn_act), ffn, "{}", p.name());
+            for t in [
+                &l.qkv,
+                &l.attn,
+                &l.attn_sum,
+                &l.attn_ln_out,
+                &l.ffn_sum,
+                &l.ffn_ln_out,
+            ] {
+                assert_eq!(run.be.dtype(t), Dtype::F32, "{}", p.name());
+            }
+        }
+    }
 }

@@ -41,8 +41,10 @@ pub enum Activation {
 }
 
 /// The number format the dense layers' GEMMs read their operands in; products are always
-/// accumulated in fp32 and written in fp32 (PyTorch's autocast GEMMs: fp16/bf16 in, fp32
-/// accumulate). Every other op computes in fp32 whatever this is.
+/// accumulated in fp32 and written in fp32, or rounded once into a 16-bit output stored in this
+/// format (PyTorch's autocast GEMMs: fp16/bf16 in, fp32 accumulate). Every other op computes in
+/// fp32 whatever this is; under fp16/bf16 the feed-forward activations are stored in it
+/// ([`Dtype`]).
 ///
 /// The CPU backend emulates the reduced formats by rounding each operand (inputs, weights, the
 /// output gradient) to the format before an fp32 GEMM, exactly what a tensor-core GEMM reads,
@@ -91,6 +93,62 @@ impl MatmulPrecision {
             MatmulPrecision::Tf32 => "tf32",
             MatmulPrecision::F16 => "fp16",
             MatmulPrecision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// How a tensor's elements are stored. Every op computes in fp32; a 16-bit tensor holds what an
+/// fp32 result rounds to (to nearest, ties to even) when stored.
+///
+/// Most tensors are fp32. Under fp16/bf16 GEMMs, the activations that only GEMMs and one
+/// element-wise op touch (the feed-forward block's pre-activation and activation: half of a
+/// layer's saved activations) are stored in the GEMMs' 16-bit format, as PyTorch's autocast
+/// stores a linear layer's output: [`Backend::zeros_in_matmul_format`] makes them, and only
+/// the ops whose documentation says so take them (the others read and write fp32 only; the CPU
+/// backend panics when given one, so the shared model code is checked by the CPU tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    /// `v` as a tensor of this type stores it.
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            Dtype::F32 => v,
+            Dtype::F16 => half::f16::from_f32(v).to_f32(),
+            Dtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::F16 | Dtype::Bf16 => 2,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "fp32",
+            Dtype::F16 => "fp16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
+impl MatmulPrecision {
+    /// The type [`Backend::zeros_in_matmul_format`] stores activations in: the GEMMs' 16-bit
+    /// operand format under fp16/bf16, fp32 otherwise (TF32 reads fp32 storage).
+    pub fn storage_dtype(self) -> Dtype {
+        match self {
+            MatmulPrecision::F16 => Dtype::F16,
+            MatmulPrecision::Bf16 => Dtype::Bf16,
+            MatmulPrecision::F32 | MatmulPrecision::Tf32 => Dtype::F32,
         }
     }
 }
@@ -291,7 +349,17 @@ pub trait Backend {
     fn reset_peak_memory(&self) {}
 
     // ---- memory ----
+    /// `len` fp32 zeros.
     fn zeros(&self, len: usize) -> Result<Self::Tensor>;
+    /// `len` zeros stored as the dense layers' GEMMs read their operands
+    /// ([`MatmulPrecision::storage_dtype`]): 16-bit under fp16/bf16, else fp32. For activations
+    /// whose producer and readers all take such tensors (see [`Dtype`]): `linear_forward`'s `x`
+    /// and `out`, `linear_backward`'s `x`, `activation_forward`'s `x` and `out`,
+    /// `activation_backward`'s `x`; and `view`, `len`, `dtype`, `download`, `fill_zero` and
+    /// `copy`.
+    fn zeros_in_matmul_format(&self, len: usize) -> Result<Self::Tensor>;
+    /// How `t`'s elements are stored.
+    fn dtype(&self, t: &Self::Tensor) -> Dtype;
     /// Makes ready what ops over a batch of this layout read (the CUDA backend uploads its
     /// arrays), so that a [`Backend::run_region`] finds it there and copies nothing in.
     fn prepare_layout(&self, _layout: &SeqLayout) -> Result<()> {
@@ -341,10 +409,14 @@ pub trait Backend {
     fn view(&self, t: &Self::Tensor, offset: usize, len: usize) -> Self::Tensor;
     fn len(&self, t: &Self::Tensor) -> usize;
     fn fill_zero(&self, t: &Self::Tensor) -> Result<()>;
+    /// `dst = src`, between tensors of one type, or from fp32 into a 16-bit tensor (rounded to
+    /// nearest even).
     fn copy(&self, dst: &Self::Tensor, src: &Self::Tensor) -> Result<()>;
 
     // ---- dense layers (matmul.rs) ----
-    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ + bias[n]` (PyTorch's `nn.Linear`).
+    /// `out[rows, n] = x[rows, k] · w[n, k]ᵀ + bias[n]` (PyTorch's `nn.Linear`). `x` and `out`
+    /// may be stored in the matmul format ([`Backend::zeros_in_matmul_format`]): a 16-bit `x`
+    /// is read as it is (no cast), a 16-bit `out` gets the fp32 result rounded once.
     #[allow(clippy::too_many_arguments)]
     fn linear_forward(
         &self,
@@ -356,7 +428,8 @@ pub trait Backend {
         k: usize,
         n: usize,
     ) -> Result<()>;
-    /// `dx (=|+=) dout · w`, `dw += doutᵀ · x`, `dbias += Σ_rows dout`.
+    /// `dx (=|+=) dout · w`, `dw += doutᵀ · x`, `dbias += Σ_rows dout`. `x` may be stored in the
+    /// matmul format; the gradients are fp32.
     #[allow(clippy::too_many_arguments)]
     fn linear_backward(
         &self,
@@ -440,12 +513,14 @@ pub trait Backend {
     ) -> Result<()>;
 
     // ---- activations (activation.rs) ----
+    /// `out = act(x)`. `x` and `out` are both fp32, or both stored in the matmul format.
     fn activation_forward(
         &self,
         out: &Self::Tensor,
         x: &Self::Tensor,
         act: Activation,
     ) -> Result<()>;
+    /// `dx = dout·act'(x)`: `dx` and `dout` fp32, `x` fp32 or stored in the matmul format.
     fn activation_backward(
         &self,
         dx: &Self::Tensor,

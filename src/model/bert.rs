@@ -14,7 +14,10 @@
 //! ```
 //! Kept for backward (per layer): qkv, the attention output and its log-sum-exp, both residual
 //! sums with their LayerNorm statistics, both LayerNorm outputs, the feed-forward
-//! pre-activation and activation. Dropout masks are regenerated, never stored; the dropout of
+//! pre-activation and activation. The last two, which only the feed-forward GEMMs and the
+//! activation read, are stored as the GEMMs read their operands (16 bits under fp16/bf16, as
+//! autocast stores a linear layer's output: [`Storage::MatmulFormat`]); everything else is
+//! fp32. Dropout masks are regenerated, never stored; the dropout of
 //! each residual block's branch is fused into the LayerNorm after it (`ResidualAdd`,
 //! `BranchGrad`), so the dropped-out branch is never written.
 
@@ -422,6 +425,24 @@ pub struct LayerActs<T> {
     pub ffn_ln_out: T,
 }
 
+/// How an activation buffer is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Storage {
+    F32,
+    /// [`Backend::zeros_in_matmul_format`]: for a tensor only the ops that take 16-bit tensors
+    /// touch (a dense layer's input or output, the activation's input or output).
+    MatmulFormat,
+}
+
+impl Storage {
+    fn zeros<B: Backend>(self, backend: &B, len: usize) -> Result<B::Tensor> {
+        match self {
+            Storage::F32 => backend.zeros(len),
+            Storage::MatmulFormat => backend.zeros_in_matmul_format(len),
+        }
+    }
+}
+
 /// Every buffer forward and backward use for one batch shape: allocated once, reused.
 pub struct Activations<T> {
     pub rows: usize,
@@ -458,23 +479,25 @@ impl<T: Clone> Activations<T> {
         rows: usize,
         batch: usize,
     ) -> Result<Self> {
-        Self::build(cfg, rows, batch, |n| backend.zeros(n))
+        Self::build(cfg, rows, batch, |n, storage| storage.zeros(backend, n))
     }
 
-    /// Every buffer, each of the length `alloc` is asked for, in a fixed order (so that a
-    /// second build can hand out views of a first one's buffers).
+    /// Every buffer, each of the length and storage `alloc` is asked for, in a fixed order (so
+    /// that a second build can hand out views of a first one's buffers).
     fn build(
         cfg: &BertConfig,
         rows: usize,
         batch: usize,
-        mut alloc: impl FnMut(usize) -> Result<T>,
+        alloc: impl FnMut(usize, Storage) -> Result<T>,
     ) -> Result<Self> {
         let (h, i, heads) = (
             cfg.hidden_size,
             cfg.intermediate_size,
             cfg.num_attention_heads,
         );
-        let mut z = |n: usize| alloc(n);
+        let alloc = std::cell::RefCell::new(alloc);
+        let z = |n: usize| (alloc.borrow_mut())(n, Storage::F32);
+        let z16 = |n: usize| (alloc.borrow_mut())(n, Storage::MatmulFormat);
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok(LayerActs {
@@ -485,8 +508,8 @@ impl<T: Clone> Activations<T> {
                     attn_ln_mean: z(rows)?,
                     attn_ln_rstd: z(rows)?,
                     attn_ln_out: z(rows * h)?,
-                    ffn_pre: z(rows * i)?,
-                    ffn_act: z(rows * i)?,
+                    ffn_pre: z16(rows * i)?,
+                    ffn_act: z16(rows * i)?,
                     ffn_sum: z(rows * h)?,
                     ffn_ln_mean: z(rows)?,
                     ffn_ln_rstd: z(rows)?,
@@ -559,15 +582,15 @@ impl<T: Clone> ActivationArena<T> {
             let capacity = (rows.max(cap_rows), batch.max(cap_batch));
             self.buffers.clear();
             let buffers = &mut self.buffers;
-            Activations::build(cfg, capacity.0, capacity.1, |n| {
-                let t = backend.zeros(n)?;
+            Activations::build(cfg, capacity.0, capacity.1, |n, storage| {
+                let t = storage.zeros(backend, n)?;
                 buffers.push(t.clone());
                 Ok(t)
             })?;
             self.capacity = capacity;
         }
         let mut next = self.buffers.iter();
-        Activations::build(cfg, rows, batch, |n| {
+        Activations::build(cfg, rows, batch, |n, _| {
             let big = next.next().expect("the same buffers in the same order");
             Ok(backend.view(big, 0, n))
         })

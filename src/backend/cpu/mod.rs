@@ -17,14 +17,14 @@ mod tensor;
 
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 
 use tensor::check_disjoint;
 pub use tensor::CpuTensor;
 
 use super::{
     attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
-    Dropout, MatmulPrecision, ResidualAdd, SeqLayout,
+    Dropout, Dtype, MatmulPrecision, ResidualAdd, SeqLayout,
 };
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -58,6 +58,32 @@ impl CpuBackend {
             ..self
         }
     }
+
+    /// The elements of a tensor an op reads as a GEMM operand or an activation's input: fp32,
+    /// or stored in this backend's matmul format (the values a GEMM in that format reads).
+    fn matmul_input<'t>(&self, t: &'t CpuTensor, what: &str) -> Result<&'t [f32]> {
+        self.check_matmul_format(t, what)?;
+        Ok(t.values())
+    }
+
+    /// The elements of an output that may be stored in the matmul format, to write in fp32 (the
+    /// op then rounds them: [`CpuTensor::round_stored`]).
+    #[allow(clippy::mut_from_ref)]
+    fn matmul_output<'t>(&self, t: &'t CpuTensor, what: &str) -> Result<&'t mut [f32]> {
+        self.check_matmul_format(t, what)?;
+        Ok(t.values_mut())
+    }
+
+    fn check_matmul_format(&self, t: &CpuTensor, what: &str) -> Result<()> {
+        let format = self.precision.storage_dtype();
+        ensure!(
+            t.dtype() == Dtype::F32 || t.dtype() == format,
+            "{what} is {}, neither fp32 nor this backend's matmul format ({})",
+            t.dtype().name(),
+            format.name()
+        );
+        Ok(())
+    }
 }
 
 impl Backend for CpuBackend {
@@ -85,6 +111,12 @@ impl Backend for CpuBackend {
     fn zeros(&self, len: usize) -> Result<CpuTensor> {
         Ok(CpuTensor::zeros(len))
     }
+    fn zeros_in_matmul_format(&self, len: usize) -> Result<CpuTensor> {
+        Ok(CpuTensor::zeros_of(len, self.precision.storage_dtype()))
+    }
+    fn dtype(&self, t: &CpuTensor) -> Dtype {
+        t.dtype()
+    }
     fn upload(&self, data: &[f32]) -> Result<CpuTensor> {
         Ok(CpuTensor::from_vec(data.to_vec()))
     }
@@ -92,7 +124,7 @@ impl Backend for CpuBackend {
         Ok(Arc::new(data.to_vec()))
     }
     fn download(&self, t: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(t.data().to_vec())
+        Ok(t.values().to_vec())
     }
     fn view(&self, t: &CpuTensor, offset: usize, len: usize) -> CpuTensor {
         t.view(offset, len)
@@ -101,12 +133,21 @@ impl Backend for CpuBackend {
         t.len()
     }
     fn fill_zero(&self, t: &CpuTensor) -> Result<()> {
-        t.data_mut().fill(0.0);
+        t.values_mut().fill(0.0);
         Ok(())
     }
     fn copy(&self, dst: &CpuTensor, src: &CpuTensor) -> Result<()> {
         check_disjoint(&[dst], &[src]);
-        dst.data_mut().copy_from_slice(src.data());
+        ensure!(
+            dst.len() == src.len() && (dst.dtype() == src.dtype() || src.dtype() == Dtype::F32),
+            "copy of {} {} elements into {} {}",
+            src.len(),
+            src.dtype().name(),
+            dst.len(),
+            dst.dtype().name()
+        );
+        dst.values_mut().copy_from_slice(src.values());
+        dst.round_stored();
         Ok(())
     }
 
@@ -122,8 +163,8 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         check_disjoint(&[out], &[x, w, bias]);
         matmul::linear_forward(
-            out.data_mut(),
-            x.data(),
+            self.matmul_output(out, "linear_forward's out")?,
+            self.matmul_input(x, "linear_forward's x")?,
             w.data(),
             bias.data(),
             rows,
@@ -131,6 +172,7 @@ impl Backend for CpuBackend {
             n,
             self.precision,
         );
+        out.round_stored();
         Ok(())
     }
 
@@ -156,7 +198,7 @@ impl Backend for CpuBackend {
             dw.data_mut(),
             dbias.data_mut(),
             dout.data(),
-            x.data(),
+            self.matmul_input(x, "linear_backward's x")?,
             w.data(),
             rows,
             k,
@@ -305,7 +347,18 @@ impl Backend for CpuBackend {
 
     fn activation_forward(&self, out: &CpuTensor, x: &CpuTensor, act: Activation) -> Result<()> {
         check_disjoint(&[out], &[x]);
-        activation::activation_forward(out.data_mut(), x.data(), act);
+        ensure!(
+            out.dtype() == x.dtype(),
+            "activation_forward: a {} x into a {} out",
+            x.dtype().name(),
+            out.dtype().name()
+        );
+        activation::activation_forward(
+            self.matmul_output(out, "activation_forward's out")?,
+            self.matmul_input(x, "activation_forward's x")?,
+            act,
+        );
+        out.round_stored();
         Ok(())
     }
     fn activation_backward(
@@ -316,7 +369,12 @@ impl Backend for CpuBackend {
         act: Activation,
     ) -> Result<()> {
         check_disjoint(&[dx], &[dout, x]);
-        activation::activation_backward(dx.data_mut(), dout.data(), x.data(), act);
+        activation::activation_backward(
+            dx.data_mut(),
+            dout.data(),
+            self.matmul_input(x, "activation_backward's x")?,
+            act,
+        );
         Ok(())
     }
     fn tanh_forward(&self, out: &CpuTensor, x: &CpuTensor) -> Result<()> {

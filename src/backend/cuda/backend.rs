@@ -3,8 +3,10 @@
 //!
 //! # Memory, views and pointers
 //! A [`CudaTensor`] is a cheap handle: an `Arc` of one device allocation (a `CudaSlice<f32>` and
-//! its base address), an element offset and a length. Views share the allocation; a kernel is
-//! given the raw address `base + 4·offset` (`u64`). cudarc's per-slice event tracking is turned
+//! its base address), an element offset, a length and the element type (fp32, or 16-bit for the
+//! activations `zeros_in_matmul_format` makes). Views share the allocation; a kernel is given
+//! the raw address `base + size·offset` (`u64`); `CudaTensor::device_ptr`, which the fp32-only
+//! ops use, refuses a 16-bit tensor. cudarc's per-slice event tracking is turned
 //! off: everything runs in order on the backend's single stream, so no cross-stream
 //! synchronization is needed, and the raw pointers bypass cudarc's borrow rules anyway. The
 //! trait's aliasing rule is what makes this sound: an op's outputs never overlap its inputs or
@@ -32,12 +34,15 @@
 //! - `F32`: fp32 operands, `CUBLAS_COMPUTE_32F` under `CUBLAS_DEFAULT_MATH` (no TF32), so results
 //!   match the CPU up to fp32 summation order.
 //! - `Tf32`: fp32 operands, `CUBLAS_COMPUTE_32F_FAST_TF32` (tensor cores read 10-bit mantissas).
-//! - `F16`/`Bf16`: each operand is cast (`cast.cu`, round to nearest even) into a 16-bit copy
-//!   made for the call, and the GEMM reads `CUDA_R_16F`/`CUDA_R_16BF` with fp32 accumulation on
-//!   the tensor cores (`dout`'s copy is written by the bias-gradient kernel). The master
-//!   weights, the activations, the biases, the bias gradients and every other op stay fp32. The
-//!   CPU backend rounds the same operands the same way, so the two differ only by summation
-//!   order.
+//! - `F16`/`Bf16`: each fp32 operand is cast (`cast.cu`, round to nearest even) into a 16-bit
+//!   copy made for the call (the weights once per region, `WeightCopies`; `dout`'s copy by the
+//!   bias-gradient kernel), and the GEMM reads `CUDA_R_16F`/`CUDA_R_16BF` with fp32 accumulation
+//!   on the tensor cores. An activation stored 16-bit ([`Dtype`]: the feed-forward
+//!   pre-activation and activation) is read as it is, and a GEMM whose output is one writes it
+//!   16-bit (cuBLASLt's D type, the fp32 bias added before the one rounding; else fp32 scratch
+//!   and a cast). The master weights, the other activations, the biases, the gradients and every
+//!   other op stay fp32. The CPU backend rounds the same operands and outputs the same way, so
+//!   the two differ only by summation order.
 //!
 //! # Scratch
 //! Per-call scratch (LayerNorm's dgamma/dbeta partials, the bias gradients' partials, Σx²
@@ -78,7 +83,7 @@ use super::readback::PendingDownload;
 use super::{cublas, driver, kernel_files, nvrtc, KernelCache, KernelCompiler};
 use crate::backend::{
     attention_rounding, Activation, AdamWStep, AdamWTensor, AttentionDims, Backend, BranchGrad,
-    Dropout, MatmulPrecision, OutOfMemory, ResidualAdd, SeqLayout, IGNORE_LABEL,
+    Dropout, Dtype, MatmulPrecision, OutOfMemory, ResidualAdd, SeqLayout, IGNORE_LABEL,
 };
 
 /// The driver functions cudarc calls for this backend (cudarc panics on a missing one, so they
@@ -226,18 +231,41 @@ struct Graphs {
     stats: GraphStats,
 }
 
-/// An fp32 tensor on the GPU, or a view into one (see the module header).
+/// A tensor on the GPU, or a view into one (see the module header): fp32, or 16-bit where
+/// made by `zeros_in_matmul_format` ([`Dtype`]).
 #[derive(Clone)]
 pub struct CudaTensor {
+    /// The allocation, counted in 4-byte units whatever the type (a 16-bit tensor of `n`
+    /// elements takes `⌈n/2⌉` of them).
     buf: Arc<Buffer<f32>>,
+    /// In elements of `dtype`.
     offset: usize,
     len: usize,
+    dtype: Dtype,
 }
 
 impl CudaTensor {
-    /// The device address of the first element.
+    /// The device address of the first element of an fp32 tensor: what every op that reads and
+    /// writes fp32 only passes its kernel.
+    ///
+    /// # Panics
+    /// On a 16-bit tensor (a bug in the caller: the model hands 16-bit tensors only to the ops
+    /// that take them, which the CPU backend's tests check; see [`Dtype`]). Those ops use
+    /// [`CudaTensor::any_ptr`].
     pub fn device_ptr(&self) -> u64 {
-        self.buf.ptr + (self.offset * 4) as u64
+        assert!(
+            self.dtype == Dtype::F32,
+            "a {} tensor was given to a CUDA op that reads and writes fp32 only",
+            self.dtype.name()
+        );
+        self.any_ptr()
+    }
+    /// The device address of the first element, whatever the type.
+    pub fn any_ptr(&self) -> u64 {
+        self.buf.ptr + (self.offset * self.dtype.size()) as u64
+    }
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
     }
     pub fn len(&self) -> usize {
         self.len
@@ -334,6 +362,7 @@ impl WeightCopies {
     /// Where `t`'s 16-bit copy lies, if `t` is a view of the parameters and the copy is fresh.
     fn copy_of(&self, t: &CudaTensor) -> Option<u64> {
         let inside = self.params.as_ptr() == Arc::as_ptr(&t.buf)
+            && t.dtype == Dtype::F32
             && t.offset >= self.offset
             && t.offset + t.len <= self.offset + self.len;
         (self.fresh && inside).then(|| self.copy.ptr + 2 * (t.offset - self.offset) as u64)
@@ -1085,11 +1114,31 @@ impl CudaBackend {
     }
 
     fn scratch(&self, len: usize) -> Result<CudaTensor> {
+        self.scratch_of(len, Dtype::F32)
+    }
+
+    /// `len` elements of `dtype`, uninitialized.
+    fn scratch_of(&self, len: usize, dtype: Dtype) -> Result<CudaTensor> {
         Ok(CudaTensor {
-            buf: self.alloc_raw::<f32>(len)?,
+            buf: self.alloc_raw::<f32>((len * dtype.size()).div_ceil(4))?,
             offset: 0,
             len,
+            dtype,
         })
+    }
+
+    /// A 16-bit tensor's bits (the caller has checked that no region is running).
+    fn download_u16(&self, t: &CudaTensor) -> Result<Vec<u16>> {
+        let mut out = vec![0u16; t.len];
+        self.bind()?;
+        if t.len > 0 {
+            // SAFETY: t addresses t.len 2-byte elements; the stream is synchronized before
+            // `out` is read or dropped.
+            unsafe { dres::memcpy_dtoh_async(&mut out, t.any_ptr(), self.stream.cu_stream()) }
+                .map_err(|e| anyhow!("device-to-host copy: {e}"))?;
+        }
+        self.synchronize()?;
+        Ok(out)
     }
 
     fn upload_raw<T: cudarc::driver::DeviceRepr>(&self, data: &[T]) -> Result<Arc<Buffer<T>>> {
@@ -1182,6 +1231,7 @@ impl CudaBackend {
             buf: self.upload_raw(&vec![1.0f32; cap])?,
             offset: 0,
             len: cap,
+            dtype: Dtype::F32,
         };
         *ones = Some(t.clone());
         Ok(t)
@@ -1268,6 +1318,83 @@ impl CudaBackend {
             dtype,
             _copy: Some(copy),
         })
+    }
+
+    /// A tensor a dense layer reads as its GEMMs' `x` operand: fp32 (cast per call as
+    /// [`CudaBackend::gemm_operand`] does), or already stored in the GEMMs' 16-bit format (read
+    /// as it is).
+    fn gemm_input(&self, t: &CudaTensor, what: &str) -> Result<GemmOperand> {
+        if !self.stored_in_matmul_format(t, what)? {
+            return self.gemm_operand(t);
+        }
+        let dtype = match t.dtype {
+            Dtype::Bf16 => blas::cudaDataType::CUDA_R_16BF,
+            _ => blas::cudaDataType::CUDA_R_16F,
+        };
+        Ok(GemmOperand {
+            ptr: t.any_ptr(),
+            dtype,
+            _copy: None,
+        })
+    }
+
+    /// Whether `t` is stored in the GEMMs' 16-bit format (`false`: fp32); an error for any other
+    /// type (a tensor of another backend's format).
+    fn stored_in_matmul_format(&self, t: &CudaTensor, what: &str) -> Result<bool> {
+        let format = self.precision.storage_dtype();
+        ensure!(
+            t.dtype == Dtype::F32 || t.dtype == format,
+            "{what} is {}, neither fp32 nor this backend's matmul format ({})",
+            t.dtype.name(),
+            format.name()
+        );
+        Ok(t.dtype != Dtype::F32)
+    }
+
+    /// Runs `write`, which writes an fp32 result into the tensor it is given, for `out`: into
+    /// `out` itself when it is fp32; else into fp32 scratch then cast into `out` (one rounding
+    /// of the fp32 result, as the CPU reference stores it).
+    fn write_output(
+        &self,
+        out: &CudaTensor,
+        write: impl FnOnce(&CudaTensor) -> Result<()>,
+    ) -> Result<()> {
+        if out.dtype == Dtype::F32 {
+            return write(out);
+        }
+        let wide = self.scratch(out.len)?;
+        write(&wide)?;
+        self.cast_into(out, &wide)
+    }
+
+    /// `dst` (16-bit) = `src` (fp32) rounded to nearest even.
+    fn cast_into(&self, dst: &CudaTensor, src: &CudaTensor) -> Result<()> {
+        ensure!(
+            dst.len == src.len && src.dtype == Dtype::F32,
+            "cast of {} {} elements into {}",
+            src.len,
+            src.dtype.name(),
+            dst.len
+        );
+        let kernel = match dst.dtype {
+            Dtype::F16 => "cast_f32_to_f16",
+            Dtype::Bf16 => "cast_f32_to_bf16",
+            Dtype::F32 => bail!("cast_into: an fp32 destination"),
+        };
+        if src.len == 0 {
+            return Ok(());
+        }
+        self.launch(
+            kernel,
+            (grid_1d(src.len, 1, 256, 32 * self.sms), 1, 1),
+            (256, 1, 1),
+            0,
+            &Cast {
+                x: src.device_ptr(),
+                y: dst.any_ptr(),
+                n: src.len as u64,
+            },
+        )
     }
 
     /// `outᵀ(n×rows) = bias(n×1)·ones(1×rows)`: every row of `out` set to the bias.
@@ -1668,6 +1795,7 @@ impl Backend for CudaBackend {
             buf: self.upload_raw(data)?,
             offset: 0,
             len: data.len(),
+            dtype: Dtype::F32,
         })
     }
 
@@ -1680,6 +1808,19 @@ impl Backend for CudaBackend {
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         self.outside_graphs("a read-back")?;
+        if t.dtype != Dtype::F32 {
+            let bits = self.download_u16(t)?;
+            return Ok(match t.dtype {
+                Dtype::Bf16 => bits
+                    .into_iter()
+                    .map(|b| half::bf16::from_bits(b).to_f32())
+                    .collect(),
+                _ => bits
+                    .into_iter()
+                    .map(|b| half::f16::from_bits(b).to_f32())
+                    .collect(),
+            });
+        }
         let mut out = vec![0.0f32; t.len];
         self.bind()?;
         if t.len > 0 {
@@ -1692,6 +1833,16 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn zeros_in_matmul_format(&self, len: usize) -> Result<CudaTensor> {
+        let t = self.scratch_of(len, self.precision.storage_dtype())?;
+        self.fill_zero(&t)?;
+        Ok(t)
+    }
+
+    fn dtype(&self, t: &CudaTensor) -> Dtype {
+        t.dtype
+    }
+
     fn view(&self, t: &CudaTensor, offset: usize, len: usize) -> CudaTensor {
         assert!(
             offset + len <= t.len,
@@ -1702,6 +1853,7 @@ impl Backend for CudaBackend {
             buf: t.buf.clone(),
             offset: t.offset + offset,
             len,
+            dtype: t.dtype,
         }
     }
 
@@ -1713,7 +1865,7 @@ impl Backend for CudaBackend {
         if t.len == 0 {
             return Ok(());
         }
-        let (ptr, bytes) = (t.device_ptr(), t.len * 4);
+        let (ptr, bytes) = (t.any_ptr(), t.len * t.dtype.size());
         self.queue_call(&[3, ptr, bytes as u64], || {
             self.bind()?;
             // SAFETY: t addresses t.len elements.
@@ -1726,15 +1878,21 @@ impl Backend for CudaBackend {
 
     fn copy(&self, dst: &CudaTensor, src: &CudaTensor) -> Result<()> {
         ensure!(
-            dst.len == src.len,
-            "copy of {} elements into {}",
+            dst.len == src.len && (dst.dtype == src.dtype || src.dtype == Dtype::F32),
+            "copy of {} {} elements into {} {}",
             src.len,
-            dst.len
+            src.dtype.name(),
+            dst.len,
+            dst.dtype.name()
         );
+        if dst.dtype != src.dtype {
+            return self.cast_into(dst, src);
+        }
         if src.len == 0 {
             return Ok(());
         }
-        let (to, from, bytes) = (dst.device_ptr(), src.device_ptr(), src.len * 4);
+        let bytes = src.len * src.dtype.size();
+        let (to, from) = (dst.any_ptr(), src.any_ptr());
         self.queue_call(&[4, to, from, bytes as u64], || {
             self.bind()?;
             // SAFETY: both address len elements and do not overlap (the trait's rule).
@@ -1764,14 +1922,18 @@ impl Backend for CudaBackend {
             w.len,
             bias.len
         );
+        let out_16bit = self.stored_in_matmul_format(out, "linear_forward's out")?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
         if k == 0 {
-            return self.fill_with_bias(out, bias, rows, n);
+            return self.write_output(out, |target| self.fill_with_bias(target, bias, rows, n));
         }
         // Cast once: the fallback below reads the same operands.
-        let (w, x) = (self.gemm_operand(w)?, self.gemm_operand(x)?);
+        let (w, x) = (
+            self.gemm_operand(w)?,
+            self.gemm_input(x, "linear_forward's x")?,
+        );
         if let Some((lt, _)) = &self.lt {
             let (ty, compute) = self.lt_types();
             let g = BiasGemm {
@@ -1780,7 +1942,12 @@ impl Backend for CudaBackend {
                 b: x.ptr,
                 b_type: ty,
                 bias: bias.device_ptr(),
-                d: out.device_ptr(),
+                d: out.any_ptr(),
+                d_type: if out_16bit {
+                    ty
+                } else {
+                    LtDataType::CUDA_R_32F
+                },
                 mnk: (n, rows, k),
                 compute,
             };
@@ -1795,6 +1962,7 @@ impl Backend for CudaBackend {
                 k as u64,
                 ty as u64,
                 compute as u64,
+                g.d_type as u64,
             ];
             // outᵀ(n×rows) = op(w)·xᵀ + bias, the bias in the epilogue (see `lt`); whether
             // cuBLASLt took the call is part of what a graph records.
@@ -1806,18 +1974,20 @@ impl Backend for CudaBackend {
                 return Ok(());
             }
         }
-        self.fill_with_bias(out, bias, rows, n)?;
-        // outᵀ(n×rows) += op(w)·xᵀ, w col-major k×n transposed.
-        self.gemm_ex(
-            true,
-            false,
-            (n, rows, k),
-            (&w, k),
-            (&x, k),
-            1.0,
-            (out.device_ptr(), n),
-            self.gemm_compute(),
-        )
+        self.write_output(out, |target| {
+            self.fill_with_bias(target, bias, rows, n)?;
+            // outᵀ(n×rows) += op(w)·xᵀ, w col-major k×n transposed.
+            self.gemm_ex(
+                true,
+                false,
+                (n, rows, k),
+                (&w, k),
+                (&x, k),
+                1.0,
+                (target.device_ptr(), n),
+                self.gemm_compute(),
+            )
+        })
     }
 
     fn linear_backward(
@@ -1876,7 +2046,7 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         // dwᵀ(k×n) += xᵀ(k×rows)·dout(rows×n)
-        let x = self.gemm_operand(x)?;
+        let x = self.gemm_input(x, "linear_backward's x")?;
         self.gemm_ex(
             false,
             true,
@@ -2172,22 +2342,29 @@ impl Backend for CudaBackend {
     // ---- activations ----
     fn activation_forward(&self, out: &CudaTensor, x: &CudaTensor, act: Activation) -> Result<()> {
         ensure!(
-            out.len == x.len,
-            "activation_forward: out {} elements, x {}",
+            out.len == x.len && out.dtype == x.dtype,
+            "activation_forward: out {} {} elements, x {} {}",
             out.len,
-            x.len
+            out.dtype.name(),
+            x.len,
+            x.dtype.name()
         );
+        let kernel = match self.stored_in_matmul_format(x, "activation_forward's x")? {
+            false => "activation_forward_f32",
+            true if x.dtype == Dtype::Bf16 => "activation_forward_bf16",
+            true => "activation_forward_f16",
+        };
         if x.len == 0 {
             return Ok(());
         }
         self.launch(
-            "activation_forward_f32",
+            kernel,
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
             &ActivationForward {
-                out: out.device_ptr(),
-                x: x.device_ptr(),
+                out: out.any_ptr(),
+                x: x.any_ptr(),
                 n: x.len as u64,
                 act: act_code(act),
             },
@@ -2208,18 +2385,24 @@ impl Backend for CudaBackend {
             dout.len,
             x.len
         );
+        let kernel = match self.stored_in_matmul_format(x, "activation_backward's x")? {
+            false => "activation_backward_f32",
+            true if x.dtype == Dtype::Bf16 => "activation_backward_x_bf16",
+            true => "activation_backward_x_f16",
+        };
+        let (dx, dout) = (dx.device_ptr(), dout.device_ptr());
         if x.len == 0 {
             return Ok(());
         }
         self.launch(
-            "activation_backward_f32",
+            kernel,
             self.elementwise_grid(x.len),
             (256, 1, 1),
             0,
             &ActivationBackward {
-                dx: dx.device_ptr(),
-                dout: dout.device_ptr(),
-                x: x.device_ptr(),
+                dx,
+                dout,
+                x: x.any_ptr(),
                 n: x.len as u64,
                 act: act_code(act),
             },

@@ -143,10 +143,14 @@ kernel_params! {
     }
 
     /// activation.cu forward.
-    ActivationForward ["activation_forward_f32"] { out: P, x: P, n: U64, act: I32 }
+    ActivationForward [
+        "activation_forward_f32", "activation_forward_f16", "activation_forward_bf16"
+    ] { out: P, x: P, n: U64, act: I32 }
 
-    /// activation.cu backward.
-    ActivationBackward ["activation_backward_f32"] { dx: P, dout: P, x: P, n: U64, act: I32 }
+    /// activation.cu backward (the `_x_` kernels read a 16-bit `x`).
+    ActivationBackward [
+        "activation_backward_f32", "activation_backward_x_f16", "activation_backward_x_bf16"
+    ] { dx: P, dout: P, x: P, n: U64, act: I32 }
 
     /// activation.cu, the pooler's tanh.
     TanhForward ["tanh_forward_f32"] { out: P, x: P, n: U64 }

@@ -10,7 +10,11 @@
 //!
 //! Layout (column-major, as the module header of `backend.rs` derives it): `D(n×rows) =
 //! op(A)·B + bias` with `A = w` (k×n, ld k, transposed), `B = x` (k×rows, ld k), `C = D = out`
-//! (n×rows, ld n, fp32), beta 0, the bias `n` fp32 values broadcast along D's columns.
+//! (n×rows, ld n, fp32 or 16-bit), beta 0, the bias `n` fp32 values broadcast along D's
+//! columns. A 16-bit D (an activation stored in the GEMMs' format, `Dtype`) gets the fp32 sum
+//! rounded once, `fl16(Σ + b)`: the bias stays fp32 (`CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE`,
+//! which would otherwise default to D's type and round the bias first), as the CPU reference
+//! computes it.
 //!
 //! Plans (descriptors, layouts and the heuristic's algorithm) are made once per shape, operand
 //! types and pointer alignments, and kept; only the bias pointer is set per call. The heuristic
@@ -60,8 +64,10 @@ pub struct BiasGemm {
     pub b_type: lt::cudaDataType,
     /// `bias` (n fp32).
     pub bias: u64,
-    /// `out` (n×rows column-major, fp32).
+    /// `out` (n×rows column-major).
     pub d: u64,
+    /// fp32, or the 16-bit type of A and B.
+    pub d_type: lt::cudaDataType,
     /// (n, rows, k).
     pub mnk: (usize, usize, usize),
     pub compute: lt::cublasComputeType_t,
@@ -70,7 +76,8 @@ pub struct BiasGemm {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct PlanKey {
     mnk: (usize, usize, usize),
-    types: (i32, i32),
+    /// A, B and D.
+    types: (i32, i32, i32),
     compute: i32,
     /// A, B, D and the bias (the heuristic reads the bias pointer's alignment from its value).
     align: [u32; 4],
@@ -166,7 +173,7 @@ impl Lt {
         }
         let key = PlanKey {
             mnk: g.mnk,
-            types: (g.a_type as i32, g.b_type as i32),
+            types: (g.a_type as i32, g.b_type as i32, g.d_type as i32),
             compute: g.compute as i32,
             align: [
                 alignment(g.a),
@@ -287,10 +294,22 @@ impl Plan {
                 &(lt::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32),
             )?;
             set_desc(plan.desc, D::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias)?;
+            // An int32 cudaDataType_t; the default (D's type) would round the bias first. A
+            // library that refuses it leaves the GEMM to the caller's path.
+            if g.d_type != lt::cudaDataType::CUDA_R_32F
+                && set_desc(
+                    plan.desc,
+                    D::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &(lt::cudaDataType::CUDA_R_32F as i32),
+                )
+                .is_err()
+            {
+                return Ok(None);
+            }
             let shapes = [
                 (g.a_type, k, m, k),
                 (g.b_type, k, n, k),
-                (lt::cudaDataType::CUDA_R_32F, m, n, m),
+                (g.d_type, m, n, m),
             ];
             for (slot, (ty, rows, cols, ld)) in plan.layouts.iter_mut().zip(shapes) {
                 check(
