@@ -12,7 +12,8 @@
 //   bias add followed by activation_forward, and `pre` is what activation_backward reads.
 // activation_backward_x_{f16,bf16}: the same backward with x stored in 16 bits (the feed-forward
 //   pre-activation kept in the GEMMs' format), dx and dout fp32.
-// Layout: all tensors T, flat (n elements), except bias: fp32 [cols] and x/pre/out [rows, cols].
+// Layout: all tensors T, flat (n elements), except bias: fp32 [cols] and x/pre/out [rows, cols],
+// and the _x_ kernels' dx, dout (fp32) beside x (16-bit).
 // Math in fp32 with the CPU's constants and order of operations, except that NVRTC's default
 // --fmad=true contracts a multiply and an add into one FMA (x + 0.044715·x³, for one), so results
 // differ from the CPU's by ulps; erff/expf/tanhf are CUDA's full-precision functions (the
@@ -170,8 +171,9 @@ __device__ __forceinline__ void bias_act_rows(T* __restrict__ out, T* __restrict
     }
 }
 
-// Launch (activation_*, tanh_*): block 256 (any), grid min(ceil(n / N / 256), 16·SMs) (any grid;
-// grid-stride), N = Pack<T>::N (4 fp32, 8 16-bit). No shared memory.
+// Launch (activation_*, tanh_*): block 256 (any), grid min(ceil(n / 4 / 256), 16·SMs) (any grid;
+// grid-stride; a 16-bit pack is 8 elements, so small 16-bit launches have up to twice the blocks
+// they need). No shared memory.
 // Launch (bias_activation_forward_*): block (B, 1, 1), grid (ceil(cols / N / B), min(rows, 65535), 1)
 // with B = min(256, cols / N rounded up to 32) (any grid; grid-stride in both dimensions).
 #define ACTIVATION_KERNELS(T, SUFFIX)                                                                              \

@@ -17,9 +17,10 @@
 // equality of the GPU is tested bitwise.
 //
 // ---- Layout --------------------------------------------------------------------------------------
-// As attention.cu with T = float: qkv [rows, 3, heads, d], out / dout [rows, heads, d], dqkv
-// [rows, 3, heads, d], all fp32 in memory; lse, D [rows, heads] fp32 (lse in natural log);
-// starts, rows, valid [batch]. d = head_dim ∈ {32, 64} (one kernel per d).
+// As attention.cu: qkv [rows, 3, heads, d] in the 16-bit format T16 (the QKV GEMM's output as
+// autocast stores it; the backend casts an fp32 qkv first, to the same values r16 gives),
+// out / dout [rows, heads, d] and dqkv [rows, 3, heads, d] fp32; lse, D [rows, heads] fp32 (lse
+// in natural log); starts, rows, valid [batch]. d = head_dim ∈ {32, 64} (one kernel per d).
 //
 // ---- Math and rounding points (r16(x) = x rounded to nearest even in the 16-bit format T16) -----
 // Operands: q̂ = r16(q), k̂ = r16(k), v̂ = r16(v), dÔ = r16(dO) — the values an fp16/bf16 QKV GEMM
@@ -99,12 +100,13 @@
 // file, sm_90 / sm_80, f16 and bf16 alike unless both are given (f16, bf16): forward 80 / 96
 // (d32), 134 / 128 (d64); dq 122, 128 / 160, 125 (d32), 162, 158 / 160, 164 (d64); dkdv 168, 166
 // / 168 (d32), 242 / 240 (d64). No spills, no stack frame. Other NVRTC versions allocate
-// differently.
+// differently. (Counted when qkv was read as fp32 and rounded on load; the 16-bit loads need no
+// more registers, but the counts were not taken again.)
 //
 // ---- Kernels and launch configurations (S = max_b rows[b], B = batch) ---------------------------
-// attention_tc_forward_<t>_<v>(float* out, float* lse, const float* qkv, starts, rows, valid,
+// attention_tc_forward_<t>_<v>(float* out, float* lse, const T16* qkv, starts, rows, valid,
 //                              heads, head_dim, p, seed, stream)
-// attention_tc_backward_dq_<t>_<v>(float* dqkv, const float* dout, const float* qkv,
+// attention_tc_backward_dq_<t>_<v>(float* dqkv, const float* dout, const T16* qkv,
 //                                  const float* lse, const float* delta, starts, rows, valid,
 //                                  heads, head_dim, p, seed, stream)
 // attention_tc_backward_dkdv_<t>_<v>(same parameters as _dq)
@@ -239,8 +241,9 @@ template <typename T> __device__ __forceinline__ unsigned pack2(float a, float b
 
 // tile[r·LD + c] = r16(src[base + (row0 + r)·stride + c]) for r < 64, c < D, row0 + r < limit
 // (LD = tile_ld(D)); 0 for rows past limit. The pad columns D .. LD−1 are never read. `vec`: src,
-// base and stride allow 16-byte loads (every offset here is a multiple of 4 floats; only the
-// pointer can break it).
+// base and stride allow 16-byte loads (every offset here is a multiple of 8 elements, for fp32
+// and 16-bit sources alike; only the pointer can break it). Two overloads: an fp32 source
+// (dO) is rounded, a 16-bit one (qkv) copied as it is.
 template <typename T, int D>
 __device__ __forceinline__ void load_tile(T* tile, const float* __restrict__ src, u64 base, u64 stride, int row0,
                                           int limit, bool vec) {
@@ -260,6 +263,28 @@ __device__ __forceinline__ void load_tile(T* tile, const float* __restrict__ src
             }
         }
         *reinterpret_cast<uint2*>(tile + r * LD + c) = make_uint2(pack2<T>(x.x, x.y), pack2<T>(x.z, x.w));
+    }
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T* tile, const T* __restrict__ src, u64 base, u64 stride, int row0,
+                                          int limit, bool vec) {
+    constexpr int LD = tile_ld(D), Q8 = D / 8;
+    for (int e = threadIdx.x; e < TILE * Q8; e += THREADS) {
+        const int r = e / Q8, c = (e - r * Q8) * 8;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);  // +0 in fp16 and bf16
+        if (row0 + r < limit) {
+            const T* s = src + base + (u64)(row0 + r) * stride + c;
+            if (vec) {
+                x = *reinterpret_cast<const uint4*>(s);
+            } else {
+                T v[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) v[j] = s[j];
+                memcpy(&x, v, 16);
+            }
+        }
+        *reinterpret_cast<uint4*>(tile + r * LD + c) = x;
     }
 }
 
@@ -312,7 +337,7 @@ template <int D> __device__ __forceinline__ void check_args(unsigned head_dim, u
 // ---- forward ----
 
 template <typename T, int D>
-__device__ __forceinline__ void forward(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ qkv,
+__device__ __forceinline__ void forward(float* __restrict__ out, float* __restrict__ lse, const T* __restrict__ qkv,
                                         const unsigned* __restrict__ starts, const unsigned* __restrict__ rows_of,
                                         const unsigned* __restrict__ valid_of, unsigned heads_, unsigned head_dim,
                                         float p, unsigned long long seed, unsigned long long stream) {
@@ -436,7 +461,7 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
 
 template <typename T, int D>
 __device__ __forceinline__ void backward_dq(float* __restrict__ dqkv, const float* __restrict__ dout,
-                                            const float* __restrict__ qkv, const float* __restrict__ lse,
+                                            const T* __restrict__ qkv, const float* __restrict__ lse,
                                             const float* __restrict__ delta, const unsigned* __restrict__ starts,
                                             const unsigned* __restrict__ rows_of, const unsigned* __restrict__ valid_of,
                                             unsigned heads_, unsigned head_dim, float p, unsigned long long seed,
@@ -567,7 +592,7 @@ __device__ __forceinline__ void backward_dq(float* __restrict__ dqkv, const floa
 
 template <typename T, int D>
 __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const float* __restrict__ dout,
-                                              const float* __restrict__ qkv, const float* __restrict__ lse,
+                                              const T* __restrict__ qkv, const float* __restrict__ lse,
                                               const float* __restrict__ delta, const unsigned* __restrict__ starts,
                                               const unsigned* __restrict__ rows_of,
                                               const unsigned* __restrict__ valid_of, unsigned heads_,
@@ -753,7 +778,7 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
 
 #define ATTN_TC_FORWARD(NAME, T, D)                                                                          \
     extern "C" __global__ void __launch_bounds__(128)                                                        \
-        NAME(float* __restrict__ out, float* __restrict__ lse, const float* __restrict__ qkv,                \
+        NAME(float* __restrict__ out, float* __restrict__ lse, const T* __restrict__ qkv,                    \
              const unsigned* __restrict__ starts, const unsigned* __restrict__ rows,                         \
              const unsigned* __restrict__ valid, unsigned heads, unsigned head_dim, float dropout_p,         \
              unsigned long long seed, unsigned long long stream) {                                           \
@@ -763,7 +788,7 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
 
 #define ATTN_TC_BACKWARD(NAME, IMPL, T, D)                                                                   \
     extern "C" __global__ void __launch_bounds__(128)                                                        \
-        NAME(float* __restrict__ dqkv, const float* __restrict__ dout, const float* __restrict__ qkv,        \
+        NAME(float* __restrict__ dqkv, const float* __restrict__ dout, const T* __restrict__ qkv,            \
              const float* __restrict__ lse, const float* __restrict__ delta,                                 \
              const unsigned* __restrict__ starts, const unsigned* __restrict__ rows,                         \
              const unsigned* __restrict__ valid, unsigned heads, unsigned head_dim, float dropout_p,         \

@@ -2043,3 +2043,53 @@ fn fp32_only_ops_refuse_16_bit_tensors() {
     let x = stored(&be, &[0.5; 8]);
     let _ = be.tanh_forward(&up(&[0.0; 8]), &x);
 }
+
+/// Attention reads a `qkv` stored in the matmul format where it rounds its operands to that
+/// format anyway (`Backend::attention_rounding`: fp16/bf16 at head dims 32 and 64), with bit for
+/// bit the results of the fp32 tensor holding the same values; elsewhere (fp32 attention) a
+/// 16-bit qkv is an error, not a silent change of the numbers.
+#[test]
+fn attention_reads_qkv_stored_in_the_matmul_format() {
+    let layout = SeqLayout::packed(&[5, 2, 7]);
+    let rows = layout.total_rows();
+    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        let be = CpuBackend::with_matmul_precision(p);
+        for (heads, head_dim) in [(2, 32), (1, 64), (3, 5)] {
+            let dims = AttentionDims { heads, head_dim };
+            let d = Dropout {
+                p: 0.1,
+                seed: 3,
+                stream: 4,
+            };
+            let hidden = heads * head_dim;
+            let dtype = p.storage_dtype();
+            let qkv: Vec<f32> = nonzero(rows * 3 * hidden, 5, 1.5)
+                .into_iter()
+                .map(|v| dtype.round(v))
+                .collect();
+            let dout = nonzero(rows * hidden, 6, 1.0);
+            let name = format!("{} {heads} heads of {head_dim}", p.name());
+            let run = |qkv_t: &CpuTensor| -> Result<Vec<Vec<f32>>, anyhow::Error> {
+                let out = up(&nonzero(rows * hidden, 1, 50.0));
+                let lse = up(&nonzero(rows * heads, 2, 50.0));
+                be.attention_forward(&out, &lse, qkv_t, &layout, dims, d)?;
+                let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
+                be.attention_backward(&dqkv, &up(&dout), qkv_t, &out, &lse, &layout, dims, d)?;
+                Ok(vec![down(&out), down(&lse), down(&dqkv)])
+            };
+            let wide = run(&up(&qkv)).unwrap();
+            let narrow = run(&stored(&be, &qkv));
+            if be.attention_rounding(head_dim) == MatmulPrecision::F32 {
+                let err = narrow.unwrap_err();
+                assert!(err.to_string().contains("qkv"), "{name}: {err}");
+                continue;
+            }
+            for (what, (a, b)) in ["out", "lse", "dqkv"]
+                .iter()
+                .zip(narrow.unwrap().iter().zip(&wide))
+            {
+                same_bits(&format!("{name}: {what}"), a, b);
+            }
+        }
+    }
+}

@@ -355,11 +355,19 @@ pub trait Backend {
     /// ([`MatmulPrecision::storage_dtype`]): 16-bit under fp16/bf16, else fp32. For activations
     /// whose producer and readers all take such tensors (see [`Dtype`]): `linear_forward`'s `x`
     /// and `out`, `linear_backward`'s `x`, `activation_forward`'s `x` and `out`,
-    /// `activation_backward`'s `x`; and `view`, `len`, `dtype`, `download`, `fill_zero` and
+    /// `activation_backward`'s `x`, attention's `qkv` where [`Backend::attention_rounding`] is
+    /// 16-bit; and `view`, `len`, `dtype`, `download` (not `download_start`), `fill_zero` and
     /// `copy`.
     fn zeros_in_matmul_format(&self, len: usize) -> Result<Self::Tensor>;
     /// How `t`'s elements are stored.
     fn dtype(&self, t: &Self::Tensor) -> Dtype;
+    /// The format attention rounds its matrix-product operands to at `head_dim`
+    /// ([`attention_rounding`]; the CUDA backend on a GPU without tensor-core attention keeps
+    /// fp32). Where it is 16-bit, attention takes a `qkv` stored in the matmul format, and the
+    /// model stores it so.
+    fn attention_rounding(&self, head_dim: usize) -> MatmulPrecision {
+        attention_rounding(self.matmul_precision(), head_dim)
+    }
     /// Makes ready what ops over a batch of this layout read (the CUDA backend uploads its
     /// arrays), so that a [`Backend::run_region`] finds it there and copies nothing in.
     fn prepare_layout(&self, _layout: &SeqLayout) -> Result<()> {

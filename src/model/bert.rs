@@ -16,8 +16,9 @@
 //! sums with their LayerNorm statistics, both LayerNorm outputs, the feed-forward
 //! pre-activation and activation. The last two, which only the feed-forward GEMMs and the
 //! activation read, are stored as the GEMMs read their operands (16 bits under fp16/bf16, as
-//! autocast stores a linear layer's output: [`Storage::MatmulFormat`]); everything else is
-//! fp32. Dropout masks are regenerated, never stored; the dropout of
+//! autocast stores a linear layer's output: [`Storage::MatmulFormat`]), and so is qkv where
+//! attention rounds it to that format anyway (the tensor-core attention, head dims 32 and 64);
+//! everything else is fp32. Dropout masks are regenerated, never stored; the dropout of
 //! each residual block's branch is fused into the LayerNorm after it (`ResidualAdd`,
 //! `BranchGrad`), so the dropped-out branch is never written.
 
@@ -430,11 +431,24 @@ pub struct LayerActs<T> {
 pub enum Storage {
     F32,
     /// [`Backend::zeros_in_matmul_format`]: for a tensor only the ops that take 16-bit tensors
-    /// touch (a dense layer's input or output, the activation's input or output).
+    /// touch (a dense layer's input or output, the activation's input or output, attention's
+    /// qkv where it rounds it to 16 bits).
     MatmulFormat,
 }
 
 impl Storage {
+    /// Where `qkv` is kept: in the matmul format where `backend`'s attention rounds it to that
+    /// format anyway (so storing it rounded changes no result), else fp32.
+    pub fn of_qkv<B: Backend>(backend: &B, cfg: &BertConfig) -> Storage {
+        let head_dim = cfg.hidden_size / cfg.num_attention_heads.max(1);
+        match backend.attention_rounding(head_dim) {
+            crate::backend::MatmulPrecision::F16 | crate::backend::MatmulPrecision::Bf16 => {
+                Storage::MatmulFormat
+            }
+            _ => Storage::F32,
+        }
+    }
+
     fn zeros<B: Backend>(self, backend: &B, len: usize) -> Result<B::Tensor> {
         match self {
             Storage::F32 => backend.zeros(len),
@@ -479,7 +493,10 @@ impl<T: Clone> Activations<T> {
         rows: usize,
         batch: usize,
     ) -> Result<Self> {
-        Self::build(cfg, rows, batch, |n, storage| storage.zeros(backend, n))
+        let qkv = Storage::of_qkv(backend, cfg);
+        Self::build(cfg, rows, batch, qkv, |n, storage| {
+            storage.zeros(backend, n)
+        })
     }
 
     /// Every buffer, each of the length and storage `alloc` is asked for, in a fixed order (so
@@ -488,6 +505,7 @@ impl<T: Clone> Activations<T> {
         cfg: &BertConfig,
         rows: usize,
         batch: usize,
+        qkv: Storage,
         alloc: impl FnMut(usize, Storage) -> Result<T>,
     ) -> Result<Self> {
         let (h, i, heads) = (
@@ -498,10 +516,11 @@ impl<T: Clone> Activations<T> {
         let alloc = std::cell::RefCell::new(alloc);
         let z = |n: usize| (alloc.borrow_mut())(n, Storage::F32);
         let z16 = |n: usize| (alloc.borrow_mut())(n, Storage::MatmulFormat);
+        let zqkv = |n: usize| (alloc.borrow_mut())(n, qkv);
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok(LayerActs {
-                    qkv: z(rows * 3 * h)?,
+                    qkv: zqkv(rows * 3 * h)?,
                     attn: z(rows * h)?,
                     attn_lse: z(rows * heads)?,
                     attn_sum: z(rows * h)?,
@@ -578,11 +597,12 @@ impl<T: Clone> ActivationArena<T> {
         batch: usize,
     ) -> Result<Activations<T>> {
         let (cap_rows, cap_batch) = self.capacity;
+        let qkv = Storage::of_qkv(backend, cfg);
         if rows > cap_rows || batch > cap_batch {
             let capacity = (rows.max(cap_rows), batch.max(cap_batch));
             self.buffers.clear();
             let buffers = &mut self.buffers;
-            Activations::build(cfg, capacity.0, capacity.1, |n, storage| {
+            Activations::build(cfg, capacity.0, capacity.1, qkv, |n, storage| {
                 let t = storage.zeros(backend, n)?;
                 buffers.push(t.clone());
                 Ok(t)
@@ -590,7 +610,7 @@ impl<T: Clone> ActivationArena<T> {
             self.capacity = capacity;
         }
         let mut next = self.buffers.iter();
-        Activations::build(cfg, rows, batch, |n, _| {
+        Activations::build(cfg, rows, batch, qkv, |n, _| {
             let big = next.next().expect("the same buffers in the same order");
             Ok(backend.view(big, 0, n))
         })

@@ -74,6 +74,28 @@ impl CpuBackend {
         Ok(t.values_mut())
     }
 
+    /// Attention's `qkv`: fp32, or stored in the matmul format where attention rounds its
+    /// operands to that format anyway ([`Backend::attention_rounding`]), so that reading the
+    /// stored values changes nothing.
+    fn attention_qkv<'t>(
+        &self,
+        qkv: &'t CpuTensor,
+        dims: AttentionDims,
+        what: &str,
+    ) -> Result<&'t [f32]> {
+        if qkv.dtype() != Dtype::F32 {
+            let rounding = attention_rounding(self.precision, dims.head_dim);
+            ensure!(
+                rounding.storage_dtype() == qkv.dtype(),
+                "{what}: a {} qkv, but head dim {} attention rounds to {}",
+                qkv.dtype().name(),
+                dims.head_dim,
+                rounding.name()
+            );
+        }
+        Ok(qkv.values())
+    }
+
     fn check_matmul_format(&self, t: &CpuTensor, what: &str) -> Result<()> {
         let format = self.precision.storage_dtype();
         ensure!(
@@ -435,7 +457,7 @@ impl Backend for CpuBackend {
         attention::attention_forward(
             out.data_mut(),
             lse.data_mut(),
-            qkv.data(),
+            self.attention_qkv(qkv, dims, "attention_forward")?,
             layout,
             dims,
             dropout,
@@ -458,7 +480,7 @@ impl Backend for CpuBackend {
         attention::attention_backward(
             dqkv.data_mut(),
             dout.data(),
-            qkv.data(),
+            self.attention_qkv(qkv, dims, "attention_backward")?,
             out.data(),
             lse.data(),
             layout,
@@ -573,7 +595,8 @@ impl Backend for CpuBackend {
     }
     type Pending = Vec<f32>;
     fn download_start(&self, t: &CpuTensor) -> Result<Vec<f32>> {
-        self.download(t)
+        // fp32 only, as the CUDA backend's pinned read-back.
+        Ok(t.data().to_vec())
     }
     fn download_finish(&self, pending: Vec<f32>) -> Result<Vec<f32>> {
         Ok(pending)

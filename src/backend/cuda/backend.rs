@@ -1397,6 +1397,55 @@ impl CudaBackend {
         )
     }
 
+    /// `outᵀ(n×rows) = op(w)·xᵀ + bias` as one cuBLASLt GEMM with the bias in its epilogue (see
+    /// `lt`), `out` fp32 or 16-bit; `false` (nothing queued) where cuBLASLt is off or refuses.
+    /// Whether it took the call is part of what a graph records.
+    fn lt_linear_forward(
+        &self,
+        out: &CudaTensor,
+        w: &GemmOperand,
+        x: &GemmOperand,
+        bias: &CudaTensor,
+        (rows, k, n): (usize, usize, usize),
+    ) -> Result<bool> {
+        let Some((lt, _)) = &self.lt else {
+            return Ok(false);
+        };
+        let (ty, compute) = self.lt_types();
+        let g = BiasGemm {
+            a: w.ptr,
+            a_type: ty,
+            b: x.ptr,
+            b_type: ty,
+            bias: bias.device_ptr(),
+            d: out.any_ptr(),
+            d_type: match out.dtype {
+                Dtype::F32 => LtDataType::CUDA_R_32F,
+                _ => ty,
+            },
+            mnk: (n, rows, k),
+            compute,
+        };
+        let fingerprint = [
+            graph::LT_CALL,
+            g.a,
+            g.b,
+            g.bias,
+            g.d,
+            n as u64,
+            rows as u64,
+            k as u64,
+            ty as u64,
+            compute as u64,
+            g.d_type as u64,
+        ];
+        let queued = self.queue_call(&fingerprint, || {
+            self.bind()?;
+            Ok(lt.matmul_bias(&g, self.stream.cu_stream() as _)? as u64)
+        })?;
+        Ok(queued == 1)
+    }
+
     /// `outᵀ(n×rows) = bias(n×1)·ones(1×rows)`: every row of `out` set to the bias.
     fn fill_with_bias(
         &self,
@@ -1645,12 +1694,7 @@ impl CudaBackend {
     /// block. The tensor-core kernels (attention_tc.cu) when [`attention_rounding`] says so
     /// (and the GPU is sm_80 or newer), attention.cu's fp32 kernels otherwise.
     fn attention_kernels(&self, head_dim: usize) -> Result<(&'static str, String, usize)> {
-        let rounding = if self.tensor_core_attention {
-            attention_rounding(self.precision, head_dim)
-        } else {
-            MatmulPrecision::F32
-        };
-        Ok(match rounding {
+        Ok(match Backend::attention_rounding(self, head_dim) {
             MatmulPrecision::F16 => ("attention_tc_", format!("f16_d{head_dim}"), 64),
             MatmulPrecision::Bf16 => ("attention_tc_", format!("bf16_d{head_dim}"), 64),
             _ => {
@@ -1658,6 +1702,26 @@ impl CudaBackend {
                 ("attention_", format!("f32_{variant}"), rows)
             }
         })
+    }
+
+    /// `qkv` as the attention kernels `prefix` names read it: fp32 for attention.cu; 16-bit for
+    /// attention_tc.cu, as stored, or cast into scratch (the values the kernels would round it
+    /// to).
+    fn attention_qkv(&self, qkv: &CudaTensor, prefix: &str, what: &str) -> Result<CudaTensor> {
+        if prefix != "attention_tc_" {
+            ensure!(
+                qkv.dtype == Dtype::F32,
+                "{what}: a {} qkv, but this head dim runs fp32 attention",
+                qkv.dtype.name()
+            );
+            return Ok(qkv.clone());
+        }
+        if self.stored_in_matmul_format(qkv, what)? {
+            return Ok(qkv.clone());
+        }
+        let narrow = self.scratch_of(qkv.len, self.precision.storage_dtype())?;
+        self.cast_into(&narrow, qkv)?;
+        Ok(narrow)
     }
 
     /// The attention variant suffix and its rows per block for `head_dim`.
@@ -1726,6 +1790,13 @@ impl Backend for CudaBackend {
 
     fn runs_graphs(&self) -> bool {
         self.graphs.is_some()
+    }
+
+    fn attention_rounding(&self, head_dim: usize) -> MatmulPrecision {
+        match self.tensor_core_attention {
+            true => attention_rounding(self.precision, head_dim),
+            false => MatmulPrecision::F32,
+        }
     }
 
     fn pads_to_buckets(&self) -> bool {
@@ -1922,59 +1993,28 @@ impl Backend for CudaBackend {
             w.len,
             bias.len
         );
-        let out_16bit = self.stored_in_matmul_format(out, "linear_forward's out")?;
+        self.stored_in_matmul_format(out, "linear_forward's out")?;
         if rows == 0 || n == 0 {
             return Ok(());
         }
         if k == 0 {
             return self.write_output(out, |target| self.fill_with_bias(target, bias, rows, n));
         }
-        // Cast once: the fallback below reads the same operands.
+        // Cast once: the fallbacks below read the same operands.
         let (w, x) = (
             self.gemm_operand(w)?,
             self.gemm_input(x, "linear_forward's x")?,
         );
-        if let Some((lt, _)) = &self.lt {
-            let (ty, compute) = self.lt_types();
-            let g = BiasGemm {
-                a: w.ptr,
-                a_type: ty,
-                b: x.ptr,
-                b_type: ty,
-                bias: bias.device_ptr(),
-                d: out.any_ptr(),
-                d_type: if out_16bit {
-                    ty
-                } else {
-                    LtDataType::CUDA_R_32F
-                },
-                mnk: (n, rows, k),
-                compute,
-            };
-            let fingerprint = [
-                graph::LT_CALL,
-                g.a,
-                g.b,
-                g.bias,
-                g.d,
-                n as u64,
-                rows as u64,
-                k as u64,
-                ty as u64,
-                compute as u64,
-                g.d_type as u64,
-            ];
-            // outᵀ(n×rows) = op(w)·xᵀ + bias, the bias in the epilogue (see `lt`); whether
-            // cuBLASLt took the call is part of what a graph records.
-            let queued = self.queue_call(&fingerprint, || {
-                self.bind()?;
-                Ok(lt.matmul_bias(&g, self.stream.cu_stream() as _)? as u64)
-            })? == 1;
-            if queued {
-                return Ok(());
-            }
+        if self.lt_linear_forward(out, &w, &x, bias, (rows, k, n))? {
+            return Ok(());
         }
         self.write_output(out, |target| {
+            // A 16-bit output cuBLASLt refused: the epilogue into fp32 scratch, then the cast.
+            if target.dtype != out.dtype
+                && self.lt_linear_forward(target, &w, &x, bias, (rows, k, n))?
+            {
+                return Ok(());
+            }
             self.fill_with_bias(target, bias, rows, n)?;
             // outᵀ(n×rows) += op(w)·xᵀ, w col-major k×n transposed.
             self.gemm_ex(
@@ -2558,6 +2598,7 @@ impl Backend for CudaBackend {
         }
         ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
         let l = self.layout(layout)?;
+        let qkv = self.attention_qkv(qkv, prefix, "attention_forward")?;
         self.launch(
             &format!("{prefix}forward_{suffix}"),
             (
@@ -2570,7 +2611,7 @@ impl Backend for CudaBackend {
             &AttentionForward {
                 out: out.device_ptr(),
                 lse: lse.device_ptr(),
-                qkv: qkv.device_ptr(),
+                qkv: qkv.any_ptr(),
                 starts: l.starts(),
                 rows: l.rows(),
                 valid: l.valid(),
@@ -2622,6 +2663,7 @@ impl Backend for CudaBackend {
         }
         ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
         let l = self.layout(layout)?;
+        let qkv = self.attention_qkv(qkv, prefix, "attention_backward")?;
         // delta[r·heads + h] = dO·o, one warp per (row, head), 8 warps per block.
         let delta = self.scratch(rows * heads)?;
         let pairs = rows * heads;
@@ -2657,7 +2699,7 @@ impl Backend for CudaBackend {
                 &AttentionBackward {
                     dqkv: dqkv.device_ptr(),
                     dout: dout.device_ptr(),
-                    qkv: qkv.device_ptr(),
+                    qkv: qkv.any_ptr(),
                     lse: lse.device_ptr(),
                     delta: delta.device_ptr(),
                     starts: l.starts(),

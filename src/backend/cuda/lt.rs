@@ -12,9 +12,11 @@
 //! op(A)·B + bias` with `A = w` (k×n, ld k, transposed), `B = x` (k×rows, ld k), `C = D = out`
 //! (n×rows, ld n, fp32 or 16-bit), beta 0, the bias `n` fp32 values broadcast along D's
 //! columns. A 16-bit D (an activation stored in the GEMMs' format, `Dtype`) gets the fp32 sum
-//! rounded once, `fl16(Σ + b)`: the bias stays fp32 (`CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE`,
-//! which would otherwise default to D's type and round the bias first), as the CPU reference
-//! computes it.
+//! rounded once, `fl16(Σ + b)`, as the CPU reference computes it: the bias stays fp32
+//! (`CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE`, which would otherwise default to D's type and round
+//! the bias first), and split-K partial sums stay fp32 (the reduction-scheme preference). The
+//! documentation lists an fp32 bias beside a 16-bit D only for other kernels (IMMA, fp8); where
+//! the heuristic refuses it, the caller runs this GEMM with an fp32 D into scratch and casts.
 //!
 //! Plans (descriptors, layouts and the heuristic's algorithm) are made once per shape, operand
 //! types and pointer alignments, and kept; only the bias pointer is set per call. The heuristic
@@ -34,6 +36,9 @@ use cudarc::cublaslt::sys as lt;
 /// cublasOperation_t's values (int32 attributes; cudarc's cuBLASLt bindings lack the enum).
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
+/// cublasLtReductionScheme_t's COMPUTE_TYPE bit (split-K partial sums kept in the compute
+/// type; NONE, 0, is always allowed), for the uint32 reduction-scheme mask.
+const REDUCTION_SCHEME_COMPUTE_TYPE: u32 = 2;
 
 /// Bytes of workspace cuBLASLt may use (NVIDIA's recommendation for Hopper, 32 MiB).
 pub const WORKSPACE_BYTES: usize = 32 << 20;
@@ -349,6 +354,16 @@ impl Plan {
             let aligns = [align[0], align[1], align[2], align[2]];
             for (attr, a) in attrs.into_iter().zip(aligns) {
                 set(attr, &a as *const u32 as _, 4)?;
+            }
+            if g.d_type != lt::cudaDataType::CUDA_R_32F {
+                // A split-K sum reduced in D's type (INPLACE, OUTPUT_TYPE) would round a 16-bit
+                // output more than once: only no split or fp32 partial sums.
+                let mask = REDUCTION_SCHEME_COMPUTE_TYPE;
+                set(
+                    P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                    &mask as *const u32 as _,
+                    4,
+                )?;
             }
             let mut result: lt::cublasLtMatmulHeuristicResult_t =
                 // SAFETY: plain data, written by the heuristic.
