@@ -1127,12 +1127,21 @@ impl CudaBackend {
         })
     }
 
-    /// A 16-bit tensor's bits (the caller has checked that no region is running).
-    fn download_u16(&self, t: &CudaTensor) -> Result<Vec<u16>> {
-        let mut out = vec![0u16; t.len];
+    /// A tensor's elements as `T` (of its element size: f32, or u16 for a 16-bit tensor's
+    /// bits); the caller has checked that no region is running.
+    fn download_as<T: cudarc::driver::DeviceRepr + Default + Clone>(
+        &self,
+        t: &CudaTensor,
+    ) -> Result<Vec<T>> {
+        assert_eq!(
+            std::mem::size_of::<T>(),
+            t.dtype.size(),
+            "download_as: element size"
+        );
+        let mut out = vec![T::default(); t.len];
         self.bind()?;
         if t.len > 0 {
-            // SAFETY: t addresses t.len 2-byte elements; the stream is synchronized before
+            // SAFETY: t addresses t.len elements of T's size; the stream is synchronized before
             // `out` is read or dropped.
             unsafe { dres::memcpy_dtoh_async(&mut out, t.any_ptr(), self.stream.cu_stream()) }
                 .map_err(|e| anyhow!("device-to-host copy: {e}"))?;
@@ -1879,29 +1888,12 @@ impl Backend for CudaBackend {
 
     fn download(&self, t: &CudaTensor) -> Result<Vec<f32>> {
         self.outside_graphs("a read-back")?;
-        if t.dtype != Dtype::F32 {
-            let bits = self.download_u16(t)?;
-            return Ok(match t.dtype {
-                Dtype::Bf16 => bits
-                    .into_iter()
-                    .map(|b| half::bf16::from_bits(b).to_f32())
-                    .collect(),
-                _ => bits
-                    .into_iter()
-                    .map(|b| half::f16::from_bits(b).to_f32())
-                    .collect(),
-            });
-        }
-        let mut out = vec![0.0f32; t.len];
-        self.bind()?;
-        if t.len > 0 {
-            // SAFETY: t addresses t.len elements; the stream is synchronized before `out` is
-            // read or dropped.
-            unsafe { dres::memcpy_dtoh_async(&mut out, t.device_ptr(), self.stream.cu_stream()) }
-                .map_err(|e| anyhow!("device-to-host copy: {e}"))?;
-        }
-        self.synchronize()?;
-        Ok(out)
+        let widen = |bits: Vec<u16>, f: fn(u16) -> f32| bits.into_iter().map(f).collect();
+        Ok(match t.dtype {
+            Dtype::F32 => self.download_as::<f32>(t)?,
+            Dtype::F16 => widen(self.download_as(t)?, |b| half::f16::from_bits(b).to_f32()),
+            Dtype::Bf16 => widen(self.download_as(t)?, |b| half::bf16::from_bits(b).to_f32()),
+        })
     }
 
     fn zeros_in_matmul_format(&self, len: usize) -> Result<CudaTensor> {
