@@ -714,12 +714,24 @@ fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
             // recomputation not counted): forward Q·Kᵀ and P·V, 2 × 2·seq·d per query and head
             // = 4·rows·seq·hidden; backward 2.5× that.
             let fwd_flops = 4 * rh * seq as u64;
-            // Reads qkv, writes out and lse: 4·rows·(4·hidden + heads).
-            let fwd_bytes = 4 * (4 * rh + rheads);
+            // qkv as the model stores it: 16-bit where the tensor-core kernels run (they read
+            // it so), else fp32.
+            let narrow_qkv = be.attention_rounding(m.head_dim) != MatmulPrecision::F32;
+            let qkv_bytes = if narrow_qkv { 2 } else { 4 };
+            // Reads qkv, writes out and lse: rows·(3·hidden·qkv_bytes + 4·hidden + 4·heads).
+            let fwd_bytes = 3 * qkv_bytes * rh + 4 * (rh + rheads);
             let inputs = {
                 let layout = layout.clone();
                 move || -> Result<[CudaTensor; 3]> {
-                    let qkv = random(be, 3 * rows * hidden, 1)?;
+                    let wide = random(be, 3 * rows * hidden, 1)?;
+                    let qkv = match narrow_qkv {
+                        true => {
+                            let t = be.zeros_in_matmul_format(3 * rows * hidden)?;
+                            be.copy(&t, &wide)?;
+                            t
+                        }
+                        false => wide,
+                    };
                     let (out, lse) = (be.zeros(rows * hidden)?, be.zeros(rows * m.heads)?);
                     be.attention_forward(&out, &lse, &qkv, &layout, dims, TRAIN_DROPOUT)?;
                     Ok([qkv, out, lse])
@@ -745,9 +757,9 @@ fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
                     ),
                 );
             }
-            // Reads qkv, out, dout, lse; writes dqkv; delta written and read:
-            // 4·rows·(8·hidden + 3·heads).
-            let bwd_bytes = 4 * (8 * rh + 3 * rheads);
+            // Reads qkv, out, dout, lse; writes dqkv (fp32); delta written and read:
+            // rows·(3·hidden·qkv_bytes + 4·(5·hidden + 3·heads)).
+            let bwd_bytes = 3 * qkv_bytes * rh + 4 * (5 * rh + 3 * rheads);
             r.bench(
                 &mut g,
                 "attention",

@@ -77,7 +77,7 @@
 //
 // ---- Work decomposition (block of 128 threads = 4 warps, tiles of 64 rows) -----------------------
 // forward and dq: a block owns a tile of 64 queries, warp w its rows 16w .. 16w+15; its Q (and dO)
-//   fragments stay in registers; it loops over key tiles of 64 (K and V converted to 16-bit into
+//   fragments stay in registers; it loops over key tiles of 64 (K and V copied, 16-bit, into
 //   shared memory, zero rows past valid). Per key tile a warp computes its [16, 64] S (and dP)
 //   into its fp32 rows of `ss`, reads them back per lane, writes P̃ (or dŜ) as 16-bit over the same
 //   rows (PLD = 144 halves = one fp32 row), and multiplies with V (or K). forward keeps o in
@@ -100,8 +100,8 @@
 // file, sm_90 / sm_80, f16 and bf16 alike unless both are given (f16, bf16): forward 80 / 96
 // (d32), 134 / 128 (d64); dq 122, 128 / 160, 125 (d32), 162, 158 / 160, 164 (d64); dkdv 168, 166
 // / 168 (d32), 242 / 240 (d64). No spills, no stack frame. Other NVRTC versions allocate
-// differently. (Counted when qkv was read as fp32 and rounded on load; the 16-bit loads need no
-// more registers, but the counts were not taken again.)
+// differently. (Counted when qkv was read as fp32 and rounded on load; not taken again since qkv
+// became 16-bit: to be re-read on a GPU session.)
 //
 // ---- Kernels and launch configurations (S = max_b rows[b], B = batch) ---------------------------
 // attention_tc_forward_<t>_<v>(float* out, float* lse, const T16* qkv, starts, rows, valid,

@@ -3,9 +3,10 @@
 //! without changing anything, then recovers.
 //!
 //! Tolerance: the "losses within 1%" of the fp32 run over 6 steps. fp16 operands carry
-//! 11 significant bits (relative rounding 2⁻¹² ≈ 2.4e-4 per operand), bf16 8 (2⁻⁹ ≈ 2e-3); over
+//! 11 significant bits (unit roundoff 2⁻¹¹ ≈ 4.9e-4 per operand), bf16 8 (2⁻⁸ ≈ 3.9e-3); over
 //! dot products of 36–74 terms with random signs the logits move by well under 1e-2 relative,
-//! and the loss with them.
+//! and the loss with them. One exception, measured, not derived: bf16 on the head-dim-32 model
+//! (see `fp16_and_bf16_training_track_fp32_within_one_percent`).
 
 mod common;
 
@@ -122,22 +123,20 @@ fn fp16_and_bf16_training_track_fp32_within_one_percent() {
             reference[5] < reference[0] * 0.9,
             "head dim {head_dim}: the fp32 run must learn: {reference:?}"
         );
-        // The 1%, except bf16 at head dim 32: its 16-bit attention rounds the
-        // probabilities and Q, K, V with 8 mantissa bits (8 times fp16's unit roundoff), and this
-        // run's loss falls to a quarter of where it starts, so its relative error is 8% at most
-        // (measured: 3.6% at step 3, with the activations stored in fp32 or in bf16 alike).
+        // The 1% of each step's fp32 loss, except bf16 at head dim 32, which misses it:
+        // measured up to 3.8% (step 5, where the fp32 loss has fallen from 1.65 to 0.11), and
+        // still 1.7% with fp32 attention, so bf16's 8-bit GEMM operands at hidden 64 alone exceed
+        // it. There the bound is 1% of the first step's loss (measured: 0.38%), so a real
+        // regression (a wrong rounding, a lost term) still fails.
         for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
-            let within = match (p, head_dim) {
-                (MatmulPrecision::Bf16, 32) => 8e-2,
-                _ => 1e-2,
-            };
+            let loose = p == MatmulPrecision::Bf16 && head_dim == 32;
             let mut run = Run::with_config(p, cfg.clone());
             for (s, want) in reference.iter().enumerate() {
                 let r = run.step();
                 assert!(!r.skipped(), "{p:?} step {s} skipped at the default scale");
-                let rel = (r.loss - want).abs() / want;
+                let scale = if loose { reference[0] } else { *want };
                 assert!(
-                    rel < within,
+                    (r.loss - want).abs() < 1e-2 * scale,
                     "{p:?} head dim {head_dim} step {s}: loss {} vs fp32 {want}",
                     r.loss
                 );

@@ -101,9 +101,10 @@ impl MatmulPrecision {
 /// fp32 result rounds to (to nearest, ties to even) when stored.
 ///
 /// Most tensors are fp32. Under fp16/bf16 GEMMs, the activations that only GEMMs and one
-/// element-wise op touch (the feed-forward block's pre-activation and activation: half of a
-/// layer's saved activations) are stored in the GEMMs' 16-bit format, as PyTorch's autocast
-/// stores a linear layer's output: [`Backend::zeros_in_matmul_format`] makes them, and only
+/// other op touch (the feed-forward block's pre-activation and activation: half of a layer's
+/// saved activations; and Q, K, V where attention rounds them to 16 bits anyway) are stored in
+/// the GEMMs' 16-bit format, as PyTorch's autocast stores a linear layer's output:
+/// [`Backend::zeros_in_matmul_format`] makes them, and only
 /// the ops whose documentation says so take them (the others read and write fp32 only; the CPU
 /// backend panics when given one, so the shared model code is checked by the CPU tests).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -570,6 +571,7 @@ pub trait Backend {
     /// Multi-head self-attention over `qkv[rows, 3, heads, head_dim]`:
     /// `out[rows, heads, head_dim] = dropout(softmax(Q·Kᵀ/√d + mask))·V`, keys limited to each
     /// sequence's valid rows. Keeps `lse[rows, heads]` (the softmax log-sum-exp) for backward.
+    /// `qkv` may be stored in the matmul format where [`Backend::attention_rounding`] is 16-bit.
     fn attention_forward(
         &self,
         out: &Self::Tensor,
@@ -579,7 +581,8 @@ pub trait Backend {
         dims: AttentionDims,
         dropout: Dropout,
     ) -> Result<()>;
-    /// `dqkv` (overwritten) from `dout`, recomputing the probabilities from `qkv` and `lse`.
+    /// `dqkv` (overwritten) from `dout`, recomputing the probabilities from `qkv` and `lse`;
+    /// `qkv` as [`Backend::attention_forward`] takes it, the rest fp32.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,

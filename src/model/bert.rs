@@ -17,7 +17,8 @@
 //! pre-activation and activation. The last two, which only the feed-forward GEMMs and the
 //! activation read, are stored as the GEMMs read their operands (16 bits under fp16/bf16, as
 //! autocast stores a linear layer's output: [`Storage::MatmulFormat`]), and so is qkv where
-//! attention rounds it to that format anyway (the tensor-core attention, head dims 32 and 64);
+//! attention rounds it to that format anyway (the tensor-core attention, head dims 32 and 64;
+//! [`Storage::of_qkv`]);
 //! everything else is fp32. Dropout masks are regenerated, never stored; the dropout of
 //! each residual block's branch is fused into the LayerNorm after it (`ResidualAdd`,
 //! `BranchGrad`), so the dropped-out branch is never written.
@@ -438,10 +439,10 @@ pub enum Storage {
 
 impl Storage {
     /// Where `qkv` is kept: in the matmul format where `backend`'s attention rounds it to that
-    /// format anyway (so storing it rounded changes no result), else fp32.
+    /// format anyway (the same rounding model: on the CPU the same bits, on the GPU up to the
+    /// QKV GEMM's summation order, its 16-bit output being another cuBLASLt plan), else fp32.
     pub fn of_qkv<B: Backend>(backend: &B, cfg: &BertConfig) -> Storage {
-        let head_dim = cfg.hidden_size / cfg.num_attention_heads.max(1);
-        match backend.attention_rounding(head_dim) {
+        match backend.attention_rounding(cfg.head_dim()) {
             crate::backend::MatmulPrecision::F16 | crate::backend::MatmulPrecision::Bf16 => {
                 Storage::MatmulFormat
             }

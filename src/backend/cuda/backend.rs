@@ -38,16 +38,19 @@
 //!   copy made for the call (the weights once per region, `WeightCopies`; `dout`'s copy by the
 //!   bias-gradient kernel), and the GEMM reads `CUDA_R_16F`/`CUDA_R_16BF` with fp32 accumulation
 //!   on the tensor cores. An activation stored 16-bit ([`Dtype`]: the feed-forward
-//!   pre-activation and activation) is read as it is, and a GEMM whose output is one writes it
-//!   16-bit (cuBLASLt's D type, the fp32 bias added before the one rounding; else fp32 scratch
-//!   and a cast). The master weights, the other activations, the biases, the gradients and every
-//!   other op stay fp32. The CPU backend rounds the same operands and outputs the same way, so
-//!   the two differ only by summation order.
+//!   pre-activation and activation, and qkv for the tensor-core attention) is read as it is, and
+//!   a GEMM whose output is one writes it 16-bit (cuBLASLt's D type, the fp32 bias added before
+//!   the one rounding; where cuBLASLt refuses that, the same GEMM into fp32 scratch, or the
+//!   two-GEMM path, then a cast). The master weights, the other activations, the biases, the
+//!   gradients and the other ops stay fp32 (the activation and attention kernels read and write
+//!   the 16-bit tensors they are given). The CPU backend rounds the same operands and outputs
+//!   the same way, so the two differ only by summation order.
 //!
 //! # Scratch
 //! Per-call scratch (LayerNorm's dgamma/dbeta partials, the bias gradients' partials, Σx²
-//! partials, attention's `delta`, the
-//! AdamW segment table, the 16-bit GEMM operand copies) is allocated stream-ordered per call
+//! partials, attention's `delta`, the AdamW segment table, the 16-bit GEMM operand copies, the
+//! fp32 output of a GEMM into a 16-bit tensor when cuBLASLt cannot write it, a 16-bit copy of an
+//! fp32 qkv for the tensor-core attention) is allocated stream-ordered per call
 //! (`cuMemAllocAsync`) and freed stream-ordered when dropped. Those allocations come from the
 //! device's default memory pool, whose release threshold is raised to "never" when the backend
 //! opens: memory a step frees stays in the pool and the next step's identical requests are served

@@ -36,9 +36,6 @@ use cudarc::cublaslt::sys as lt;
 /// cublasOperation_t's values (int32 attributes; cudarc's cuBLASLt bindings lack the enum).
 const CUBLAS_OP_N: i32 = 0;
 const CUBLAS_OP_T: i32 = 1;
-/// cublasLtReductionScheme_t's COMPUTE_TYPE bit (split-K partial sums kept in the compute
-/// type; NONE, 0, is always allowed), for the uint32 reduction-scheme mask.
-const REDUCTION_SCHEME_COMPUTE_TYPE: u32 = 2;
 
 /// Bytes of workspace cuBLASLt may use (NVIDIA's recommendation for Hopper, 32 MiB).
 pub const WORKSPACE_BYTES: usize = 32 << 20;
@@ -358,7 +355,9 @@ impl Plan {
             if g.d_type != lt::cudaDataType::CUDA_R_32F {
                 // A split-K sum reduced in D's type (INPLACE, OUTPUT_TYPE) would round a 16-bit
                 // output more than once: only no split or fp32 partial sums.
-                let mask = REDUCTION_SCHEME_COMPUTE_TYPE;
+                // (NONE, 0, is always allowed.)
+                let mask =
+                    lt::cublasLtReductionScheme_t::CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE as u32;
                 set(
                     P::CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
                     &mask as *const u32 as _,
