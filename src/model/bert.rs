@@ -18,16 +18,16 @@
 //! activation read, are stored as the GEMMs read their operands (16 bits under fp16/bf16, as
 //! autocast stores a linear layer's output: [`Storage::MatmulFormat`]), and so is qkv where
 //! attention rounds it to that format anyway (the tensor-core attention, head dims 32 and 64;
-//! [`Storage::of_qkv`]);
-//! everything else is fp32. Dropout masks are regenerated, never stored; the dropout of
-//! each residual block's branch is fused into the LayerNorm after it (`ResidualAdd`,
-//! `BranchGrad`), so the dropped-out branch is never written.
+//! [`Storage::of_qkv`]); everything else is fp32. Dropout masks are regenerated, never stored;
+//! the dropout of each residual block's branch is fused into the LayerNorm after it
+//! (`ResidualAdd`, `BranchGrad`), so the dropped-out branch is never written.
 
 use anyhow::{ensure, Result};
 
 use crate::backend::philox::stream_id;
 use crate::backend::{
-    AttentionDims, Backend, BranchGrad, Dropout, ResidualAdd, SeqLayout, IGNORE_LABEL,
+    AttentionDims, Backend, BranchGrad, Dropout, MatmulPrecision, ResidualAdd, SeqLayout,
+    IGNORE_LABEL,
 };
 use crate::config::BertConfig;
 use crate::model::params::{BertTensors, LayerTensors};
@@ -443,10 +443,8 @@ impl Storage {
     /// QKV GEMM's summation order, its 16-bit output being another cuBLASLt plan), else fp32.
     pub fn of_qkv<B: Backend>(backend: &B, cfg: &BertConfig) -> Storage {
         match backend.attention_rounding(cfg.head_dim()) {
-            crate::backend::MatmulPrecision::F16 | crate::backend::MatmulPrecision::Bf16 => {
-                Storage::MatmulFormat
-            }
-            _ => Storage::F32,
+            MatmulPrecision::F32 => Storage::F32,
+            _ => Storage::MatmulFormat,
         }
     }
 

@@ -1312,19 +1312,7 @@ impl CudaBackend {
             }
         }
         let copy = self.alloc_raw::<u16>(t.len)?;
-        if t.len > 0 {
-            self.launch(
-                kernel,
-                (grid_1d(t.len, 1, 256, 32 * self.sms), 1, 1),
-                (256, 1, 1),
-                0,
-                &Cast {
-                    x: t.device_ptr(),
-                    y: copy.ptr,
-                    n: t.len as u64,
-                },
-            )?;
-        }
+        self.launch_cast(kernel, t, copy.ptr)?;
         Ok(GemmOperand {
             ptr: copy.ptr,
             dtype,
@@ -1393,6 +1381,12 @@ impl CudaBackend {
             Dtype::Bf16 => "cast_f32_to_bf16",
             Dtype::F32 => bail!("cast_into: an fp32 destination"),
         };
+        self.launch_cast(kernel, src, dst.any_ptr())
+    }
+
+    /// `kernel` (a `cast_f32_to_*` of cast.cu) over the fp32 `src` into the 16-bit elements at
+    /// `dst`, which hold `src.len` of them.
+    fn launch_cast(&self, kernel: &str, src: &CudaTensor, dst: u64) -> Result<()> {
         if src.len == 0 {
             return Ok(());
         }
@@ -1403,7 +1397,7 @@ impl CudaBackend {
             0,
             &Cast {
                 x: src.device_ptr(),
-                y: dst.any_ptr(),
+                y: dst,
                 n: src.len as u64,
             },
         )
@@ -1849,19 +1843,7 @@ impl Backend for CudaBackend {
         if !self.in_region.load(Ordering::Relaxed) {
             return Ok(());
         }
-        if params.len > 0 {
-            self.launch(
-                kernel,
-                (grid_1d(params.len, 1, 256, 32 * self.sms), 1, 1),
-                (256, 1, 1),
-                0,
-                &Cast {
-                    x: params.device_ptr(),
-                    y: copy,
-                    n: params.len as u64,
-                },
-            )?;
-        }
+        self.launch_cast(kernel, params, copy)?;
         if let Some(c) = self.weight_copies.lock().unwrap().as_mut() {
             c.fresh = true;
         }
