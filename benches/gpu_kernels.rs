@@ -512,42 +512,61 @@ fn layernorm(r: &mut Runner<'_>, c: &mut Criterion) {
                 let out = be.zeros(rows * cols)?;
                 Ok(move || {
                     be.layernorm_forward(
-                        &out, &mean, &rstd, &x, None, &gamma, &beta, rows, cols, 1e-12,
+                        &out, None, &mean, &rstd, &x, None, &gamma, &beta, rows, cols, 1e-12,
                     )
                 })
             }),
         );
         // sum = dropout(x) + residual fused (training's hidden dropout): reads x, residual,
-        // gamma, beta; writes sum, out, mean, rstd: 4·(4·rows·cols + 2·cols + 2·rows).
-        r.bench(
-            &mut g,
-            "layernorm",
-            "fwd_dropout_residual",
-            &param,
-            case(be, Work::Bytes(4 * (4 * rc + 2 * c_ + 2 * r_)), move || {
-                let [x, gamma, beta, mean, rstd] = inputs()?;
-                let residual = random(be, rows * cols, 4)?;
-                let (sum, out) = (be.zeros(rows * cols)?, be.zeros(rows * cols)?);
-                Ok(move || {
-                    be.layernorm_forward(
-                        &out,
-                        &mean,
-                        &rstd,
-                        &x,
-                        Some(ResidualAdd {
-                            residual: &residual,
-                            sum: &sum,
-                            dropout: TRAIN_DROPOUT,
-                        }),
-                        &gamma,
-                        &beta,
-                        rows,
-                        cols,
-                        1e-12,
-                    )
-                })
-            }),
-        );
+        // gamma, beta; writes sum, out, mean, rstd: 4·(4·rows·cols + 2·cols + 2·rows). Under
+        // fp16/bf16 the model also writes out's 16-bit copy (2·rows·cols more bytes), on the
+        // fp16 backend here, as each op's tensors are allocated on the backend that runs it.
+        for (name, copied) in [
+            ("fwd_dropout_residual", false),
+            ("fwd_dropout_residual_f16_copy", true),
+        ] {
+            let be = if copied { &r.gpus.fp16 } else { be };
+            let bytes = 4 * (4 * rc + 2 * c_ + 2 * r_) + if copied { 2 * rc } else { 0 };
+            r.bench(
+                &mut g,
+                "layernorm",
+                name,
+                &param,
+                case(be, Work::Bytes(bytes), move || {
+                    let (x, gamma, beta) = (
+                        random(be, rows * cols, 1)?,
+                        random(be, cols, 2)?,
+                        random(be, cols, 3)?,
+                    );
+                    let (mean, rstd) = (be.zeros(rows)?, be.zeros(rows)?);
+                    let residual = random(be, rows * cols, 4)?;
+                    let (sum, out) = (be.zeros(rows * cols)?, be.zeros(rows * cols)?);
+                    let copy = match copied {
+                        true => Some(be.zeros_in_matmul_format(rows * cols)?),
+                        false => None,
+                    };
+                    Ok(move || {
+                        be.layernorm_forward(
+                            &out,
+                            copy.as_ref(),
+                            &mean,
+                            &rstd,
+                            &x,
+                            Some(ResidualAdd {
+                                residual: &residual,
+                                sum: &sum,
+                                dropout: TRAIN_DROPOUT,
+                            }),
+                            &gamma,
+                            &beta,
+                            rows,
+                            cols,
+                            1e-12,
+                        )
+                    })
+                }),
+            );
+        }
         // Reads dout, x, mean, rstd, gamma; writes dx; dgamma, dbeta read and written (the
         // per-block partials not counted): 4·(3·rows·cols + 2·rows + 5·cols).
         r.bench(
@@ -559,7 +578,7 @@ fn layernorm(r: &mut Runner<'_>, c: &mut Criterion) {
                 let [x, gamma, beta, mean, rstd] = inputs()?;
                 let out = be.zeros(rows * cols)?;
                 be.layernorm_forward(
-                    &out, &mean, &rstd, &x, None, &gamma, &beta, rows, cols, 1e-12,
+                    &out, None, &mean, &rstd, &x, None, &gamma, &beta, rows, cols, 1e-12,
                 )?;
                 let dout = random(be, rows * cols, 5)?;
                 let dx = be.zeros(rows * cols)?;
@@ -582,7 +601,7 @@ fn layernorm(r: &mut Runner<'_>, c: &mut Criterion) {
                 let [x, gamma, beta, mean, rstd] = inputs()?;
                 let out = be.zeros(rows * cols)?;
                 be.layernorm_forward(
-                    &out, &mean, &rstd, &x, None, &gamma, &beta, rows, cols, 1e-12,
+                    &out, None, &mean, &rstd, &x, None, &gamma, &beta, rows, cols, 1e-12,
                 )?;
                 let dout = random(be, rows * cols, 5)?;
                 let (dx, dbranch) = (be.zeros(rows * cols)?, be.zeros(rows * cols)?);

@@ -107,6 +107,24 @@ template <typename T> __device__ __forceinline__ void st_pack_f32(T* p, const fl
     st_pack(p, x);
 }
 
+// N floats rounded to C and stored with one access of N·sizeof(C) bytes, 8 or 16 (4 halves or
+// bfloat16s, a Pack<C>); `p` aligned to that size.
+template <typename C, int N> __device__ __forceinline__ void st_round(C* p, const float (&f)[N]) {
+    static_assert(N * sizeof(C) == 8 || N * sizeof(C) == 16, "st_round stores 8 or 16 bytes");
+    C v[N];
+#pragma unroll
+    for (int j = 0; j < N; ++j) v[j] = from_f32<C>(f[j]);
+    if constexpr (N * sizeof(C) == 16) {
+        uint4 raw;
+        memcpy(&raw, v, 16);
+        *reinterpret_cast<uint4*>(p) = raw;
+    } else {
+        uint2 raw;
+        memcpy(&raw, v, 8);
+        *reinterpret_cast<uint2*>(p) = raw;
+    }
+}
+
 // N consecutive fp32 values (N a multiple of 4) with N/4 128-bit loads; `p` 16-byte aligned.
 template <int N> __device__ __forceinline__ void ld_f32xN(const float* p, float (&f)[N]) {
     static_assert(N % 4 == 0, "ld_f32xN loads whole float4s");

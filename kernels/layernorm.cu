@@ -7,7 +7,11 @@
 //                                   and the statistics are taken of the stored (rounded) s, so that
 //                                   backward, which reads `sum`, sees exactly the normalized values;
 //   mean = Σs/cols, var = Σ(s − mean)²/cols (biased, two passes over the row, as PyTorch),
-//   rstd = 1/√(var + eps), out = (s − mean)·rstd·gamma + beta; mean, rstd kept (fp32, [rows]).
+//   rstd = 1/√(var + eps), out = (s − mean)·rstd·gamma + beta; mean, rstd kept (fp32, [rows]);
+//   out_copy (when non-null) = out as stored, rounded to C: the 16-bit copy the dense layers'
+//                                   GEMMs read (forward and their weight gradients), written
+//                                   beside the fp32 out the next residual add reads, so that
+//                                   no GEMM has to cast it (layernorm_forward_f32_{f16,bf16}).
 // Backward, with ŝ = (s − mean)·rstd and g = dout·gamma:
 //   ds = rstd·(g − mean(g) − ŝ·mean(g·ŝ))   (overwrites dx; for a fused residual it is the
 //                                             gradient of the residual),
@@ -18,8 +22,8 @@
 // Dropout: element i = row·cols + c (the flat index) draws what dropout.cu draws for element i
 // (word i % 4 of Philox block i / 4 of the site (seed, stream)); kept iff uniform ≥ p, scale
 // 1/(1 − p) in fp32. p ≤ 0 (or NaN) is no dropout: no Philox draws, values pass unchanged.
-// Layout: x, residual, sum, out, dout, dx, dbranch are T [rows, cols] row-major; gamma, beta, dgamma, dbeta
-// fp32 [cols] (master weights and their gradients); mean, rstd fp32 [rows].
+// Layout: x, residual, sum, out, dout, dx, dbranch are T [rows, cols] row-major, out_copy C [rows, cols];
+// gamma, beta, dgamma, dbeta fp32 [cols] (master weights and their gradients); mean, rstd fp32 [rows].
 // All statistics and accumulations are fp32 (the CPU reference uses f64).
 //
 // dgamma/dbeta reduction: deterministic, in two stages, no atomics.
@@ -62,11 +66,14 @@ __device__ __forceinline__ float ln_dropout_one(float v, unsigned long long i, f
 // (ceil(rows / (blockDim.x/32)), 1, 1); grid-stride over rows, so any grid is correct. No shared
 // memory. `residual` and `sum` are both null (plain LayerNorm of x; p is then ignored) or both
 // non-null (s = dropout(x) + residual, written to sum).
+// `out_copy` null: no copy.
 // Fast path: cols % N == 0 (N = Pack<T>::N: 4 fp32, 8 16-bit), cols ≤ 1024, all tensors 16-byte
 // aligned: the row is loaded once with 128-bit accesses and kept in registers (≤ 32 floats per
-// lane). Otherwise a scalar path reads the row three times (L1/L2 hits after the first).
-template <typename T>
-__device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, float* __restrict__ mean,
+// lane); out_copy is written N elements at a time (8 or 16 bytes, st_round). Otherwise a scalar
+// path reads the row three times (L1/L2 hits after the first).
+template <typename T, typename C>
+__device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, C* __restrict__ out_copy,
+                                                       float* __restrict__ mean,
                                                        float* __restrict__ rstd, const T* __restrict__ x,
                                                        const T* __restrict__ residual, T* __restrict__ sum,
                                                        const float* __restrict__ gamma,
@@ -79,9 +86,10 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, floa
     const bool res = residual != nullptr;
     const bool drop = res && p > 0.0f;
     const float scale = 1.0f / (1.0f - p);
+    const bool copy = out_copy != nullptr;
     const bool vec = cols % N == 0 && cols <= 32u * KP * N && is_aligned16(out) && is_aligned16(x) &&
                      is_aligned16(gamma) && is_aligned16(beta) &&
-                     (!res || (is_aligned16(residual) && is_aligned16(sum)));
+                     (!res || (is_aligned16(residual) && is_aligned16(sum))) && (!copy || is_aligned16(out_copy));
     const float fcols = (float)cols;
     for (unsigned int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
         const unsigned long long base = (unsigned long long)row * cols;
@@ -131,8 +139,9 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, floa
                     ld_f32xN(gamma + c, g);
                     ld_f32xN(beta + c, b);
 #pragma unroll
-                    for (int j = 0; j < N; ++j) o[j] = (v[k][j] - mu) * rs * g[j] + b[j];
+                    for (int j = 0; j < N; ++j) o[j] = round_to<T>((v[k][j] - mu) * rs * g[j] + b[j]);
                     st_pack_f32(out + base + c, o);
+                    if (copy) st_round<C, N>(out_copy + base + c, o);
                 }
             }
         } else {
@@ -156,8 +165,11 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, floa
                 q += d * d;
             }
             rs = 1.0f / sqrtf(warp_sum(q) / fcols + eps);
-            for (unsigned int c = lane; c < cols; c += 32u)
-                out[base + c] = from_f32<T>((to_f32(src[base + c]) - mu) * rs * gamma[c] + beta[c]);
+            for (unsigned int c = lane; c < cols; c += 32u) {
+                const float o = round_to<T>((to_f32(src[base + c]) - mu) * rs * gamma[c] + beta[c]);
+                out[base + c] = from_f32<T>(o);
+                if (copy) out_copy[base + c] = from_f32<C>(o);
+            }
         }
         if (lane == 0) {
             mean[row] = mu;
@@ -272,15 +284,18 @@ __device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, T* _
     }
 }
 
-#define LAYERNORM_KERNELS(T, SUFFIX)                                                                               \
+// C: out_copy's type (instances with C = T are launched with out_copy null).
+#define LAYERNORM_FORWARD(T, C, SUFFIX)                                                                           \
     extern "C" __global__ void layernorm_forward_##SUFFIX(                                                         \
-        T* __restrict__ out, float* __restrict__ mean, float* __restrict__ rstd, const T* __restrict__ x,          \
-        const T* __restrict__ residual, T* __restrict__ sum, const float* __restrict__ gamma,                      \
-        const float* __restrict__ beta, unsigned int rows, unsigned int cols, float eps, float p,                  \
-        unsigned long long seed, unsigned long long stream) {                                                      \
-        layernorm_forward_impl<T>(out, mean, rstd, x, residual, sum, gamma, beta, rows, cols, eps, p, seed,        \
-                                  stream);                                                                         \
-    }                                                                                                              \
+        T* __restrict__ out, C* __restrict__ out_copy, float* __restrict__ mean, float* __restrict__ rstd,         \
+        const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ sum,                             \
+        const float* __restrict__ gamma, const float* __restrict__ beta, unsigned int rows, unsigned int cols,     \
+        float eps, float p, unsigned long long seed, unsigned long long stream) {                                  \
+        layernorm_forward_impl<T, C>(out, out_copy, mean, rstd, x, residual, sum, gamma, beta, rows, cols, eps, p, \
+                                     seed, stream);                                                                \
+    }
+
+#define LAYERNORM_BACKWARD(T, SUFFIX)                                                                              \
     extern "C" __global__ void layernorm_backward_##SUFFIX(                                                        \
         T* __restrict__ dx, T* __restrict__ dbranch, float* __restrict__ partials, const T* __restrict__ dout,     \
         const T* __restrict__ x, const float* __restrict__ mean, const float* __restrict__ rstd,                   \
@@ -290,9 +305,14 @@ __device__ __forceinline__ void layernorm_backward_impl(T* __restrict__ dx, T* _
                                    stream);                                                                        \
     }
 
-LAYERNORM_KERNELS(float, f32)
-LAYERNORM_KERNELS(__half, f16)
-LAYERNORM_KERNELS(__nv_bfloat16, bf16)
+LAYERNORM_FORWARD(float, float, f32)
+LAYERNORM_FORWARD(float, __half, f32_f16)
+LAYERNORM_FORWARD(float, __nv_bfloat16, f32_bf16)
+LAYERNORM_FORWARD(__half, __half, f16)
+LAYERNORM_FORWARD(__nv_bfloat16, __nv_bfloat16, bf16)
+LAYERNORM_BACKWARD(float, f32)
+LAYERNORM_BACKWARD(__half, f16)
+LAYERNORM_BACKWARD(__nv_bfloat16, bf16)
 
 // ---- backward, stage 2 ----
 // dgamma[c] += Σ_p partials[p][0][c], dbeta[c] += Σ_p partials[p][1][c], p = 0 .. parts−1.

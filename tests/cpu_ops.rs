@@ -448,6 +448,7 @@ impl LayerNormCase {
         });
         BE.layernorm_forward(
             &out,
+            None,
             &mean,
             &rstd,
             &a,
@@ -671,6 +672,7 @@ fn layernorm_fused_dropout() {
                     };
                     BE.layernorm_forward(
                         &out,
+                        None,
                         &mean,
                         &rstd,
                         &x,
@@ -710,6 +712,7 @@ fn layernorm_fused_dropout() {
                     };
                     BE.layernorm_forward(
                         &out,
+                        None,
                         &mean,
                         &rstd,
                         &dropped,
@@ -1914,11 +1917,12 @@ fn stored<B: Backend>(be: &B, x: &[f32]) -> B::Tensor {
     t
 }
 
-/// Under fp16/bf16 GEMMs the feed-forward activations are kept 16-bit (`Dtype`): a 16-bit
-/// output holds the fp32 result rounded once, and a 16-bit input gives the ops exactly what
-/// the fp32 tensor of the same values gives (the GEMMs round their operands to that format
-/// anyway, and the activation computes in fp32). So every check here is bit for bit, against
-/// the fp32 path and `Dtype::round`.
+/// Under fp16/bf16 GEMMs the feed-forward activations and the LayerNorm outputs are kept 16-bit
+/// (`Dtype`): a 16-bit output (or LayerNorm's 16-bit copy of its fp32 output) holds the fp32
+/// result rounded once, and a 16-bit input gives the ops exactly what the fp32 tensor of the
+/// same values gives (the GEMMs round their operands to that format anyway, and the activation
+/// computes in fp32). So every check here is bit for bit, against the fp32 path and
+/// `Dtype::round`.
 #[test]
 fn matmul_format_storage() {
     for p in [MatmulPrecision::F32, MatmulPrecision::Tf32] {
@@ -2013,6 +2017,71 @@ fn matmul_format_storage() {
                 );
             }
         }
+
+        // LayerNorm's 16-bit copy of its output: the fp32 output (the same bits as without a
+        // copy) rounded once, with and without the fused residual add.
+        for &(rows, cols) in &LAYERNORM_SHAPES {
+            for residual in [false, true] {
+                let name = format!("{} layernorm {rows}x{cols} residual {residual}", p.name());
+                let c = layernorm_case(rows, cols, residual, (rows * cols) as u64);
+                let [plain, ..] = c.forward(rows, cols, 1e-12, 7);
+                let (out, mean, rstd) = (
+                    up(&nonzero(rows * cols, 1, 9.0)),
+                    up(&nonzero(rows, 2, 9.0)),
+                    up(&nonzero(rows, 3, 9.0)),
+                );
+                let copy = stored(&be, &nonzero(rows * cols, 4, 9.0));
+                let (b, sum) = (
+                    c.b.as_ref().map(|b| up(b)),
+                    up(&nonzero(rows * cols, 5, 9.0)),
+                );
+                be.layernorm_forward(
+                    &out,
+                    Some(&copy),
+                    &mean,
+                    &rstd,
+                    &up(&c.a),
+                    b.as_ref().map(|b| ResidualAdd {
+                        residual: b,
+                        sum: &sum,
+                        dropout: Dropout::NONE,
+                    }),
+                    &up(&c.gamma),
+                    &up(&c.beta),
+                    rows,
+                    cols,
+                    1e-12,
+                )
+                .unwrap();
+                same_bits(&name, &down(&out), &down(&plain));
+                same_bits(
+                    &format!("{name} copy"),
+                    &be.download(&copy).unwrap(),
+                    &round(&down(&out)),
+                );
+            }
+        }
+        let (g, zero) = (up(&[1.0; 4]), up(&[0.0; 4]));
+        let ln_into = |copy: &CpuTensor| {
+            be.layernorm_forward(
+                &up(&[0.0; 4]),
+                Some(copy),
+                &up(&[0.0]),
+                &up(&[0.0]),
+                &up(&[1.0, 2.0, 3.0, 4.0]),
+                None,
+                &g,
+                &zero,
+                1,
+                4,
+                1e-12,
+            )
+        };
+        assert!(ln_into(&up(&[0.0; 4])).is_err(), "an fp32 copy");
+        assert!(
+            ln_into(&stored(&be, &[0.0; 5])).is_err(),
+            "a copy of another length"
+        );
 
         // Mixed types where the op wants one, and another backend's format, are errors.
         let (x16, out32) = (stored(&be, &[0.5; 4]), up(&[0.0; 4]));

@@ -520,6 +520,7 @@ fn layernorm_case<B: Backend>(
     });
     be.layernorm_forward(
         &out,
+        None,
         &mean,
         &rstd,
         &x,
@@ -758,8 +759,69 @@ fn matmul_format_storage() {
                     close(&format!("{case}: dx"), &got[2], &want[2], 1e-6);
                 }
             }
+            for (rows, cols) in [(33, 768), (7, 37), (300, 384), (1, 1024), (5, 1030)] {
+                let case = format!("{} layernorm {rows}x{cols}, offset {offset}", p.name());
+                stored_layernorm_case(&g, rows, cols, offset, &case);
+                stored_layernorm_case(&c, rows, cols, offset, &format!("cpu {case}"));
+            }
         }
     }
+}
+
+/// LayerNorm (with the fused dropout and residual add) writing its fp32 output and the 16-bit
+/// copy the GEMMs read: on the backend itself, the copy is the output rounded once, bit for
+/// bit; the output is bit for bit the one written without a copy; nothing outside the copy's
+/// view changes. At offset 0 with `cols` a multiple of 4 (and at most 1024) the kernel's vector
+/// path, else its scalar path. (The fp32 output against the CPU's: `layernorm`.)
+fn stored_layernorm_case<B: Backend>(be: &B, rows: usize, cols: usize, offset: usize, what: &str) {
+    let s = (rows * 100 + cols + offset) as u64;
+    let x = up_at(be, &random_vec(rows * cols, s, 2.0), offset);
+    let residual = up_at(be, &random_vec(rows * cols, s + 1, 1.0), offset);
+    let gamma: Vec<f32> = random_vec(cols, s + 2, 0.3)
+        .iter()
+        .map(|v| v + 1.0)
+        .collect();
+    let (gamma, beta) = (
+        up_at(be, &gamma, offset),
+        up_at(be, &random_vec(cols, s + 3, 0.3), offset),
+    );
+    let run = |copy: Option<&B::Tensor>| {
+        let out = up_at(be, &random_vec(rows * cols, s + 4, 9.0), offset);
+        let sum = up_at(be, &random_vec(rows * cols, s + 5, 9.0), offset);
+        let (mean, rstd) = (be.zeros(rows).unwrap(), be.zeros(rows).unwrap());
+        let dropout = Dropout {
+            p: 0.1,
+            seed: s,
+            stream: 3,
+        };
+        let add = ResidualAdd {
+            residual: &residual,
+            sum: &sum,
+            dropout,
+        };
+        be.layernorm_forward(
+            &out,
+            copy,
+            &mean,
+            &rstd,
+            &x,
+            Some(add),
+            &gamma,
+            &beta,
+            rows,
+            cols,
+            1e-12,
+        )
+        .unwrap();
+        down(be, &out)
+    };
+    let (copy, big) = stored_in(be, &random_vec(rows * cols, s + 6, 9.0), offset);
+    let out = run(Some(&copy));
+    guards_intact(&format!("{what}: copy"), be, &big, offset, rows * cols);
+    exact(&format!("{what}: out"), &out, &run(None));
+    let dtype = be.dtype(&copy);
+    let rounded: Vec<f32> = out.iter().map(|&v| dtype.round(v)).collect();
+    exact(&format!("{what}: copy"), &down(be, &copy), &rounded);
 }
 
 // ---- activations ----

@@ -13,7 +13,7 @@ mod common;
 use bertft_cuda::backend::cpu::CpuBackend;
 use bertft_cuda::backend::{Backend, Dtype, MatmulPrecision};
 use bertft_cuda::config::BertConfig;
-use bertft_cuda::model::bert::{Activations, Batch};
+use bertft_cuda::model::bert::{Activations, Batch, LossSpec, Mode, StoragePlan};
 use bertft_cuda::model::Classifier;
 use bertft_cuda::train::loss_scale::{LossScaler, ScaleChange};
 use bertft_cuda::train::optimizer::{AdamW, AdamWConfig};
@@ -213,8 +213,9 @@ fn fp16_overflow_skips_the_step_halves_the_scale_and_recovers() {
 }
 
 /// Under fp16/bf16 the feed-forward pre-activation and activation are stored in 16 bits (half
-/// the bytes of the largest saved activations), and qkv too where attention rounds it to 16 bits
-/// (head dim 32), every other activation in fp32; under fp32 and TF32 everything is fp32. The
+/// the bytes of the largest saved activations), and so are the LayerNorm outputs (beside the
+/// fp32 residual stream, which is not kept) and qkv where attention rounds it to 16 bits (head
+/// dim 32); every other activation is fp32. Under fp32 and TF32 everything is fp32. The
 /// fp16/bf16 steps above run with this storage, and the CPU backend panics if the model hands a
 /// 16-bit tensor to an op that reads fp32 only.
 #[test]
@@ -233,19 +234,71 @@ fn activations_are_stored_in_the_matmul_format_where_only_16_bit_readers_read_th
             let (be, rows, size) = (&run.be, run.batch.rows(), run.batch.size());
             let acts = Activations::new(be, &run.model.cfg, rows, size).unwrap();
             let case = format!("{} hidden {}", p.name(), run.model.cfg.hidden_size);
+            assert_eq!(be.dtype(&acts.emb_out), narrow, "{case}");
+            assert_eq!(be.dtype(acts.last_hidden_state()), Dtype::F32, "{case}");
             for l in &acts.layers {
-                assert_eq!(be.dtype(&l.ffn_pre), narrow, "{case}");
-                assert_eq!(be.dtype(&l.ffn_act), narrow, "{case}");
+                for t in [&l.ffn_pre, &l.ffn_act, &l.attn_ln_out, &l.ffn_ln_out] {
+                    assert_eq!(be.dtype(t), narrow, "{case}");
+                }
                 assert_eq!(be.dtype(&l.qkv), qkv, "{case}");
-                for t in [
-                    &l.attn,
-                    &l.attn_sum,
-                    &l.attn_ln_out,
-                    &l.ffn_sum,
-                    &l.ffn_ln_out,
-                ] {
+                for t in [&l.attn, &l.attn_sum, &l.ffn_sum] {
                     assert_eq!(be.dtype(t), Dtype::F32, "{case}");
                 }
+            }
+        }
+    }
+}
+
+/// Keeping the LayerNorm outputs in 16 bits, with the fp32 residual stream beside them, changes
+/// no bit on the CPU: the GEMMs that read them rounded them to the same 16 bits before, and the
+/// residual adds still read fp32. Logits, hidden states, losses and every gradient of a training
+/// forward and backward (dropout on) are compared with those of fp32-kept LayerNorm outputs.
+#[test]
+fn layer_norm_outputs_kept_in_16_bits_change_no_bit() {
+    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        for cfg in [tiny_config("gelu"), head_dim_32_config()] {
+            let run = Run::with_config(p, cfg);
+            let (be, model, batch) = (&run.be, &run.model, &run.batch);
+            let outcome = |plan: StoragePlan| {
+                let acts = Activations::with_plan(be, &model.cfg, batch.rows(), batch.size(), plan)
+                    .unwrap();
+                let l0 = &acts.layers[0];
+                let kept = if plan.stream {
+                    p.storage_dtype()
+                } else {
+                    Dtype::F32
+                };
+                assert_eq!(be.dtype(&l0.attn_ln_out), kept, "{plan:?}");
+                let bert = model.bert(be);
+                let mode = Mode::Train { seed: 11, step: 0 };
+                bert.forward(batch, &acts, mode).unwrap();
+                model.zero_grads(be).unwrap();
+                let loss = LossSpec::mean(0.0, batch.real_size());
+                bert.backward(&model.grad_views, batch, &acts, mode, loss)
+                    .unwrap();
+                [
+                    be.download(&acts.logits).unwrap(),
+                    be.download(acts.last_hidden_state()).unwrap(),
+                    bert.losses(batch, &acts, 0.0).unwrap(),
+                    be.download(&model.grads).unwrap(),
+                ]
+            };
+            let plan = StoragePlan::of(be, &model.cfg);
+            assert!(plan.stream, "{p:?}");
+            let (narrow, wide) = (
+                outcome(plan),
+                outcome(StoragePlan {
+                    stream: false,
+                    ..plan
+                }),
+            );
+            for (what, (a, b)) in ["logits", "hidden", "losses", "grads"]
+                .iter()
+                .zip(narrow.iter().zip(&wide))
+            {
+                let same =
+                    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(same, "{p:?} {}: {what} differ", model.cfg.hidden_size);
             }
         }
     }

@@ -486,11 +486,15 @@ pub trait Backend {
 
     // ---- LayerNorm (layernorm.rs) ----
     /// `s = dropout(x) + residual` into `sum` (when `residual` is given; else `s = x`), then
-    /// `out = (s − mean)·rstd·gamma + beta` per row, keeping `mean` and `rstd` for backward.
+    /// `out = (s − mean)·rstd·gamma + beta` per row (fp32), keeping `mean` and `rstd` for
+    /// backward. `out_copy`, when given, is a 16-bit tensor that receives `out` rounded once to
+    /// its type: the copy the dense layers reading `out` take as their GEMM operand (and keep
+    /// for backward), written in the same pass, while the fp32 `out` feeds the next residual add.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_forward(
         &self,
         out: &Self::Tensor,
+        out_copy: Option<&Self::Tensor>,
         mean: &Self::Tensor,
         rstd: &Self::Tensor,
         x: &Self::Tensor,

@@ -14,19 +14,23 @@
 //! ```
 //! Kept for backward (per layer): qkv, the attention output and its log-sum-exp, both residual
 //! sums with their LayerNorm statistics, both LayerNorm outputs, the feed-forward
-//! pre-activation and activation. The last two, which only the feed-forward GEMMs and the
-//! activation read, are stored as the GEMMs read their operands (16 bits under fp16/bf16, as
-//! autocast stores a linear layer's output: [`Storage::MatmulFormat`]), and so is qkv where
-//! attention rounds it to that format anyway (the tensor-core attention, head dims 32 and 64;
-//! [`Storage::of_qkv`]); everything else is fp32. Dropout masks are regenerated, never stored;
-//! the dropout of each residual block's branch is fused into the LayerNorm after it
-//! (`ResidualAdd`, `BranchGrad`), so the dropped-out branch is never written.
+//! pre-activation and activation. Those that backward reads only as a GEMM operand or the
+//! activation's input (the LayerNorm outputs, the feed-forward pre-activation and activation)
+//! are stored as the GEMMs read their operands (16 bits under fp16/bf16, as autocast stores
+//! the fp16 copy of a linear layer's input and its output: [`Storage::MatmulFormat`]), and so
+//! is qkv where attention rounds it to that format anyway (the tensor-core attention, head dims
+//! 32 and 64; [`Storage::of_qkv`]); everything else is fp32. The residual stream itself stays
+//! fp32: under fp16/bf16 each LayerNorm writes its fp32 output, which the next residual add
+//! reads, into one of two buffers shared by all layers (`Activations::stream`) and its 16-bit
+//! copy, which is kept, in the same pass. Dropout masks are regenerated, never stored; the
+//! dropout of each residual block's branch is fused into the LayerNorm after it (`ResidualAdd`,
+//! `BranchGrad`), so the dropped-out branch is never written.
 
 use anyhow::{ensure, Result};
 
 use crate::backend::philox::stream_id;
 use crate::backend::{
-    AttentionDims, Backend, BranchGrad, Dropout, MatmulPrecision, ResidualAdd, SeqLayout,
+    AttentionDims, Backend, BranchGrad, Dropout, Dtype, MatmulPrecision, ResidualAdd, SeqLayout,
     IGNORE_LABEL,
 };
 use crate::config::BertConfig;
@@ -409,7 +413,8 @@ impl<B: Backend> Batch<B> {
     }
 }
 
-/// What one encoder layer keeps from forward for backward.
+/// What one encoder layer keeps from forward for backward. The LayerNorm outputs are kept in
+/// the matmul format ([`Activations::stream`] holds their fp32 values while forward needs them).
 pub struct LayerActs<T> {
     pub qkv: T,
     pub attn: T,
@@ -467,6 +472,10 @@ pub struct Activations<T> {
     /// The first layer's input (embeddings after dropout).
     pub emb_out: T,
     pub layers: Vec<LayerActs<T>>,
+    /// The residual stream in fp32 where the LayerNorm outputs are kept in 16 bits (`None` where
+    /// the matmul format is fp32: the kept outputs are the stream): `[0]` holds a layer's input
+    /// and then its output, `[1]` its attention block's output. Forward only.
+    stream: Option<[T; 2]>,
     pub cls: T,
     pub pooled_pre: T,
     pub pooled: T,
@@ -492,8 +501,18 @@ impl<T: Clone> Activations<T> {
         rows: usize,
         batch: usize,
     ) -> Result<Self> {
-        let qkv = Storage::of_qkv(backend, cfg);
-        Self::build(cfg, rows, batch, qkv, |n, storage| {
+        Self::with_plan(backend, cfg, rows, batch, StoragePlan::of(backend, cfg))
+    }
+
+    /// As [`Activations::new`], stored as `plan` says (tests compare plans).
+    pub fn with_plan<B: Backend<Tensor = T>>(
+        backend: &B,
+        cfg: &BertConfig,
+        rows: usize,
+        batch: usize,
+        plan: StoragePlan,
+    ) -> Result<Self> {
+        Self::build(cfg, rows, batch, plan, |n, storage| {
             storage.zeros(backend, n)
         })
     }
@@ -504,7 +523,7 @@ impl<T: Clone> Activations<T> {
         cfg: &BertConfig,
         rows: usize,
         batch: usize,
-        qkv: Storage,
+        plan: StoragePlan,
         alloc: impl FnMut(usize, Storage) -> Result<T>,
     ) -> Result<Self> {
         let (h, i, heads) = (
@@ -515,7 +534,13 @@ impl<T: Clone> Activations<T> {
         let alloc = std::cell::RefCell::new(alloc);
         let z = |n: usize| (alloc.borrow_mut())(n, Storage::F32);
         let z16 = |n: usize| (alloc.borrow_mut())(n, Storage::MatmulFormat);
-        let zqkv = |n: usize| (alloc.borrow_mut())(n, qkv);
+        let zqkv = |n: usize| (alloc.borrow_mut())(n, plan.qkv);
+        // The LayerNorm outputs (and the embeddings' dropped-out one): kept in the matmul
+        // format beside an fp32 stream, or fp32 and the stream themselves.
+        let zln = |n: usize| match plan.stream {
+            true => z16(n),
+            false => z(n),
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|_| {
                 Ok(LayerActs {
@@ -525,13 +550,13 @@ impl<T: Clone> Activations<T> {
                     attn_sum: z(rows * h)?,
                     attn_ln_mean: z(rows)?,
                     attn_ln_rstd: z(rows)?,
-                    attn_ln_out: z(rows * h)?,
+                    attn_ln_out: zln(rows * h)?,
                     ffn_pre: z16(rows * i)?,
                     ffn_act: z16(rows * i)?,
                     ffn_sum: z(rows * h)?,
                     ffn_ln_mean: z(rows)?,
                     ffn_ln_rstd: z(rows)?,
-                    ffn_ln_out: z(rows * h)?,
+                    ffn_ln_out: zln(rows * h)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -542,8 +567,12 @@ impl<T: Clone> Activations<T> {
             emb_ln_mean: z(rows)?,
             emb_ln_rstd: z(rows)?,
             emb_ln_out: z(rows * h)?,
-            emb_out: z(rows * h)?,
+            emb_out: zln(rows * h)?,
             layers,
+            stream: match plan.stream {
+                true => Some([z(rows * h)?, z(rows * h)?]),
+                false => None,
+            },
             cls: z(batch * h)?,
             pooled_pre: z(batch * h)?,
             pooled: z(batch * h)?,
@@ -559,12 +588,45 @@ impl<T: Clone> Activations<T> {
         })
     }
 
-    /// The encoder's output `[rows, hidden]` after the last forward.
+    /// The encoder's output `[rows, hidden]` after the last forward, in fp32.
     pub fn last_hidden_state(&self) -> &T {
-        self.layers
+        let kept = self
+            .layers
             .last()
             .map(|l| &l.ffn_ln_out)
-            .unwrap_or(&self.emb_out)
+            .unwrap_or(&self.emb_out);
+        self.normalized(kept, 0).0
+    }
+
+    /// Where a LayerNorm (or the embeddings' dropout) whose output is kept as `kept` writes:
+    /// the fp32 output the residual add after it reads, and the 16-bit copy, `kept` itself, when
+    /// that is not the same tensor (`slot`: see [`Activations::stream`]).
+    fn normalized<'a>(&'a self, kept: &'a T, slot: usize) -> (&'a T, Option<&'a T>) {
+        match &self.stream {
+            Some(stream) => (&stream[slot], Some(kept)),
+            None => (kept, None),
+        }
+    }
+}
+
+/// How [`Activations`] stores the tensors whose storage depends on the backend and the model
+/// (the feed-forward ones are always in the matmul format).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoragePlan {
+    /// [`Storage::of_qkv`].
+    pub qkv: Storage,
+    /// The LayerNorm outputs kept in the matmul format, with the fp32 residual stream in
+    /// [`Activations::stream`]; only where that format is 16-bit (else they are the stream).
+    pub stream: bool,
+}
+
+impl StoragePlan {
+    /// What [`Activations::new`] uses.
+    pub fn of<B: Backend>(backend: &B, cfg: &BertConfig) -> Self {
+        StoragePlan {
+            qkv: Storage::of_qkv(backend, cfg),
+            stream: backend.matmul_precision().storage_dtype() != Dtype::F32,
+        }
     }
 }
 
@@ -596,12 +658,12 @@ impl<T: Clone> ActivationArena<T> {
         batch: usize,
     ) -> Result<Activations<T>> {
         let (cap_rows, cap_batch) = self.capacity;
-        let qkv = Storage::of_qkv(backend, cfg);
+        let plan = StoragePlan::of(backend, cfg);
         if rows > cap_rows || batch > cap_batch {
             let capacity = (rows.max(cap_rows), batch.max(cap_batch));
             self.buffers.clear();
             let buffers = &mut self.buffers;
-            Activations::build(cfg, capacity.0, capacity.1, qkv, |n, storage| {
+            Activations::build(cfg, capacity.0, capacity.1, plan, |n, storage| {
                 let t = storage.zeros(backend, n)?;
                 buffers.push(t.clone());
                 Ok(t)
@@ -609,7 +671,7 @@ impl<T: Clone> ActivationArena<T> {
             self.capacity = capacity;
         }
         let mut next = self.buffers.iter();
-        Activations::build(cfg, rows, batch, qkv, |n, _| {
+        Activations::build(cfg, rows, batch, plan, |n, _| {
             let big = next.next().expect("the same buffers in the same order");
             Ok(backend.view(big, 0, n))
         })
@@ -758,6 +820,7 @@ impl<B: Backend> Bert<'_, B> {
         )?;
         be.layernorm_forward(
             &acts.emb_ln_out,
+            None,
             &acts.emb_ln_mean,
             &acts.emb_ln_rstd,
             &acts.emb_sum,
@@ -769,17 +832,21 @@ impl<B: Backend> Bert<'_, B> {
             eps,
         )?;
         let p_hidden = cfg.hidden_dropout_prob;
+        let (emb_out, emb_copy) = acts.normalized(&acts.emb_out, 0);
         be.dropout_forward(
-            &acts.emb_out,
+            emb_out,
             &acts.emb_ln_out,
             self.dropout(mode, Site::Embeddings, p_hidden),
         )?;
+        if let Some(copy) = emb_copy {
+            be.copy(copy, emb_out)?;
+        }
         let mut x = &acts.emb_out;
         for (l, (lw, la)) in w.layers.iter().zip(&acts.layers).enumerate() {
             self.layer_forward(l, lw, la, acts, x, &batch.layout, mode)?;
             x = &la.ffn_ln_out;
         }
-        be.gather_first_tokens(&acts.cls, x, &batch.layout, h)?;
+        be.gather_first_tokens(&acts.cls, acts.last_hidden_state(), &batch.layout, h)?;
         be.linear_forward(
             &acts.pooled_pre,
             &acts.cls,
@@ -822,6 +889,10 @@ impl<B: Backend> Bert<'_, B> {
         let (h, i, _) = self.dims();
         let rows = layout.total_rows();
         let (eps, p_hidden) = (cfg.layer_norm_eps, cfg.hidden_dropout_prob);
+        // `x` as the residual adds read it (fp32), and where the LayerNorms write.
+        let x_f32 = acts.normalized(x, 0).0;
+        let (attn_ln_f32, attn_ln_copy) = acts.normalized(&a.attn_ln_out, 1);
+        let (ffn_ln_f32, ffn_ln_copy) = acts.normalized(&a.ffn_ln_out, 0);
         be.linear_forward(&a.qkv, x, &w.qkv_w, &w.qkv_b, rows, h, 3 * h)?;
         let attn_drop = self.dropout(
             mode,
@@ -847,12 +918,13 @@ impl<B: Backend> Bert<'_, B> {
         )?;
         // attn_sum = dropout(proj) + x, fused into the LayerNorm.
         be.layernorm_forward(
-            &a.attn_ln_out,
+            attn_ln_f32,
+            attn_ln_copy,
             &a.attn_ln_mean,
             &a.attn_ln_rstd,
             &acts.proj,
             Some(ResidualAdd {
-                residual: x,
+                residual: x_f32,
                 sum: &a.attn_sum,
                 dropout: self.dropout(mode, Site::AttentionOutput(l), p_hidden),
             }),
@@ -881,14 +953,16 @@ impl<B: Backend> Bert<'_, B> {
             i,
             h,
         )?;
-        // ffn_sum = dropout(proj) + attn_ln_out, fused into the LayerNorm.
+        // ffn_sum = dropout(proj) + attn_ln_out, fused into the LayerNorm. It overwrites the
+        // stream's x, which nothing reads any more.
         be.layernorm_forward(
-            &a.ffn_ln_out,
+            ffn_ln_f32,
+            ffn_ln_copy,
             &a.ffn_ln_mean,
             &a.ffn_ln_rstd,
             &acts.proj,
             Some(ResidualAdd {
-                residual: &a.attn_ln_out,
+                residual: attn_ln_f32,
                 sum: &a.ffn_sum,
                 dropout: self.dropout(mode, Site::FeedForwardOutput(l), p_hidden),
             }),

@@ -285,6 +285,7 @@ impl Backend for CpuBackend {
     fn layernorm_forward(
         &self,
         out: &CpuTensor,
+        out_copy: Option<&CpuTensor>,
         mean: &CpuTensor,
         rstd: &CpuTensor,
         x: &CpuTensor,
@@ -321,6 +322,18 @@ impl Backend for CpuBackend {
             cols,
             eps,
         );
+        if let Some(copy) = out_copy {
+            ensure!(
+                copy.dtype() != Dtype::F32 && copy.len() == out.len(),
+                "layernorm_forward: a copy of {} {} elements of an output of {}",
+                copy.len(),
+                copy.dtype().name(),
+                out.len()
+            );
+            check_disjoint(&[copy], &[out, x, mean, rstd, gamma, beta]);
+            copy.values_mut().copy_from_slice(out.data());
+            copy.round_stored();
+        }
         Ok(())
     }
 

@@ -38,7 +38,8 @@
 //!   copy made for the call (the weights once per region, `WeightCopies`; `dout`'s copy by the
 //!   bias-gradient kernel), and the GEMM reads `CUDA_R_16F`/`CUDA_R_16BF` with fp32 accumulation
 //!   on the tensor cores. An activation stored 16-bit ([`Dtype`]: the feed-forward
-//!   pre-activation and activation, and qkv for the tensor-core attention) is read as it is, and
+//!   pre-activation and activation, the LayerNorm outputs' copies that LayerNorm writes beside
+//!   its fp32 output, and qkv for the tensor-core attention) is read as it is, and
 //!   a GEMM whose output is one writes it 16-bit (cuBLASLt's D type, the fp32 bias added before
 //!   the one rounding; where cuBLASLt refuses that, the same GEMM into fp32 scratch, or the
 //!   two-GEMM path, then a cast). The master weights, the other activations, the biases, the
@@ -2188,6 +2189,7 @@ impl Backend for CudaBackend {
     fn layernorm_forward(
         &self,
         out: &CudaTensor,
+        out_copy: Option<&CudaTensor>,
         mean: &CudaTensor,
         rstd: &CudaTensor,
         x: &CudaTensor,
@@ -2227,18 +2229,36 @@ impl Backend for CudaBackend {
             }
             None => (0, 0, Dropout::NONE),
         };
+        let (kernel, copy) = match out_copy {
+            None => ("layernorm_forward_f32", 0),
+            Some(c) => {
+                ensure!(
+                    c.len == out.len,
+                    "layernorm_forward: a copy of {} elements of an output of {}",
+                    c.len,
+                    out.len
+                );
+                let kernel = match c.dtype {
+                    Dtype::F16 => "layernorm_forward_f32_f16",
+                    Dtype::Bf16 => "layernorm_forward_f32_bf16",
+                    Dtype::F32 => bail!("layernorm_forward: an fp32 copy of the output"),
+                };
+                (kernel, c.any_ptr())
+            }
+        };
         if rows == 0 {
             return Ok(());
         }
         let warps = 8usize; // block 256
         let grid = rows.div_ceil(warps).min(65535) as u32;
         self.launch(
-            "layernorm_forward_f32",
+            kernel,
             (grid, 1, 1),
             (256, 1, 1),
             0,
             &LayerNormForward {
                 out: out.device_ptr(),
+                out_copy: copy,
                 mean: mean.device_ptr(),
                 rstd: rstd.device_ptr(),
                 x: x.device_ptr(),

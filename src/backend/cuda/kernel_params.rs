@@ -125,9 +125,12 @@ kernel_params! {
         rows: U32, hidden: U32, padding_idx: I32,
     }
 
-    /// layernorm.cu forward, with the optional residual add and its dropout.
-    LayerNormForward ["layernorm_forward_f32"] {
-        out: P, mean: P, rstd: P, x: P, residual: P, sum: P, gamma: P, beta: P,
+    /// layernorm.cu forward, with the optional residual add and its dropout, and the optional
+    /// 16-bit copy of its output.
+    LayerNormForward [
+        "layernorm_forward_f32", "layernorm_forward_f32_f16", "layernorm_forward_f32_bf16"
+    ] {
+        out: P, out_copy: P, mean: P, rstd: P, x: P, residual: P, sum: P, gamma: P, beta: P,
         rows: U32, cols: U32, eps: F32, p: F32, seed: U64, stream: U64,
     }
 
