@@ -733,17 +733,17 @@ fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
             // recomputation not counted): forward Q·Kᵀ and P·V, 2 × 2·seq·d per query and head
             // = 4·rows·seq·hidden; backward 2.5× that.
             let fwd_flops = 4 * rh * seq as u64;
-            // qkv as the model stores it: 16-bit where the tensor-core kernels run (they read
-            // it so), else fp32.
-            let narrow_qkv = be.attention_rounding(m.head_dim) != MatmulPrecision::F32;
-            let qkv_bytes = if narrow_qkv { 2 } else { 4 };
-            // Reads qkv, writes out and lse: rows·(3·hidden·qkv_bytes + 4·hidden + 4·heads).
-            let fwd_bytes = 3 * qkv_bytes * rh + 4 * (rh + rheads);
+            // qkv and out as the model stores them: 16-bit where the tensor-core kernels run
+            // (they read qkv and write out so), else fp32.
+            let narrow = be.attention_rounding(m.head_dim) != MatmulPrecision::F32;
+            let elem = if narrow { 2 } else { 4 };
+            // Reads qkv, writes out and lse: rows·(3·hidden·elem + hidden·elem + 4·heads).
+            let fwd_bytes = 4 * elem * rh + 4 * rheads;
             let inputs = {
                 let layout = layout.clone();
                 move || -> Result<[CudaTensor; 3]> {
                     let wide = random(be, 3 * rows * hidden, 1)?;
-                    let qkv = match narrow_qkv {
+                    let qkv = match narrow {
                         true => {
                             let t = be.zeros_in_matmul_format(3 * rows * hidden)?;
                             be.copy(&t, &wide)?;
@@ -751,7 +751,11 @@ fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
                         }
                         false => wide,
                     };
-                    let (out, lse) = (be.zeros(rows * hidden)?, be.zeros(rows * m.heads)?);
+                    let out = match narrow {
+                        true => be.zeros_in_matmul_format(rows * hidden)?,
+                        false => be.zeros(rows * hidden)?,
+                    };
+                    let lse = be.zeros(rows * m.heads)?;
                     be.attention_forward(&out, &lse, &qkv, &layout, dims, TRAIN_DROPOUT)?;
                     Ok([qkv, out, lse])
                 }
@@ -776,9 +780,9 @@ fn attention(r: &mut Runner<'_>, c: &mut Criterion) {
                     ),
                 );
             }
-            // Reads qkv, out, dout, lse; writes dqkv (fp32); delta written and read:
-            // rows·(3·hidden·qkv_bytes + 4·(5·hidden + 3·heads)).
-            let bwd_bytes = 3 * qkv_bytes * rh + 4 * (5 * rh + 3 * rheads);
+            // Reads qkv, out, dout (fp32), lse; writes dqkv (fp32); delta written and read:
+            // rows·(4·hidden·elem + 16·hidden + 12·heads).
+            let bwd_bytes = 4 * elem * rh + 16 * rh + 12 * rheads;
             r.bench(
                 &mut g,
                 "attention",

@@ -64,6 +64,7 @@
 //     grid ceil(total_rows·heads/8), block 256 (any multiple of 32 up to 256 works: one warp per
 //     (row, head), grid = ceil(total_rows·heads / warps per block)), any d. delta[r·heads + h] =
 //     dO·o in fp32 for every row r < total_rows (rows outside sequences included, harmless).
+//     attention_backward_delta_out_<f16|bf16>: dout fp32, out 16-bit (attention_tc.cu's stored O).
 // attention_backward_dq_<T>_<v>(dqkv, dout, qkv, lse, delta, starts, rows, valid, heads,
 //                               head_dim, p, seed, stream)
 //     grid (ceil(S/ROWS), heads, B), block 128: query row groups, loop over key tiles of K and V;
@@ -337,9 +338,10 @@ __device__ __forceinline__ void forward(T* __restrict__ out, float* __restrict__
 
 // ---- backward: D = rowsum(dO·o) ----
 
-template <typename T>
+// TO: out's type (T, or the 16-bit type the tensor-core forward stores O in; attention_tc.cu).
+template <typename T, typename TO>
 __device__ __forceinline__ void backward_delta(float* __restrict__ delta, const T* __restrict__ dout,
-                                               const T* __restrict__ out, unsigned total_rows, unsigned heads,
+                                               const TO* __restrict__ out, unsigned total_rows, unsigned heads,
                                                unsigned head_dim) {
     const u64 w = (u64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (w >= (u64)total_rows * heads) return;  // warp-uniform
@@ -543,11 +545,11 @@ __device__ __forceinline__ void backward_dkdv(T* __restrict__ dqkv, const T* __r
                            seed, stream);                                                                   \
     }
 
-#define ATTN_DELTA(NAME, T)                                                                                 \
+#define ATTN_DELTA(NAME, T, TO)                                                                             \
     extern "C" __global__ void __launch_bounds__(256)                                                       \
-        NAME(float* __restrict__ delta, const T* __restrict__ dout, const T* __restrict__ out,              \
+        NAME(float* __restrict__ delta, const T* __restrict__ dout, const TO* __restrict__ out,             \
              unsigned total_rows, unsigned heads, unsigned head_dim) {                                      \
-        attn::backward_delta<T>(delta, dout, out, total_rows, heads, head_dim);                             \
+        attn::backward_delta<T, TO>(delta, dout, out, total_rows, heads, head_dim);                         \
     }
 
 ATTN_FORWARD(attention_forward_f32_d32, float, attn::CfgD32)
@@ -560,9 +562,12 @@ ATTN_FORWARD(attention_forward_bf16_d32, __nv_bfloat16, attn::CfgD32)
 ATTN_FORWARD(attention_forward_bf16_d64, __nv_bfloat16, attn::CfgD64)
 ATTN_FORWARD(attention_forward_bf16_generic, __nv_bfloat16, attn::CfgGeneric)
 
-ATTN_DELTA(attention_backward_delta_f32, float)
-ATTN_DELTA(attention_backward_delta_f16, __half)
-ATTN_DELTA(attention_backward_delta_bf16, __nv_bfloat16)
+ATTN_DELTA(attention_backward_delta_f32, float, float)
+ATTN_DELTA(attention_backward_delta_f16, __half, __half)
+ATTN_DELTA(attention_backward_delta_bf16, __nv_bfloat16, __nv_bfloat16)
+// fp32 dout, out as attention_tc.cu's _out16 forward kernels store it.
+ATTN_DELTA(attention_backward_delta_out_f16, float, __half)
+ATTN_DELTA(attention_backward_delta_out_bf16, float, __nv_bfloat16)
 
 ATTN_BACKWARD(attention_backward_dq_f32_d32, backward_dq, float, attn::CfgD32)
 ATTN_BACKWARD(attention_backward_dq_f32_d64, backward_dq, float, attn::CfgD64)

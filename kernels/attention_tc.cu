@@ -19,8 +19,10 @@
 // ---- Layout --------------------------------------------------------------------------------------
 // As attention.cu: qkv [rows, 3, heads, d] in the 16-bit format T16 (the QKV GEMM's output as
 // autocast stores it; the backend casts an fp32 qkv first, to the same values r16 gives),
-// out / dout [rows, heads, d] and dqkv [rows, 3, heads, d] fp32; lse, D [rows, heads] fp32 (lse
-// in natural log); starts, rows, valid [batch]. d = head_dim ∈ {32, 64} (one kernel per d).
+// out [rows, heads, d] fp32, or T16 (the _out16 forward kernels: r16(o), as autocast stores SDPA's
+// output; the model stores it so), dout [rows, heads, d] and dqkv [rows, 3, heads, d] fp32; lse,
+// D [rows, heads] fp32 (lse in natural log); starts, rows, valid [batch]. d = head_dim ∈ {32, 64}
+// (one kernel per d).
 //
 // ---- Math and rounding points (r16(x) = x rounded to nearest even in the 16-bit format T16) -----
 // Operands: q̂ = r16(q), k̂ = r16(k), v̂ = r16(v), dÔ = r16(dO) — the values an fp16/bf16 QKV GEMM
@@ -42,8 +44,9 @@
 //   midpoint by one 16-bit ulp. The other exception is fp16's subnormal range (e < 2⁻¹⁴, where
 //   rounding is absolute, ≤ 2⁻²⁵ per element relative to the row's largest e ∈ (½, 1]); bf16 has
 //   none.
-// Backward (D_i = dO_i·o_i in fp32 from the unrounded fp32 tensors, attention.cu's delta kernel,
-// a fmaf chain and warp reduction; the CPU rounds each product and sums in order):
+// Backward (D_i = dO_i·o_i in fp32 from dO (fp32) and o as stored — fp32, or r16(o) from an _out16
+// forward, as FlashAttention-2 reads its 16-bit O — attention.cu's delta kernels, a fmaf chain
+// and warp reduction; the CPU rounds each product and sums in order):
 //   P_ij = 2^(c2·S_ij − lse_i·log2 e) (fp32),  dP_ij = dÔ_i·v̂_j (fp32),
 //   P̂_ij = r16(P_ij·keep_ij),  dŜ_ij = r16(P_ij·(f_ij·dP_ij − D_i)),  f_ij = keep_ij·rp,
 //   dv_j = rp·Σ_i P̂_ij·dÔ_i,  dq_i = scale·Σ_j dŜ_ij·k̂_j,  dk_j = scale·Σ_i dŜ_ij·q̂_i;
@@ -96,23 +99,23 @@
 //   forward, dq                     30720     38912     ks, vs [64][LD] T16; ss [64][72] fp32
 //   dkdv                            31232     39424     qs, dos [64][LD] T16; ss; lse, D [64]
 // ss also stages the Q (dO; K, V in dkdv) tile as 16-bit before its fragments are loaded.
-// Registers per thread as ptxas reports them when NVRTC 13.0 (the cu13 pip wheel) compiles this
-// file, sm_90 / sm_80, f16 and bf16 alike unless both are given (f16, bf16): forward 80 / 96
-// (d32), 134 / 128 (d64); dq 122, 128 / 160, 125 (d32), 162, 158 / 160, 164 (d64); dkdv 168, 166
-// / 168 (d32), 242 / 240 (d64). No spills, no stack frame. Other NVRTC versions allocate
-// differently. (Counted when qkv was read as fp32 and rounded on load; not taken again since qkv
-// became 16-bit: to be re-read on a GPU session.)
+// Registers per thread as ptxas allots them when NVRTC 13.0 (the cu13 pip wheel) compiles this
+// file (read from the CUBIN's EIATTR_REGCOUNT, `bertft-cuda doctor --arch sm_XX --resources`),
+// sm_90 / sm_80, f16 and bf16 alike unless both are given (f16, bf16): forward 95 / 96 (d32),
+// 135 / 128 (d64), the same with a 16-bit out; dq 122, 128 / 160, 125 (d32), 164, 158 / 158, 166
+// (d64); dkdv 168 / 168 (d32), 246 / 242 (d64). No spills, no stack frame. Other NVRTC versions
+// allocate differently.
 //
 // ---- Kernels and launch configurations (S = max_b rows[b], B = batch) ---------------------------
-// attention_tc_forward_<t>_<v>(float* out, float* lse, const T16* qkv, starts, rows, valid,
-//                              heads, head_dim, p, seed, stream)
+// attention_tc_forward_<t>_<v>[_out16](float* out (T16* out: _out16), float* lse, const T16* qkv,
+//                              starts, rows, valid, heads, head_dim, p, seed, stream)
 // attention_tc_backward_dq_<t>_<v>(float* dqkv, const float* dout, const T16* qkv,
 //                                  const float* lse, const float* delta, starts, rows, valid,
 //                                  heads, head_dim, p, seed, stream)
 // attention_tc_backward_dkdv_<t>_<v>(same parameters as _dq)
 //   <t> ∈ {f16, bf16}, <v> ∈ {d32, d64}; grid (ceil(S/64), heads, B), block 128, no dynamic
-//   shared memory. Backward = attention_backward_delta_f32 (attention.cu), then dq and dkdv in
-//   any order. head_dim ≠ the variant's d, rows > 65535 or valid > rows: __trap().
+//   shared memory. Backward = attention_backward_delta_f32 (attention.cu; _delta_out_<t> for a
+//   16-bit out), then dq and dkdv in any order. head_dim ≠ the variant's d, rows > 65535 or valid > rows: __trap().
 //   Needs sm_80 or newer (bf16 wmma); compiled for an older GPU every kernel traps, and the
 //   backend keeps attention.cu there.
 
@@ -336,8 +339,10 @@ template <int D> __device__ __forceinline__ void check_args(unsigned head_dim, u
 
 // ---- forward ----
 
-template <typename T, int D>
-__device__ __forceinline__ void forward(float* __restrict__ out, float* __restrict__ lse, const T* __restrict__ qkv,
+// O: out's type, float or T (the _out16 kernels: o rounded once to T16, as autocast stores SDPA's
+// output).
+template <typename T, int D, typename O>
+__device__ __forceinline__ void forward(O* __restrict__ out, float* __restrict__ lse, const T* __restrict__ qkv,
                                         const unsigned* __restrict__ starts, const unsigned* __restrict__ rows_of,
                                         const unsigned* __restrict__ valid_of, unsigned heads_, unsigned head_dim,
                                         float p, unsigned long long seed, unsigned long long stream) {
@@ -450,9 +455,9 @@ __device__ __forceinline__ void forward(float* __restrict__ out, float* __restri
     l += __shfl_xor_sync(FULL, l, 1);
     if (i < rows) {
         const float inv = l > 0.f ? rp / l : 0.f;
-        float* const dst = out + (start + i) * H + (u64)h * D + NC * hf;
+        O* const dst = out + (start + i) * H + (u64)h * D + NC * hf;
 #pragma unroll
-        for (int c = 0; c < NC; ++c) dst[c] = o[c] * inv;
+        for (int c = 0; c < NC; ++c) dst[c] = from_f32<O>(o[c] * inv);
         if (hf == 0) lse[(start + i) * heads + h] = l > 0.f ? (m + log2f(l)) * LN2 : neg_inf();
     }
 }
@@ -776,14 +781,14 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
 #define ATTN_TC_SM80(...) __trap()
 #endif
 
-#define ATTN_TC_FORWARD(NAME, T, D)                                                                          \
+#define ATTN_TC_FORWARD(NAME, T, D, O)                                                                       \
     extern "C" __global__ void __launch_bounds__(128)                                                        \
-        NAME(float* __restrict__ out, float* __restrict__ lse, const T* __restrict__ qkv,                    \
+        NAME(O* __restrict__ out, float* __restrict__ lse, const T* __restrict__ qkv,                        \
              const unsigned* __restrict__ starts, const unsigned* __restrict__ rows,                         \
              const unsigned* __restrict__ valid, unsigned heads, unsigned head_dim, float dropout_p,         \
              unsigned long long seed, unsigned long long stream) {                                           \
-        ATTN_TC_SM80(attn_tc::forward<T, D>(out, lse, qkv, starts, rows, valid, heads, head_dim, dropout_p, \
-                                             seed, stream));                                                  \
+        ATTN_TC_SM80(attn_tc::forward<T, D, O>(out, lse, qkv, starts, rows, valid, heads, head_dim,          \
+                                                dropout_p, seed, stream));                                    \
     }
 
 #define ATTN_TC_BACKWARD(NAME, IMPL, T, D)                                                                   \
@@ -797,10 +802,14 @@ __device__ __forceinline__ void backward_dkdv(float* __restrict__ dqkv, const fl
                                          dropout_p, seed, stream));                                          \
     }
 
-ATTN_TC_FORWARD(attention_tc_forward_f16_d32, __half, 32)
-ATTN_TC_FORWARD(attention_tc_forward_f16_d64, __half, 64)
-ATTN_TC_FORWARD(attention_tc_forward_bf16_d32, __nv_bfloat16, 32)
-ATTN_TC_FORWARD(attention_tc_forward_bf16_d64, __nv_bfloat16, 64)
+ATTN_TC_FORWARD(attention_tc_forward_f16_d32, __half, 32, float)
+ATTN_TC_FORWARD(attention_tc_forward_f16_d64, __half, 64, float)
+ATTN_TC_FORWARD(attention_tc_forward_bf16_d32, __nv_bfloat16, 32, float)
+ATTN_TC_FORWARD(attention_tc_forward_bf16_d64, __nv_bfloat16, 64, float)
+ATTN_TC_FORWARD(attention_tc_forward_f16_d32_out16, __half, 32, __half)
+ATTN_TC_FORWARD(attention_tc_forward_f16_d64_out16, __half, 64, __half)
+ATTN_TC_FORWARD(attention_tc_forward_bf16_d32_out16, __nv_bfloat16, 32, __nv_bfloat16)
+ATTN_TC_FORWARD(attention_tc_forward_bf16_d64_out16, __nv_bfloat16, 64, __nv_bfloat16)
 
 ATTN_TC_BACKWARD(attention_tc_backward_dq_f16_d32, backward_dq, __half, 32)
 ATTN_TC_BACKWARD(attention_tc_backward_dq_f16_d64, backward_dq, __half, 64)

@@ -2162,3 +2162,65 @@ fn attention_reads_qkv_stored_in_the_matmul_format() {
         }
     }
 }
+
+/// Where attention rounds to the matmul format (head dims 32 and 64 under fp16/bf16) its output
+/// may be stored in it: the stored output is the fp32 one rounded once, and backward reads it as
+/// stored (`rowsum(dO ∘ O)` from the rounded values, as FlashAttention-2 reads its 16-bit O): bit
+/// for bit the backward given an fp32 tensor of the rounded values, not that of the unrounded
+/// output. Elsewhere a 16-bit output is an error.
+#[test]
+fn attention_stores_its_output_in_the_matmul_format() {
+    let layout = SeqLayout::packed(&[5, 2, 7]);
+    let rows = layout.total_rows();
+    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        let be = CpuBackend::with_matmul_precision(p);
+        let dtype = p.storage_dtype();
+        for (heads, head_dim) in [(2, 32), (1, 64), (3, 5)] {
+            let dims = AttentionDims { heads, head_dim };
+            let d = Dropout {
+                p: 0.1,
+                seed: 3,
+                stream: 4,
+            };
+            let hidden = heads * head_dim;
+            let qkv = stored(&be, &nonzero(rows * 3 * hidden, 5, 1.5));
+            let dout = up(&nonzero(rows * hidden, 6, 1.0));
+            let name = format!("{} {heads} heads of {head_dim}", p.name());
+            let forward = |out: &CpuTensor| {
+                let lse = up(&nonzero(rows * heads, 2, 50.0));
+                be.attention_forward(out, &lse, &qkv, &layout, dims, d)
+                    .map(|()| down(&lse))
+            };
+            let backward = |out: &CpuTensor, lse: &[f32]| {
+                let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
+                be.attention_backward(&dqkv, &dout, &qkv, out, &up(lse), &layout, dims, d)
+                    .unwrap();
+                down(&dqkv)
+            };
+            let narrow = stored(&be, &nonzero(rows * hidden, 1, 50.0));
+            if be.attention_rounding(head_dim) == MatmulPrecision::F32 {
+                let err = forward(&narrow).unwrap_err();
+                let want = format!("a {} out, but head dim 5", dtype.name());
+                assert!(err.to_string().contains(&want), "{name}: {err}");
+                continue;
+            }
+            let wide = up(&nonzero(rows * hidden, 1, 50.0));
+            let (lse_wide, lse_narrow) = (forward(&wide).unwrap(), forward(&narrow).unwrap());
+            same_bits(&format!("{name}: lse"), &lse_narrow, &lse_wide);
+            let rounded: Vec<f32> = down(&wide).iter().map(|&v| dtype.round(v)).collect();
+            let stored_out = be.download(&narrow).unwrap();
+            same_bits(&format!("{name}: out"), &stored_out, &rounded);
+            let from_stored = backward(&narrow, &lse_wide);
+            same_bits(
+                &format!("{name}: dqkv"),
+                &from_stored,
+                &backward(&up(&rounded), &lse_wide),
+            );
+            assert_ne!(
+                from_stored,
+                backward(&wide, &lse_wide),
+                "{name}: O's rounding unseen"
+            );
+        }
+    }
+}

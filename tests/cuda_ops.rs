@@ -969,6 +969,100 @@ fn attention_reads_stored_qkv() {
     }
 }
 
+/// The tensor-core attention stores its output 16-bit where the model keeps it so (`_out16`
+/// kernels) and backward reads it as stored (`attention_backward_delta_out_*`), each on the GPU
+/// against its own fp32 path, bit for bit: the stored output is the fp32 output rounded once
+/// (the same fp32 value, one conversion), lse is unchanged, and the gradients equal those from
+/// an fp32 tensor of the rounded values (the delta kernels sum the same products in the same
+/// order). Views at offsets 1 and 3 reach unaligned 16-bit stores; nothing outside a view
+/// changes. fp32 attention (other head dims) refuses a 16-bit output.
+#[test]
+fn attention_stores_its_output() {
+    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+        let Some((g, _)) = pair(p) else { return };
+        if g.attention_rounding(32) == MatmulPrecision::F32 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped: no tensor-core attention (sm < 80)"
+            );
+            return;
+        }
+        for (name, layout) in layouts() {
+            for (heads, head_dim) in [(2, 32), (3, 64)] {
+                for offset in [0, 1, 3] {
+                    let case = format!(
+                        "{} {name}, {heads} heads of {head_dim}, offset {offset}",
+                        p.name()
+                    );
+                    let dims = AttentionDims { heads, head_dim };
+                    for (what, a, b) in stored_out_case(&g, &layout, dims, offset) {
+                        exact(&format!("{case}: {what}"), &a, &b);
+                    }
+                }
+            }
+        }
+        let layout = SeqLayout::packed(&[3, 2]);
+        let dims = AttentionDims {
+            heads: 2,
+            head_dim: 5,
+        };
+        let qkv = up(&g, &random_vec(5 * 30, 1, 1.0));
+        let (out, lse) = (stored_at(&g, &[0.0; 5 * 10], 0), up(&g, &[0.0; 5 * 2]));
+        let err = g
+            .attention_forward(&out, &lse, &qkv, &layout, dims, Dropout::NONE)
+            .unwrap_err();
+        assert!(err.to_string().contains("fp32 attention"), "{err:#}");
+    }
+}
+
+/// `attention_stores_its_output`'s pairs, each to be equal bit for bit: (what, from the 16-bit
+/// output, from the fp32 path).
+fn stored_out_case<B: Backend>(
+    be: &B,
+    layout: &SeqLayout,
+    dims: AttentionDims,
+    offset: usize,
+) -> Vec<(&'static str, Vec<f32>, Vec<f32>)> {
+    let rows = layout.total_rows();
+    let (heads, hidden) = (dims.heads, dims.heads * dims.head_dim);
+    let s = (rows * 1000 + hidden * 10 + heads + offset) as u64;
+    let d = Dropout {
+        p: 0.1,
+        seed: 42,
+        stream: 9,
+    };
+    let qkv = stored_at(be, &random_vec(rows * 3 * hidden, s, 1.5), offset);
+    let forward = |out: &B::Tensor| {
+        let lse = up(be, &random_vec(rows * heads, s + 2, 9.0));
+        be.attention_forward(out, &lse, &qkv, layout, dims, d)
+            .unwrap();
+        down(be, &lse)
+    };
+    let (narrow, big) = stored_in(be, &random_vec(rows * hidden, s + 1, 9.0), offset);
+    let wide = up_at(be, &random_vec(rows * hidden, s + 1, 9.0), offset);
+    let (lse_narrow, lse_wide) = (forward(&narrow), forward(&wide));
+    guards_intact("attention out", be, &big, offset, rows * hidden);
+    let dtype = be.dtype(&narrow);
+    let rounded: Vec<f32> = down(be, &wide).iter().map(|&v| dtype.round(v)).collect();
+    let dout = up_at(be, &random_vec(rows * hidden, s + 3, 1.0), offset);
+    let backward = |out: &B::Tensor| {
+        let dqkv = up(be, &random_vec(rows * 3 * hidden, s + 4, 9.0));
+        let lse = up(be, &lse_wide);
+        be.attention_backward(&dqkv, &dout, &qkv, out, &lse, layout, dims, d)
+            .unwrap();
+        down(be, &dqkv)
+    };
+    vec![
+        ("out", down(be, &narrow), rounded.clone()),
+        ("lse", lse_narrow, lse_wide.clone()),
+        (
+            "dqkv",
+            backward(&narrow),
+            backward(&up_at(be, &rounded, offset)),
+        ),
+    ]
+}
+
 // ---- first tokens ----
 
 fn layouts() -> Vec<(&'static str, SeqLayout)> {

@@ -89,13 +89,56 @@ fn doctor_compiles_every_kernel_for(arch: &str) {
     // Every kernel file left one entry in the cache; a second run reads them all.
     let entries = std::fs::read_dir(root.join("kernels")).unwrap().count();
     assert_eq!(entries, kernel_files_on_disk().len());
-    let (ok, stdout, _) = doctor(&root, &["--arch", arch]);
+    let (ok, stdout, _) = doctor(&root, &["--arch", arch, "--resources"]);
     assert!(ok);
     assert_eq!(
         stdout.lines().filter(|l| l.ends_with(", cached)")).count(),
         kernel_files_on_disk().len(),
         "{stdout}"
     );
+    assert_resources(&stdout, arch);
+}
+
+/// `--resources` lists every kernel of every file under its `ok` line, with the registers ptxas
+/// gave it (1..=255) and its stack frame: 0 bytes, no spills, for every kernel outside
+/// attention.cu, whose header documents its few bytes of spills (fp32 CUDA-core attention; the
+/// tensor-core kernels, attention_tc.cu, must not spill).
+fn assert_resources(stdout: &str, arch: &str) {
+    let mut file = "";
+    let mut kernels = 0;
+    for line in stdout.lines() {
+        if let Some(rest) = line.strip_prefix("ok  ") {
+            let (name, counted) = rest.split_once("  (").unwrap();
+            let n: usize = counted
+                .split(", ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            file = name;
+            kernels += n;
+            continue;
+        }
+        let Some(res) = line.strip_prefix("      ") else {
+            continue;
+        };
+        let words: Vec<&str> = res.split_whitespace().collect();
+        let (regs, frame, kernel) = (words[0], words[2], words[6]);
+        assert!(
+            (1..=255).contains(&regs.parse::<u32>().unwrap()),
+            "{arch} {file} {kernel}: {regs} registers"
+        );
+        let frame: u32 = frame.parse().unwrap();
+        assert!(
+            frame == 0 || file == "attention.cu",
+            "{arch} {file} {kernel}: a {frame}-byte stack frame (spills)"
+        );
+        kernels -= 1;
+    }
+    assert_eq!(kernels, 0, "a kernel without its resources line:\n{stdout}");
 }
 
 #[test]

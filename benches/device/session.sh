@@ -83,11 +83,11 @@ stage_sanitize() {
     # the attention kernels first, racecheck (shared memory) then memcheck, then every other op.
     local cs; cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
     local t
-    for t in ${SANITIZE:-attention attention_tensor_cores attention_reads_stored_qkv}; do
+    for t in ${SANITIZE:-attention attention_tensor_cores attention_reads_stored_qkv attention_stores_its_output}; do
         case "$t" in attention*) run_logged "racecheck-$t" "$cs" --tool racecheck --error-exitcode 9 \
             "$work/tests/cuda_ops" --exact "$t" --test-threads 1 ;; esac
     done
-    for t in ${SANITIZE:-attention attention_tensor_cores attention_reads_stored_qkv linear \
+    for t in ${SANITIZE:-attention attention_tensor_cores attention_reads_stored_qkv attention_stores_its_output linear \
              linear_reduced_precision linear_forward_bias_epilogue_and_fallback \
              matmul_format_storage refresh_weight_copies embeddings layernorm \
              activations dropout first_tokens cross_entropy cross_entropy_forward_backward \

@@ -575,7 +575,8 @@ pub trait Backend {
     /// Multi-head self-attention over `qkv[rows, 3, heads, head_dim]`:
     /// `out[rows, heads, head_dim] = dropout(softmax(Q·Kᵀ/√d + mask))·V`, keys limited to each
     /// sequence's valid rows. Keeps `lse[rows, heads]` (the softmax log-sum-exp) for backward.
-    /// `qkv` may be stored in the matmul format where [`Backend::attention_rounding`] is 16-bit.
+    /// `qkv` and `out` may be stored in the matmul format where [`Backend::attention_rounding`]
+    /// is 16-bit (`out` then holds the fp32 result rounded once, as autocast stores SDPA's).
     fn attention_forward(
         &self,
         out: &Self::Tensor,
@@ -585,8 +586,9 @@ pub trait Backend {
         dims: AttentionDims,
         dropout: Dropout,
     ) -> Result<()>;
-    /// `dqkv` (overwritten) from `dout`, recomputing the probabilities from `qkv` and `lse`;
-    /// `qkv` as [`Backend::attention_forward`] takes it, the rest fp32.
+    /// `dqkv` (overwritten) from `dout`, recomputing the probabilities from `qkv` and `lse`
+    /// (and `rowsum(dout ∘ out)` from `out` as stored); `qkv` and `out` as
+    /// [`Backend::attention_forward`] takes them, the rest fp32.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,

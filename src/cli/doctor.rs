@@ -2,11 +2,13 @@
 //!
 //! Each piece is reported on its own line, found or not, and the report goes on past a missing
 //! one (no driver is the normal case on a build machine); the kernels are then compiled for
-//! `--arch` (default: GPU 0's), one line per kernel file. Exits 0 only if every file compiled.
+//! `--arch` (default: GPU 0's), one line per kernel file (with `--resources`, then one line per
+//! kernel: registers and stack frame). Exits 0 only if every file compiled.
 
 use anyhow::{anyhow, bail, Result};
 use clap::Args;
 
+use crate::backend::cuda::cubin::kernel_resources;
 use crate::backend::cuda::{
     cublas, driver, kernel_files, nvrtc, runtime, Arch, CompileError, KernelCache, KernelCompiler,
 };
@@ -16,6 +18,10 @@ pub struct DoctorArgs {
     /// GPU architecture to compile the kernels for: sm_80, sm_90, sm_90a, … (default: GPU 0's).
     #[arg(long)]
     arch: Option<String>,
+    /// Also list each kernel's registers per thread and stack frame (spills), as ptxas gave
+    /// them (read from the compiled CUBIN: no GPU needed).
+    #[arg(long)]
+    resources: bool,
 }
 
 pub fn run(args: &DoctorArgs) -> Result<()> {
@@ -117,12 +123,17 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
     let mut failed = 0;
     for (file, _) in &files {
         match compiler.compile_kernel_file(file, arch) {
-            Ok(k) => println!(
-                "ok  {file}  ({arch}, {} kernels, {:.1} s{})",
-                k.kernels.len(),
-                k.elapsed.as_secs_f64(),
-                if k.cached { ", cached" } else { "" }
-            ),
+            Ok(k) => {
+                println!(
+                    "ok  {file}  ({arch}, {} kernels, {:.1} s{})",
+                    k.kernels.len(),
+                    k.elapsed.as_secs_f64(),
+                    if k.cached { ", cached" } else { "" }
+                );
+                if args.resources {
+                    print_resources(&k.cubin);
+                }
+            }
             Err(e) => {
                 failed += 1;
                 match e.downcast_ref::<CompileError>() {
@@ -145,4 +156,19 @@ pub fn run(args: &DoctorArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One indented line per kernel: `<registers> registers, <frame> B stack frame  <kernel>`.
+fn print_resources(cubin: &[u8]) {
+    match kernel_resources(cubin) {
+        Ok(kernels) => {
+            for k in kernels {
+                println!(
+                    "      {:3} registers, {:3} B stack frame  {}",
+                    k.registers, k.frame_bytes, k.name
+                );
+            }
+        }
+        Err(e) => println!("      resources unreadable: {e:#}"),
+    }
 }

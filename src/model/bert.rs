@@ -19,7 +19,8 @@
 //! are stored as the GEMMs read their operands (16 bits under fp16/bf16, as autocast stores
 //! the fp16 copy of a linear layer's input and its output: [`Storage::MatmulFormat`]), and so
 //! is qkv where attention rounds it to that format anyway (the tensor-core attention, head dims
-//! 32 and 64; [`Storage::of_qkv`]); everything else is fp32. The residual stream itself stays
+//! 32 and 64; [`Storage::of_qkv`]), and the attention output there (SDPA's output under
+//! autocast is fp16 too); everything else is fp32. The residual stream itself stays
 //! fp32: under fp16/bf16 each LayerNorm writes its fp32 output, which the next residual add
 //! reads, into one of two buffers shared by all layers (`Activations::stream`) and its 16-bit
 //! copy, which is kept, in the same pass. Dropout masks are regenerated, never stored; the
@@ -443,9 +444,11 @@ pub enum Storage {
 }
 
 impl Storage {
-    /// Where `qkv` is kept: in the matmul format where `backend`'s attention rounds it to that
-    /// format anyway (the same rounding model: on the CPU the same bits, on the GPU up to the
-    /// QKV GEMM's summation order, its 16-bit output being another cuBLASLt plan), else fp32.
+    /// Where `qkv` and the attention output are kept: in the matmul format where `backend`'s
+    /// attention rounds qkv to that format anyway (for qkv the same rounding model: on the CPU
+    /// the same bits, on the GPU up to the QKV GEMM's summation order, its 16-bit output being
+    /// another cuBLASLt plan; the output is what the attention-output GEMM reads rounded anyway,
+    /// and backward's `rowsum(dO ∘ O)` reads it as stored, as FlashAttention-2 does), else fp32.
     pub fn of_qkv<B: Backend>(backend: &B, cfg: &BertConfig) -> Storage {
         match backend.attention_rounding(cfg.head_dim()) {
             MatmulPrecision::F32 => Storage::F32,
@@ -545,7 +548,7 @@ impl<T: Clone> Activations<T> {
             .map(|_| {
                 Ok(LayerActs {
                     qkv: zqkv(rows * 3 * h)?,
-                    attn: z(rows * h)?,
+                    attn: zqkv(rows * h)?,
                     attn_lse: z(rows * heads)?,
                     attn_sum: z(rows * h)?,
                     attn_ln_mean: z(rows)?,
@@ -613,7 +616,7 @@ impl<T: Clone> Activations<T> {
 /// (the feed-forward ones are always in the matmul format).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StoragePlan {
-    /// [`Storage::of_qkv`].
+    /// qkv and the attention output: [`Storage::of_qkv`].
     pub qkv: Storage,
     /// The LayerNorm outputs kept in the matmul format, with the fp32 residual stream in
     /// [`Activations::stream`]; only where that format is 16-bit (else they are the stream).

@@ -77,23 +77,26 @@ impl CpuBackend {
     /// Attention's `qkv`: fp32, or stored in the matmul format where attention rounds its
     /// operands to that format anyway ([`Backend::attention_rounding`]), so that reading the
     /// stored values changes nothing.
-    fn attention_qkv<'t>(
+    /// Checks that attention's `qkv` or `out` (`name`) is fp32, or 16-bit where attention
+    /// rounds to that format (the tensor-core attention's rule, `attention_rounding`).
+    fn check_attention_dtype(
         &self,
-        qkv: &'t CpuTensor,
+        t: &CpuTensor,
+        name: &str,
         dims: AttentionDims,
         what: &str,
-    ) -> Result<&'t [f32]> {
-        if qkv.dtype() != Dtype::F32 {
+    ) -> Result<()> {
+        if t.dtype() != Dtype::F32 {
             let rounding = attention_rounding(self.precision, dims.head_dim);
             ensure!(
-                rounding.storage_dtype() == qkv.dtype(),
-                "{what}: a {} qkv, but head dim {} attention rounds to {}",
-                qkv.dtype().name(),
+                rounding.storage_dtype() == t.dtype(),
+                "{what}: a {} {name}, but head dim {} attention rounds to {}",
+                t.dtype().name(),
                 dims.head_dim,
                 rounding.name()
             );
         }
-        Ok(qkv.values())
+        Ok(())
     }
 
     fn check_matmul_format(&self, t: &CpuTensor, what: &str) -> Result<()> {
@@ -467,15 +470,20 @@ impl Backend for CpuBackend {
         dropout: Dropout,
     ) -> Result<()> {
         check_disjoint(&[out, lse], &[qkv]);
+        let what = "attention_forward";
+        self.check_attention_dtype(out, "out", dims, what)?;
+        self.check_attention_dtype(qkv, "qkv", dims, what)?;
         attention::attention_forward(
-            out.data_mut(),
+            out.values_mut(),
             lse.data_mut(),
-            self.attention_qkv(qkv, dims, "attention_forward")?,
+            qkv.values(),
             layout,
             dims,
             dropout,
             attention_rounding(self.precision, dims.head_dim),
         );
+        // A 16-bit out holds o rounded once, as the tensor-core kernels store it.
+        out.round_stored();
         Ok(())
     }
     fn attention_backward(
@@ -490,11 +498,14 @@ impl Backend for CpuBackend {
         dropout: Dropout,
     ) -> Result<()> {
         check_disjoint(&[dqkv], &[dout, qkv, out, lse]);
+        let what = "attention_backward";
+        self.check_attention_dtype(out, "out", dims, what)?;
+        self.check_attention_dtype(qkv, "qkv", dims, what)?;
         attention::attention_backward(
             dqkv.data_mut(),
             dout.data(),
-            self.attention_qkv(qkv, dims, "attention_backward")?,
-            out.data(),
+            qkv.values(),
+            out.values(),
             lse.data(),
             layout,
             dims,

@@ -39,7 +39,8 @@
 //!   bias-gradient kernel), and the GEMM reads `CUDA_R_16F`/`CUDA_R_16BF` with fp32 accumulation
 //!   on the tensor cores. An activation stored 16-bit ([`Dtype`]: the feed-forward
 //!   pre-activation and activation, the LayerNorm outputs' copies that LayerNorm writes beside
-//!   its fp32 output, and qkv for the tensor-core attention) is read as it is, and
+//!   its fp32 output, and qkv and the attention output for the tensor-core attention) is read
+//!   as it is, and
 //!   a GEMM whose output is one writes it 16-bit (cuBLASLt's D type, the fp32 bias added before
 //!   the one rounding; where cuBLASLt refuses that, the same GEMM into fp32 scratch, or the
 //!   two-GEMM path, then a cast). The master weights, the other activations, the biases, the
@@ -1731,6 +1732,20 @@ impl CudaBackend {
         Ok(narrow)
     }
 
+    /// Whether attention's output `out` is stored 16-bit: only in the matmul format, and only
+    /// where attention_tc.cu runs (`prefix`), which writes it rounded once (`_out16`).
+    fn attention_out_is_16_bit(&self, out: &CudaTensor, prefix: &str, what: &str) -> Result<bool> {
+        if prefix != "attention_tc_" {
+            ensure!(
+                out.dtype == Dtype::F32,
+                "{what}: a {} out, but this head dim runs fp32 attention",
+                out.dtype.name()
+            );
+            return Ok(false);
+        }
+        self.stored_in_matmul_format(out, what)
+    }
+
     /// The attention variant suffix and its rows per block for `head_dim`.
     fn attention_variant(head_dim: usize) -> Result<(&'static str, usize)> {
         Ok(match head_dim {
@@ -2596,8 +2611,12 @@ impl Backend for CudaBackend {
         ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
         let l = self.layout(layout)?;
         let qkv = self.attention_qkv(qkv, prefix, "attention_forward")?;
+        let out16 = self.attention_out_is_16_bit(out, prefix, "attention_forward")?;
         self.launch(
-            &format!("{prefix}forward_{suffix}"),
+            &format!(
+                "{prefix}forward_{suffix}{}",
+                if out16 { "_out16" } else { "" }
+            ),
             (
                 s.div_ceil(block_rows) as u32,
                 heads as u32,
@@ -2606,7 +2625,7 @@ impl Backend for CudaBackend {
             (128, 1, 1),
             0,
             &AttentionForward {
-                out: out.device_ptr(),
+                out: out.any_ptr(),
                 lse: lse.device_ptr(),
                 qkv: qkv.any_ptr(),
                 starts: l.starts(),
@@ -2661,6 +2680,11 @@ impl Backend for CudaBackend {
         ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
         let l = self.layout(layout)?;
         let qkv = self.attention_qkv(qkv, prefix, "attention_backward")?;
+        let delta_kernel = match self.attention_out_is_16_bit(out, prefix, "attention_backward")? {
+            false => "attention_backward_delta_f32",
+            true if out.dtype == Dtype::Bf16 => "attention_backward_delta_out_bf16",
+            true => "attention_backward_delta_out_f16",
+        };
         // delta[r·heads + h] = dO·o, one warp per (row, head), 8 warps per block.
         let delta = self.scratch(rows * heads)?;
         let pairs = rows * heads;
@@ -2669,14 +2693,14 @@ impl Backend for CudaBackend {
             "attention_backward: too many rows"
         );
         self.launch(
-            "attention_backward_delta_f32",
+            delta_kernel,
             (pairs.div_ceil(8) as u32, 1, 1),
             (256, 1, 1),
             0,
             &AttentionBackwardDelta {
                 delta: delta.device_ptr(),
                 dout: dout.device_ptr(),
-                out: out.device_ptr(),
+                out: out.any_ptr(),
                 total_rows: u32_of(rows, "rows")?,
                 heads: heads as u32,
                 head_dim: head_dim as u32,

@@ -186,13 +186,18 @@ kernel_params! {
         "attention_forward_f32_d32", "attention_forward_f32_d64", "attention_forward_f32_generic",
         "attention_tc_forward_f16_d32", "attention_tc_forward_f16_d64",
         "attention_tc_forward_bf16_d32", "attention_tc_forward_bf16_d64",
+        "attention_tc_forward_f16_d32_out16", "attention_tc_forward_f16_d64_out16",
+        "attention_tc_forward_bf16_d32_out16", "attention_tc_forward_bf16_d64_out16",
     ] {
         out: P, lse: P, qkv: P, starts: P, rows: P, valid: P,
         heads: U32, head_dim: U32, dropout_p: F32, seed: U64, stream: U64,
     }
 
-    /// attention.cu: `delta = rowsum(dO ∘ O)` per (row, head).
-    AttentionBackwardDelta ["attention_backward_delta_f32"] {
+    /// attention.cu: `delta = rowsum(dO ∘ O)` per (row, head) (`_out_`: a 16-bit O).
+    AttentionBackwardDelta [
+        "attention_backward_delta_f32",
+        "attention_backward_delta_out_f16", "attention_backward_delta_out_bf16",
+    ] {
         delta: P, dout: P, out: P, total_rows: U32, heads: U32, head_dim: U32,
     }
 
