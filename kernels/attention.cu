@@ -48,9 +48,12 @@
 // for those d and _generic otherwise, and rejects d > 128). A kernel given a head_dim its variant
 // does not handle, a sequence over 65535 rows or valid > rows executes __trap() (the launch fails,
 // sticky on the context) rather than compute garbage. No dynamic shared memory, no attributes.
-// ptxas: 87–168 registers per thread; small spills (≤ 24 bytes, by NVRTC version: 13.0 on sm_90
-// 4/8 B in dq_d64 and dq_generic, on sm_80 up to 16 B in the generic kernels; 13.2 more) in
-// dq_d64 and the generic kernels; delta 28 registers.
+// ptxas (NVRTC 13.0, the cu13 pip wheel; `bertft-cuda doctor --arch sm_XX --resources`): 87–168
+// registers per thread; small spills, the same for f32/f16/bf16 unless given: on sm_90 an 8-byte
+// stack frame in dq_d64 and dq_generic; on sm_80 8 bytes in dq_d64 and forward_generic, 16 (f16:
+// 24) in dkdv_generic (other NVRTC versions spill differently); the delta kernels 26–31
+// registers. The other attention kernels, and every kernel of the other files, have no stack
+// frame (tests/doctor.rs checks the other files).
 //
 // ---- Kernels and launch configurations (S = max_b rows[b], B = batch) --------------------------
 // Parameter types: T* out / dqkv; float* lse (forward) / delta (delta kernel); const T* qkv, dout,

@@ -918,6 +918,42 @@ fn dropout() {
     }
 }
 
+/// The GPU with `p`'s tensor-core attention, or None after a skip line (no device, or sm < 80).
+fn tensor_core_gpu(p: MatmulPrecision) -> Option<CudaBackend> {
+    let (g, _) = pair(p)?;
+    if g.attention_rounding(32) == MatmulPrecision::F32 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipped: no tensor-core attention (sm < 80)"
+        );
+        return None;
+    }
+    Some(g)
+}
+
+/// fp32 attention (head dim 5) refuses a 16-bit `which` (qkv or out): it would misread it.
+fn fp32_attention_refuses(g: &CudaBackend, which: &str) {
+    let layout = SeqLayout::packed(&[3, 2]);
+    let dims = AttentionDims {
+        heads: 2,
+        head_dim: 5,
+    };
+    let tensor = |n: usize, narrow: bool| match narrow {
+        true => stored_at(g, &random_vec(n, 1, 1.0), 0),
+        false => up(g, &random_vec(n, 1, 1.0)),
+    };
+    let (qkv, out) = (
+        tensor(5 * 30, which == "qkv"),
+        tensor(5 * 10, which == "out"),
+    );
+    let lse = up(g, &[0.0; 5 * 2]);
+    let err = g
+        .attention_forward(&out, &lse, &qkv, &layout, dims, Dropout::NONE)
+        .unwrap_err();
+    let want = format!("{which}, but this head dim runs fp32 attention");
+    assert!(err.to_string().contains(&want), "{err:#}");
+}
+
 /// The tensor-core attention reads `qkv` stored 16-bit (the model keeps it so under
 /// `--fp16`/`--bf16` at head dims 32 and 64) or fp32 (cast first by the launcher, to the values
 /// the kernels' rounding gives): the same kernels on the same 16-bit values, so the results are
@@ -926,14 +962,7 @@ fn dropout() {
 #[test]
 fn attention_reads_stored_qkv() {
     for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
-        let Some((g, _)) = pair(p) else { return };
-        if g.attention_rounding(32) == MatmulPrecision::F32 {
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped: no tensor-core attention (sm < 80)"
-            );
-            return;
-        }
+        let Some(g) = tensor_core_gpu(p) else { return };
         for (name, layout) in layouts() {
             for (heads, head_dim) in [(2, 32), (3, 64)] {
                 for offset in [0, 1, 3] {
@@ -955,17 +984,7 @@ fn attention_reads_stored_qkv() {
                 }
             }
         }
-        let layout = SeqLayout::packed(&[3, 2]);
-        let dims = AttentionDims {
-            heads: 2,
-            head_dim: 5,
-        };
-        let qkv = stored_at(&g, &random_vec(5 * 30, 1, 1.0), 0);
-        let (out, lse) = (up(&g, &[0.0; 5 * 10]), up(&g, &[0.0; 5 * 2]));
-        let err = g
-            .attention_forward(&out, &lse, &qkv, &layout, dims, Dropout::NONE)
-            .unwrap_err();
-        assert!(err.to_string().contains("fp32 attention"), "{err:#}");
+        fp32_attention_refuses(&g, "qkv");
     }
 }
 
@@ -979,14 +998,7 @@ fn attention_reads_stored_qkv() {
 #[test]
 fn attention_stores_its_output() {
     for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
-        let Some((g, _)) = pair(p) else { return };
-        if g.attention_rounding(32) == MatmulPrecision::F32 {
-            let _ = writeln!(
-                std::io::stderr(),
-                "skipped: no tensor-core attention (sm < 80)"
-            );
-            return;
-        }
+        let Some(g) = tensor_core_gpu(p) else { return };
         for (name, layout) in layouts() {
             for (heads, head_dim) in [(2, 32), (3, 64)] {
                 for offset in [0, 1, 3] {
@@ -1001,17 +1013,7 @@ fn attention_stores_its_output() {
                 }
             }
         }
-        let layout = SeqLayout::packed(&[3, 2]);
-        let dims = AttentionDims {
-            heads: 2,
-            head_dim: 5,
-        };
-        let qkv = up(&g, &random_vec(5 * 30, 1, 1.0));
-        let (out, lse) = (stored_at(&g, &[0.0; 5 * 10], 0), up(&g, &[0.0; 5 * 2]));
-        let err = g
-            .attention_forward(&out, &lse, &qkv, &layout, dims, Dropout::NONE)
-            .unwrap_err();
-        assert!(err.to_string().contains("fp32 attention"), "{err:#}");
+        fp32_attention_refuses(&g, "out");
     }
 }
 

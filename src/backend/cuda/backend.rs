@@ -1716,15 +1716,7 @@ impl CudaBackend {
     /// attention_tc.cu, as stored, or cast into scratch (the values the kernels would round it
     /// to).
     fn attention_qkv(&self, qkv: &CudaTensor, prefix: &str, what: &str) -> Result<CudaTensor> {
-        if prefix != "attention_tc_" {
-            ensure!(
-                qkv.dtype == Dtype::F32,
-                "{what}: a {} qkv, but this head dim runs fp32 attention",
-                qkv.dtype.name()
-            );
-            return Ok(qkv.clone());
-        }
-        if self.stored_in_matmul_format(qkv, what)? {
+        if prefix != "attention_tc_" || self.attention_16_bit(qkv, "qkv", prefix, what)? {
             return Ok(qkv.clone());
         }
         let narrow = self.scratch_of(qkv.len, self.precision.storage_dtype())?;
@@ -1732,18 +1724,25 @@ impl CudaBackend {
         Ok(narrow)
     }
 
-    /// Whether attention's output `out` is stored 16-bit: only in the matmul format, and only
-    /// where attention_tc.cu runs (`prefix`), which writes it rounded once (`_out16`).
-    fn attention_out_is_16_bit(&self, out: &CudaTensor, prefix: &str, what: &str) -> Result<bool> {
+    /// Whether attention's `qkv` or `out` (`name`) is stored 16-bit: only in the matmul format,
+    /// and only where attention_tc.cu runs (`prefix`), which reads qkv and writes out so (out
+    /// rounded once, the `_out16` kernels); an error where fp32 attention would misread it.
+    fn attention_16_bit(
+        &self,
+        t: &CudaTensor,
+        name: &str,
+        prefix: &str,
+        what: &str,
+    ) -> Result<bool> {
         if prefix != "attention_tc_" {
             ensure!(
-                out.dtype == Dtype::F32,
-                "{what}: a {} out, but this head dim runs fp32 attention",
-                out.dtype.name()
+                t.dtype == Dtype::F32,
+                "{what}: a {} {name}, but this head dim runs fp32 attention",
+                t.dtype.name()
             );
             return Ok(false);
         }
-        self.stored_in_matmul_format(out, what)
+        self.stored_in_matmul_format(t, what)
     }
 
     /// The attention variant suffix and its rows per block for `head_dim`.
@@ -2611,7 +2610,7 @@ impl Backend for CudaBackend {
         ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
         let l = self.layout(layout)?;
         let qkv = self.attention_qkv(qkv, prefix, "attention_forward")?;
-        let out16 = self.attention_out_is_16_bit(out, prefix, "attention_forward")?;
+        let out16 = self.attention_16_bit(out, "out", prefix, "attention_forward")?;
         self.launch(
             &format!(
                 "{prefix}forward_{suffix}{}",
@@ -2680,7 +2679,7 @@ impl Backend for CudaBackend {
         ensure!(heads < 1 << 16, "attention is limited to 65535 heads");
         let l = self.layout(layout)?;
         let qkv = self.attention_qkv(qkv, prefix, "attention_backward")?;
-        let delta_kernel = match self.attention_out_is_16_bit(out, prefix, "attention_backward")? {
+        let delta_kernel = match self.attention_16_bit(out, "out", prefix, "attention_backward")? {
             false => "attention_backward_delta_f32",
             true if out.dtype == Dtype::Bf16 => "attention_backward_delta_out_bf16",
             true => "attention_backward_delta_out_f16",
