@@ -114,8 +114,8 @@
 //                                  heads, head_dim, p, seed, stream)
 // attention_tc_backward_dkdv_<t>_<v>(same parameters as _dq)
 //   <t> ∈ {f16, bf16}, <v> ∈ {d32, d64}; grid (ceil(S/64), heads, B), block 128, no dynamic
-//   shared memory. Backward = attention_backward_delta_f32 (attention.cu; _delta_out_<t> for a
-//   16-bit out), then dq and dkdv in any order. head_dim ≠ the variant's d, rows > 65535 or valid > rows: __trap().
+//   shared memory. Backward = attention_backward_delta_f32 (attention.cu;
+//   attention_backward_delta_out_<t> for a 16-bit out), then dq and dkdv in any order. head_dim ≠ the variant's d, rows > 65535 or valid > rows: __trap().
 //   Needs sm_80 or newer (bf16 wmma); compiled for an older GPU every kernel traps, and the
 //   backend keeps attention.cu there.
 

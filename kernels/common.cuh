@@ -107,8 +107,8 @@ template <typename T> __device__ __forceinline__ void st_pack_f32(T* p, const fl
     st_pack(p, x);
 }
 
-// N floats rounded to C and stored with one access of N·sizeof(C) bytes, 8 or 16 (4 halves or
-// bfloat16s, a Pack<C>); `p` aligned to that size.
+// N floats rounded to C and stored with one access of N·sizeof(C) bytes: 8 (4 halves or
+// bfloat16s) or 16 (a Pack<C>); `p` aligned to that size.
 template <typename C, int N> __device__ __forceinline__ void st_round(C* p, const float (&f)[N]) {
     static_assert(N * sizeof(C) == 8 || N * sizeof(C) == 16, "st_round stores 8 or 16 bytes");
     C v[N];

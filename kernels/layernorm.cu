@@ -69,8 +69,9 @@ __device__ __forceinline__ float ln_dropout_one(float v, unsigned long long i, f
 // `out_copy` null: no copy.
 // Fast path: cols % N == 0 (N = Pack<T>::N: 4 fp32, 8 16-bit), cols ≤ 1024, all tensors 16-byte
 // aligned: the row is loaded once with 128-bit accesses and kept in registers (≤ 32 floats per
-// lane); out_copy is written N elements at a time (8 or 16 bytes, st_round). Otherwise a scalar
-// path reads the row three times (L1/L2 hits after the first).
+// lane); out_copy is written N elements at a time (8 or 16 bytes, st_round) when aligned to that,
+// else element by element. Otherwise a scalar path reads the row three times (L1/L2 hits after
+// the first). out_copy's alignment never picks the path: the copy is out rounded either way.
 template <typename T, typename C>
 __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, C* __restrict__ out_copy,
                                                        float* __restrict__ mean,
@@ -87,9 +88,12 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, C* _
     const bool drop = res && p > 0.0f;
     const float scale = 1.0f / (1.0f - p);
     const bool copy = out_copy != nullptr;
+    // The copy's alignment does not choose the path (so out, mean, rstd never depend on it): an
+    // out_copy not aligned to its N-element store is written element by element.
+    const bool copy_vec = copy && ((unsigned long long)out_copy % (N * sizeof(C))) == 0;
     const bool vec = cols % N == 0 && cols <= 32u * KP * N && is_aligned16(out) && is_aligned16(x) &&
                      is_aligned16(gamma) && is_aligned16(beta) &&
-                     (!res || (is_aligned16(residual) && is_aligned16(sum))) && (!copy || is_aligned16(out_copy));
+                     (!res || (is_aligned16(residual) && is_aligned16(sum)));
     const float fcols = (float)cols;
     for (unsigned int row = blockIdx.x * warps + (threadIdx.x >> 5); row < rows; row += gridDim.x * warps) {
         const unsigned long long base = (unsigned long long)row * cols;
@@ -141,7 +145,12 @@ __device__ __forceinline__ void layernorm_forward_impl(T* __restrict__ out, C* _
 #pragma unroll
                     for (int j = 0; j < N; ++j) o[j] = round_to<T>((v[k][j] - mu) * rs * g[j] + b[j]);
                     st_pack_f32(out + base + c, o);
-                    if (copy) st_round<C, N>(out_copy + base + c, o);
+                    if (copy_vec) {
+                        st_round<C, N>(out_copy + base + c, o);
+                    } else if (copy) {
+#pragma unroll
+                        for (int j = 0; j < N; ++j) out_copy[base + c + j] = from_f32<C>(o[j]);
+                    }
                 }
             }
         } else {

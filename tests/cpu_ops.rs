@@ -2082,6 +2082,12 @@ fn matmul_format_storage() {
             ln_into(&stored(&be, &[0.0; 5])).is_err(),
             "a copy of another length"
         );
+        let other = match dtype {
+            Dtype::F16 => CpuBackend::with_matmul_precision(MatmulPrecision::Bf16),
+            _ => CpuBackend::with_matmul_precision(MatmulPrecision::F16),
+        };
+        let err = ln_into(&stored(&other, &[0.0; 4])).unwrap_err();
+        assert!(err.to_string().contains("matmul format"), "{err}");
 
         // Mixed types where the op wants one, and another backend's format, are errors.
         let (x16, out32) = (stored(&be, &[0.5; 4]), up(&[0.0; 4]));
@@ -2165,9 +2171,11 @@ fn attention_reads_qkv_stored_in_the_matmul_format() {
 
 /// Where attention rounds to the matmul format (head dims 32 and 64 under fp16/bf16) its output
 /// may be stored in it: the stored output is the fp32 one rounded once, and backward reads it as
-/// stored (`rowsum(dO ∘ O)` from the rounded values, as FlashAttention-2 reads its 16-bit O): bit
-/// for bit the backward given an fp32 tensor of the rounded values, not that of the unrounded
-/// output. Elsewhere a 16-bit output is an error.
+/// stored (`rowsum(dO ∘ O)` from the rounded values, as FlashAttention-2 reads its 16-bit O):
+/// not the backward of the unrounded output (the check that carries weight here: the CPU reads
+/// a 16-bit tensor's values as an fp32 one's, so equality with the backward given an fp32
+/// tensor of the rounded values holds by construction; on the GPU it is a real check,
+/// `attention_stores_its_output`). Elsewhere a 16-bit output is an error, forward and backward.
 #[test]
 fn attention_stores_its_output_in_the_matmul_format() {
     let layout = SeqLayout::packed(&[5, 2, 7]);
@@ -2202,6 +2210,12 @@ fn attention_stores_its_output_in_the_matmul_format() {
                 let err = forward(&narrow).unwrap_err();
                 let want = format!("a {} out, but head dim 5", dtype.name());
                 assert!(err.to_string().contains(&want), "{name}: {err}");
+                let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
+                let lse = up(&nonzero(rows * heads, 2, 1.0));
+                let err = be
+                    .attention_backward(&dqkv, &dout, &qkv, &narrow, &lse, &layout, dims, d)
+                    .unwrap_err();
+                assert!(err.to_string().contains(&want), "{name} backward: {err}");
                 continue;
             }
             let wide = up(&nonzero(rows * hidden, 1, 50.0));

@@ -759,10 +759,18 @@ fn matmul_format_storage() {
                     close(&format!("{case}: dx"), &got[2], &want[2], 1e-6);
                 }
             }
-            for (rows, cols) in [(33, 768), (7, 37), (300, 384), (1, 1024), (5, 1030)] {
-                let case = format!("{} layernorm {rows}x{cols}, offset {offset}", p.name());
-                stored_layernorm_case(&g, rows, cols, offset, &case);
-                stored_layernorm_case(&c, rows, cols, offset, &format!("cpu {case}"));
+            // The copy at the tensors' offset, and (fp32 tensors aligned) at offsets that leave
+            // only the copy unaligned to its 8-byte stores (1, 2) or aligned to them (4).
+            for copy_offset in [offset, offset + 1, offset + 2, offset + 4] {
+                for (rows, cols) in [(33, 768), (7, 37), (300, 384), (1, 1024), (5, 1030)] {
+                    let case = format!(
+                        "{} layernorm {rows}x{cols}, offsets {offset}, copy {copy_offset}",
+                        p.name()
+                    );
+                    let offsets = (offset, copy_offset);
+                    stored_layernorm_case(&g, rows, cols, offsets, &case);
+                    stored_layernorm_case(&c, rows, cols, offsets, &format!("cpu {case}"));
+                }
             }
         }
     }
@@ -770,11 +778,19 @@ fn matmul_format_storage() {
 
 /// LayerNorm (with the fused dropout and residual add) writing its fp32 output and the 16-bit
 /// copy the GEMMs read: on the backend itself, the copy is the output rounded once, bit for
-/// bit; the output is bit for bit the one written without a copy; nothing outside the copy's
-/// view changes. At offset 0 with `cols` a multiple of 4 (and at most 1024) the kernel's vector
-/// path, else its scalar path. (The fp32 output against the CPU's: `layernorm`.)
-fn stored_layernorm_case<B: Backend>(be: &B, rows: usize, cols: usize, offset: usize, what: &str) {
-    let s = (rows * 100 + cols + offset) as u64;
+/// bit; the output is bit for bit the one written without a copy (the copy's alignment never
+/// picks the kernel's path); nothing outside the copy's view changes. At offset 0 with `cols` a
+/// multiple of 4 (and at most 1024) the kernel's vector path, else its scalar path; the copy at
+/// `copy_offset`, a multiple of 4 for its 8-byte stores, else stored element by element. (The
+/// fp32 output against the CPU's: `layernorm`.)
+fn stored_layernorm_case<B: Backend>(
+    be: &B,
+    rows: usize,
+    cols: usize,
+    (offset, copy_offset): (usize, usize),
+    what: &str,
+) {
+    let s = (rows * 100 + cols + offset + 7 * copy_offset) as u64;
     let x = up_at(be, &random_vec(rows * cols, s, 2.0), offset);
     let residual = up_at(be, &random_vec(rows * cols, s + 1, 1.0), offset);
     let gamma: Vec<f32> = random_vec(cols, s + 2, 0.3)
@@ -815,9 +831,9 @@ fn stored_layernorm_case<B: Backend>(be: &B, rows: usize, cols: usize, offset: u
         .unwrap();
         down(be, &out)
     };
-    let (copy, big) = stored_in(be, &random_vec(rows * cols, s + 6, 9.0), offset);
+    let (copy, big) = stored_in(be, &random_vec(rows * cols, s + 6, 9.0), copy_offset);
     let out = run(Some(&copy));
-    guards_intact(&format!("{what}: copy"), be, &big, offset, rows * cols);
+    guards_intact(&format!("{what}: copy"), be, &big, copy_offset, rows * cols);
     exact(&format!("{what}: out"), &out, &run(None));
     let dtype = be.dtype(&copy);
     let rounded: Vec<f32> = out.iter().map(|&v| dtype.round(v)).collect();
@@ -952,6 +968,11 @@ fn fp32_attention_refuses(g: &CudaBackend, which: &str) {
         .unwrap_err();
     let want = format!("{which}, but this head dim runs fp32 attention");
     assert!(err.to_string().contains(&want), "{err:#}");
+    let (dout, dqkv) = (up(g, &[1.0; 5 * 10]), up(g, &[0.0; 5 * 30]));
+    let err = g
+        .attention_backward(&dqkv, &dout, &qkv, &out, &lse, &layout, dims, Dropout::NONE)
+        .unwrap_err();
+    assert!(err.to_string().contains(&want), "backward: {err:#}");
 }
 
 /// The tensor-core attention reads `qkv` stored 16-bit (the model keeps it so under

@@ -102,8 +102,9 @@ impl MatmulPrecision {
 ///
 /// Most tensors are fp32. Under fp16/bf16 GEMMs, the activations that only GEMMs and one
 /// other op touch (the feed-forward block's pre-activation and activation: half of a layer's
-/// saved activations; and Q, K, V where attention rounds them to 16 bits anyway) are stored in
-/// the GEMMs' 16-bit format, as PyTorch's autocast stores a linear layer's output:
+/// saved activations; the copies of the LayerNorm outputs the GEMMs read; Q, K, V and the
+/// attention output where attention rounds to 16 bits anyway) are stored in the GEMMs' 16-bit
+/// format, as PyTorch's autocast stores a linear layer's output:
 /// [`Backend::zeros_in_matmul_format`] makes them, and only
 /// the ops whose documentation says so take them (the others read and write fp32 only; the CPU
 /// backend panics when given one, so the shared model code is checked by the CPU tests).
@@ -356,16 +357,16 @@ pub trait Backend {
     /// ([`MatmulPrecision::storage_dtype`]): 16-bit under fp16/bf16, else fp32. For activations
     /// whose producer and readers all take such tensors (see [`Dtype`]): `linear_forward`'s `x`
     /// and `out`, `linear_backward`'s `x`, `activation_forward`'s `x` and `out`,
-    /// `activation_backward`'s `x`, attention's `qkv` where [`Backend::attention_rounding`] is
-    /// 16-bit; and `view`, `len`, `dtype`, `download` (not `download_start`), `fill_zero` and
-    /// `copy`.
+    /// `activation_backward`'s `x`, `layernorm_forward`'s `out_copy`, attention's `qkv` and
+    /// `out` (forward and backward) where [`Backend::attention_rounding`] is 16-bit; and `view`,
+    /// `len`, `dtype`, `download` (not `download_start`), `fill_zero` and `copy`.
     fn zeros_in_matmul_format(&self, len: usize) -> Result<Self::Tensor>;
     /// How `t`'s elements are stored.
     fn dtype(&self, t: &Self::Tensor) -> Dtype;
     /// The format attention rounds its matrix-product operands to at `head_dim`
     /// ([`attention_rounding`]; the CUDA backend on a GPU without tensor-core attention keeps
-    /// fp32). Where it is 16-bit, attention takes a `qkv` stored in the matmul format, and the
-    /// model stores it so.
+    /// fp32). Where it is 16-bit, attention takes a `qkv` and an `out` stored in the matmul
+    /// format, and the model stores them so.
     fn attention_rounding(&self, head_dim: usize) -> MatmulPrecision {
         attention_rounding(self.matmul_precision(), head_dim)
     }

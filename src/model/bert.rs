@@ -21,9 +21,10 @@
 //! is qkv where attention rounds it to that format anyway (the tensor-core attention, head dims
 //! 32 and 64; [`Storage::of_qkv`]), and the attention output there (SDPA's output under
 //! autocast is fp16 too); everything else is fp32. The residual stream itself stays
-//! fp32: under fp16/bf16 each LayerNorm writes its fp32 output, which the next residual add
-//! reads, into one of two buffers shared by all layers (`Activations::stream`) and its 16-bit
-//! copy, which is kept, in the same pass. Dropout masks are regenerated, never stored; the
+//! fp32: under fp16/bf16 each encoder LayerNorm writes its fp32 output, which the next residual
+//! add reads, into one of two buffers shared by all layers (`Activations::stream`) and its
+//! 16-bit copy, which is kept, in the same pass (the embeddings' output is cast after its
+//! dropout). Dropout masks are regenerated, never stored; the
 //! dropout of each residual block's branch is fused into the LayerNorm after it (`ResidualAdd`,
 //! `BranchGrad`), so the dropped-out branch is never written.
 
@@ -429,7 +430,8 @@ pub struct LayerActs<T> {
     pub ffn_sum: T,
     pub ffn_ln_mean: T,
     pub ffn_ln_rstd: T,
-    /// The layer's output.
+    /// The layer's output, as the next layer's GEMMs read it (with a stream: its 16-bit copy,
+    /// not written for the last layer, whose output only the pooler reads, from the stream).
     pub ffn_ln_out: T,
 }
 
@@ -438,8 +440,8 @@ pub struct LayerActs<T> {
 pub enum Storage {
     F32,
     /// [`Backend::zeros_in_matmul_format`]: for a tensor only the ops that take 16-bit tensors
-    /// touch (a dense layer's input or output, the activation's input or output, attention's
-    /// qkv where it rounds it to 16 bits).
+    /// touch (a dense layer's input or output, the activation's input or output, LayerNorm's
+    /// copy of its output, attention's qkv and output where it rounds to 16 bits).
     MatmulFormat,
 }
 
@@ -471,8 +473,12 @@ pub struct Activations<T> {
     pub emb_sum: T,
     pub emb_ln_mean: T,
     pub emb_ln_rstd: T,
-    pub emb_ln_out: T,
-    /// The first layer's input (embeddings after dropout).
+    /// The embeddings' LayerNorm output before dropout (forward only): its own buffer where
+    /// there is no stream, else `stream[1]` (unused until the first layer's attention block);
+    /// see [`Activations::emb_ln_out`].
+    emb_ln_out: Option<T>,
+    /// The first layer's input (embeddings after dropout), as the LayerNorm outputs are kept:
+    /// its 16-bit copy where there is a stream (the fp32 values in `stream[0]`).
     pub emb_out: T,
     pub layers: Vec<LayerActs<T>>,
     /// The residual stream in fp32 where the LayerNorm outputs are kept in 16 bits (`None` where
@@ -569,7 +575,10 @@ impl<T: Clone> Activations<T> {
             emb_sum: z(rows * h)?,
             emb_ln_mean: z(rows)?,
             emb_ln_rstd: z(rows)?,
-            emb_ln_out: z(rows * h)?,
+            emb_ln_out: match plan.stream {
+                true => None,
+                false => Some(z(rows * h)?),
+            },
             emb_out: zln(rows * h)?,
             layers,
             stream: match plan.stream {
@@ -599,6 +608,17 @@ impl<T: Clone> Activations<T> {
             .map(|l| &l.ffn_ln_out)
             .unwrap_or(&self.emb_out);
         self.normalized(kept, 0).0
+    }
+
+    /// The embeddings' LayerNorm output before dropout.
+    fn emb_ln_out(&self) -> &T {
+        match (&self.emb_ln_out, &self.stream) {
+            (Some(own), _) => own,
+            (None, Some(stream)) => &stream[1],
+            (None, None) => {
+                unreachable!("build gives emb_ln_out a buffer where there is no stream")
+            }
+        }
     }
 
     /// Where a LayerNorm (or the embeddings' dropout) whose output is kept as `kept` writes:
@@ -822,7 +842,7 @@ impl<B: Backend> Bert<'_, B> {
             h,
         )?;
         be.layernorm_forward(
-            &acts.emb_ln_out,
+            acts.emb_ln_out(),
             None,
             &acts.emb_ln_mean,
             &acts.emb_ln_rstd,
@@ -838,9 +858,11 @@ impl<B: Backend> Bert<'_, B> {
         let (emb_out, emb_copy) = acts.normalized(&acts.emb_out, 0);
         be.dropout_forward(
             emb_out,
-            &acts.emb_ln_out,
+            acts.emb_ln_out(),
             self.dropout(mode, Site::Embeddings, p_hidden),
         )?;
+        // The first layer's GEMM operand: the embeddings' 16-bit copy, cast after the dropout
+        // (the encoder's LayerNorms write theirs in the same pass instead).
         if let Some(copy) = emb_copy {
             be.copy(copy, emb_out)?;
         }
@@ -896,6 +918,9 @@ impl<B: Backend> Bert<'_, B> {
         let x_f32 = acts.normalized(x, 0).0;
         let (attn_ln_f32, attn_ln_copy) = acts.normalized(&a.attn_ln_out, 1);
         let (ffn_ln_f32, ffn_ln_copy) = acts.normalized(&a.ffn_ln_out, 0);
+        // The last layer's copy has no reader (backward reads each layer's input, the pooler
+        // the fp32 stream): not written, its buffer left as it is.
+        let ffn_ln_copy = ffn_ln_copy.filter(|_| l + 1 < cfg.num_hidden_layers);
         be.linear_forward(&a.qkv, x, &w.qkv_w, &w.qkv_b, rows, h, 3 * h)?;
         let attn_drop = self.dropout(
             mode,

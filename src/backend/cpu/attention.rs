@@ -29,7 +29,8 @@
 //! `e_j = 2^(s_j − M)`, `l = Σ e_j`: `P̃ = r16(e)·keep`, `o = (rp/l)·P̃·V̂`,
 //! `lse = (M + log2 l)·ln 2`; backward `P = 2^(c2·(q̂·k̂) − lse·log2 e)`, `dP = dÔ·V̂ᵀ`,
 //! `P̂ = r16(P·keep)`, `dŜ = r16(P·(keep·rp·dP − D))`, `dv = rp·P̂ᵀ·dÔ`, `dq = scale·dŜ·K̂`,
-//! `dk = scale·dŜᵀ·Q̂` (`rp = 1/(1−p)`, 0 for p ≥ 1, 1 without dropout; D from the fp32 tensors).
+//! `dk = scale·dŜᵀ·Q̂` (`rp = 1/(1−p)`, 0 for p ≥ 1, 1 without dropout; `D = dO·o` from dO in
+//! fp32 and o as stored: `r16(o)` when the backend keeps `out` 16-bit).
 //! Any other `rounding` computes in fp32 as described above.
 
 use rayon::prelude::*;

@@ -74,11 +74,9 @@ impl CpuBackend {
         Ok(t.values_mut())
     }
 
-    /// Attention's `qkv`: fp32, or stored in the matmul format where attention rounds its
-    /// operands to that format anyway ([`Backend::attention_rounding`]), so that reading the
-    /// stored values changes nothing.
-    /// Checks that attention's `qkv` or `out` (`name`) is fp32, or 16-bit where attention
-    /// rounds to that format (the tensor-core attention's rule, `attention_rounding`).
+    /// Checks that attention's `qkv` or `out` (`name`) is fp32, or stored in the matmul format
+    /// where attention rounds to that format anyway ([`Backend::attention_rounding`]: reading a
+    /// stored qkv changes nothing, and a stored out is the fp32 one rounded once).
     fn check_attention_dtype(
         &self,
         t: &CpuTensor,
@@ -299,6 +297,31 @@ impl Backend for CpuBackend {
         cols: usize,
         eps: f32,
     ) -> Result<()> {
+        if let Some(copy) = out_copy {
+            ensure!(
+                copy.dtype() != Dtype::F32 && copy.len() == out.len(),
+                "layernorm_forward: a copy of {} {} elements of an output of {}",
+                copy.len(),
+                copy.dtype().name(),
+                out.len()
+            );
+            self.check_matmul_format(copy, "layernorm_forward's copy")?;
+            let sum = residual.as_ref().map(|r| r.sum);
+            let others = [
+                Some(out),
+                Some(x),
+                Some(mean),
+                Some(rstd),
+                Some(gamma),
+                Some(beta),
+            ];
+            let others: Vec<&CpuTensor> = others
+                .into_iter()
+                .chain([residual.as_ref().map(|r| r.residual), sum])
+                .flatten()
+                .collect();
+            check_disjoint(&[copy], &others);
+        }
         let normalized = match residual {
             Some(ResidualAdd {
                 residual,
@@ -326,14 +349,6 @@ impl Backend for CpuBackend {
             eps,
         );
         if let Some(copy) = out_copy {
-            ensure!(
-                copy.dtype() != Dtype::F32 && copy.len() == out.len(),
-                "layernorm_forward: a copy of {} {} elements of an output of {}",
-                copy.len(),
-                copy.dtype().name(),
-                out.len()
-            );
-            check_disjoint(&[copy], &[out, x, mean, rstd, gamma, beta]);
             copy.values_mut().copy_from_slice(out.data());
             copy.round_stored();
         }

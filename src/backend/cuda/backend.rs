@@ -45,7 +45,7 @@
 //!   the one rounding; where cuBLASLt refuses that, the same GEMM into fp32 scratch, or the
 //!   two-GEMM path, then a cast). The master weights, the other activations, the biases, the
 //!   gradients and the other ops stay fp32 (the activation and attention kernels read and write
-//!   the 16-bit tensors they are given). The CPU backend rounds the same operands and outputs
+//!   the 16-bit tensors they are given, LayerNorm writes the 16-bit copy it is given). The CPU backend rounds the same operands and outputs
 //!   the same way, so the two differ only by summation order.
 //!
 //! # Scratch
@@ -2252,10 +2252,13 @@ impl Backend for CudaBackend {
                     c.len,
                     out.len
                 );
+                ensure!(
+                    self.stored_in_matmul_format(c, "layernorm_forward's copy")?,
+                    "layernorm_forward: an fp32 copy of the output"
+                );
                 let kernel = match c.dtype {
-                    Dtype::F16 => "layernorm_forward_f32_f16",
                     Dtype::Bf16 => "layernorm_forward_f32_bf16",
-                    Dtype::F32 => bail!("layernorm_forward: an fp32 copy of the output"),
+                    _ => "layernorm_forward_f32_f16",
                 };
                 (kernel, c.any_ptr())
             }
