@@ -2119,6 +2119,22 @@ fn fp32_only_ops_refuse_16_bit_tensors() {
     let _ = be.tanh_forward(&up(&[0.0; 8]), &x);
 }
 
+/// The cases of the stored-tensor attention tests: fp16 and bf16 at head dims 32 and 64 (the
+/// tensor-core rounding) and 5 (fp32 attention), dropout on.
+fn stored_attention_cases() -> impl Iterator<Item = (MatmulPrecision, AttentionDims, Dropout)> {
+    let d = Dropout {
+        p: 0.1,
+        seed: 3,
+        stream: 4,
+    };
+    [MatmulPrecision::F16, MatmulPrecision::Bf16]
+        .into_iter()
+        .flat_map(move |p| {
+            [(2, 32), (1, 64), (3, 5)]
+                .map(|(heads, head_dim)| (p, AttentionDims { heads, head_dim }, d))
+        })
+}
+
 /// Attention reads a `qkv` stored in the matmul format where it rounds its operands to that
 /// format anyway (`Backend::attention_rounding`: fp16/bf16 at head dims 32 and 64), with bit for
 /// bit the results of the fp32 tensor holding the same values; elsewhere (fp32 attention) a
@@ -2127,44 +2143,37 @@ fn fp32_only_ops_refuse_16_bit_tensors() {
 fn attention_reads_qkv_stored_in_the_matmul_format() {
     let layout = SeqLayout::packed(&[5, 2, 7]);
     let rows = layout.total_rows();
-    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+    for (p, dims, d) in stored_attention_cases() {
         let be = CpuBackend::with_matmul_precision(p);
-        for (heads, head_dim) in [(2, 32), (1, 64), (3, 5)] {
-            let dims = AttentionDims { heads, head_dim };
-            let d = Dropout {
-                p: 0.1,
-                seed: 3,
-                stream: 4,
-            };
-            let hidden = heads * head_dim;
-            let dtype = p.storage_dtype();
-            let qkv: Vec<f32> = nonzero(rows * 3 * hidden, 5, 1.5)
-                .into_iter()
-                .map(|v| dtype.round(v))
-                .collect();
-            let dout = nonzero(rows * hidden, 6, 1.0);
-            let name = format!("{} {heads} heads of {head_dim}", p.name());
-            let run = |qkv_t: &CpuTensor| -> Result<Vec<Vec<f32>>, anyhow::Error> {
-                let out = up(&nonzero(rows * hidden, 1, 50.0));
-                let lse = up(&nonzero(rows * heads, 2, 50.0));
-                be.attention_forward(&out, &lse, qkv_t, &layout, dims, d)?;
-                let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
-                be.attention_backward(&dqkv, &up(&dout), qkv_t, &out, &lse, &layout, dims, d)?;
-                Ok(vec![down(&out), down(&lse), down(&dqkv)])
-            };
-            let wide = run(&up(&qkv)).unwrap();
-            let narrow = run(&stored(&be, &qkv));
-            if be.attention_rounding(head_dim) == MatmulPrecision::F32 {
-                let err = narrow.unwrap_err();
-                assert!(err.to_string().contains("qkv"), "{name}: {err}");
-                continue;
-            }
-            for (what, (a, b)) in ["out", "lse", "dqkv"]
-                .iter()
-                .zip(narrow.unwrap().iter().zip(&wide))
-            {
-                same_bits(&format!("{name}: {what}"), a, b);
-            }
+        let AttentionDims { heads, head_dim } = dims;
+        let hidden = heads * head_dim;
+        let dtype = p.storage_dtype();
+        let qkv: Vec<f32> = nonzero(rows * 3 * hidden, 5, 1.5)
+            .into_iter()
+            .map(|v| dtype.round(v))
+            .collect();
+        let dout = nonzero(rows * hidden, 6, 1.0);
+        let name = format!("{} {heads} heads of {head_dim}", p.name());
+        let run = |qkv_t: &CpuTensor| -> Result<Vec<Vec<f32>>, anyhow::Error> {
+            let out = up(&nonzero(rows * hidden, 1, 50.0));
+            let lse = up(&nonzero(rows * heads, 2, 50.0));
+            be.attention_forward(&out, &lse, qkv_t, &layout, dims, d)?;
+            let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
+            be.attention_backward(&dqkv, &up(&dout), qkv_t, &out, &lse, &layout, dims, d)?;
+            Ok(vec![down(&out), down(&lse), down(&dqkv)])
+        };
+        let wide = run(&up(&qkv)).unwrap();
+        let narrow = run(&stored(&be, &qkv));
+        if be.attention_rounding(head_dim) == MatmulPrecision::F32 {
+            let err = narrow.unwrap_err();
+            assert!(err.to_string().contains("qkv"), "{name}: {err}");
+            continue;
+        }
+        for (what, (a, b)) in ["out", "lse", "dqkv"]
+            .iter()
+            .zip(narrow.unwrap().iter().zip(&wide))
+        {
+            same_bits(&format!("{name}: {what}"), a, b);
         }
     }
 }
@@ -2180,61 +2189,54 @@ fn attention_reads_qkv_stored_in_the_matmul_format() {
 fn attention_stores_its_output_in_the_matmul_format() {
     let layout = SeqLayout::packed(&[5, 2, 7]);
     let rows = layout.total_rows();
-    for p in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
+    for (p, dims, d) in stored_attention_cases() {
         let be = CpuBackend::with_matmul_precision(p);
         let dtype = p.storage_dtype();
-        for (heads, head_dim) in [(2, 32), (1, 64), (3, 5)] {
-            let dims = AttentionDims { heads, head_dim };
-            let d = Dropout {
-                p: 0.1,
-                seed: 3,
-                stream: 4,
-            };
-            let hidden = heads * head_dim;
-            let qkv = stored(&be, &nonzero(rows * 3 * hidden, 5, 1.5));
-            let dout = up(&nonzero(rows * hidden, 6, 1.0));
-            let name = format!("{} {heads} heads of {head_dim}", p.name());
-            let forward = |out: &CpuTensor| {
-                let lse = up(&nonzero(rows * heads, 2, 50.0));
-                be.attention_forward(out, &lse, &qkv, &layout, dims, d)
-                    .map(|()| down(&lse))
-            };
-            let backward = |out: &CpuTensor, lse: &[f32]| {
-                let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
-                be.attention_backward(&dqkv, &dout, &qkv, out, &up(lse), &layout, dims, d)
-                    .unwrap();
-                down(&dqkv)
-            };
-            let narrow = stored(&be, &nonzero(rows * hidden, 1, 50.0));
-            if be.attention_rounding(head_dim) == MatmulPrecision::F32 {
-                let err = forward(&narrow).unwrap_err();
-                let want = format!("a {} out, but head dim 5", dtype.name());
-                assert!(err.to_string().contains(&want), "{name}: {err}");
-                let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
-                let lse = up(&nonzero(rows * heads, 2, 1.0));
-                let err = be
-                    .attention_backward(&dqkv, &dout, &qkv, &narrow, &lse, &layout, dims, d)
-                    .unwrap_err();
-                assert!(err.to_string().contains(&want), "{name} backward: {err}");
-                continue;
-            }
-            let wide = up(&nonzero(rows * hidden, 1, 50.0));
-            let (lse_wide, lse_narrow) = (forward(&wide).unwrap(), forward(&narrow).unwrap());
-            same_bits(&format!("{name}: lse"), &lse_narrow, &lse_wide);
-            let rounded: Vec<f32> = down(&wide).iter().map(|&v| dtype.round(v)).collect();
-            let stored_out = be.download(&narrow).unwrap();
-            same_bits(&format!("{name}: out"), &stored_out, &rounded);
-            let from_stored = backward(&narrow, &lse_wide);
-            same_bits(
-                &format!("{name}: dqkv"),
-                &from_stored,
-                &backward(&up(&rounded), &lse_wide),
-            );
-            assert_ne!(
-                from_stored,
-                backward(&wide, &lse_wide),
-                "{name}: O's rounding unseen"
-            );
+        let AttentionDims { heads, head_dim } = dims;
+        let hidden = heads * head_dim;
+        let qkv = stored(&be, &nonzero(rows * 3 * hidden, 5, 1.5));
+        let dout = up(&nonzero(rows * hidden, 6, 1.0));
+        let name = format!("{} {heads} heads of {head_dim}", p.name());
+        let forward = |out: &CpuTensor| {
+            let lse = up(&nonzero(rows * heads, 2, 50.0));
+            be.attention_forward(out, &lse, &qkv, &layout, dims, d)
+                .map(|()| down(&lse))
+        };
+        let backward = |out: &CpuTensor, lse: &[f32]| {
+            let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
+            be.attention_backward(&dqkv, &dout, &qkv, out, &up(lse), &layout, dims, d)
+                .unwrap();
+            down(&dqkv)
+        };
+        let narrow = stored(&be, &nonzero(rows * hidden, 1, 50.0));
+        if be.attention_rounding(head_dim) == MatmulPrecision::F32 {
+            let err = forward(&narrow).unwrap_err();
+            let want = format!("a {} out, but head dim 5", dtype.name());
+            assert!(err.to_string().contains(&want), "{name}: {err}");
+            let dqkv = up(&nonzero(rows * 3 * hidden, 3, 50.0));
+            let lse = up(&nonzero(rows * heads, 2, 1.0));
+            let err = be
+                .attention_backward(&dqkv, &dout, &qkv, &narrow, &lse, &layout, dims, d)
+                .unwrap_err();
+            assert!(err.to_string().contains(&want), "{name} backward: {err}");
+            continue;
         }
+        let wide = up(&nonzero(rows * hidden, 1, 50.0));
+        let (lse_wide, lse_narrow) = (forward(&wide).unwrap(), forward(&narrow).unwrap());
+        same_bits(&format!("{name}: lse"), &lse_narrow, &lse_wide);
+        let rounded: Vec<f32> = down(&wide).iter().map(|&v| dtype.round(v)).collect();
+        let stored_out = be.download(&narrow).unwrap();
+        same_bits(&format!("{name}: out"), &stored_out, &rounded);
+        let from_stored = backward(&narrow, &lse_wide);
+        same_bits(
+            &format!("{name}: dqkv"),
+            &from_stored,
+            &backward(&up(&rounded), &lse_wide),
+        );
+        assert_ne!(
+            from_stored,
+            backward(&wide, &lse_wide),
+            "{name}: O's rounding unseen"
+        );
     }
 }

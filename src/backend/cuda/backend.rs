@@ -45,8 +45,9 @@
 //!   the one rounding; where cuBLASLt refuses that, the same GEMM into fp32 scratch, or the
 //!   two-GEMM path, then a cast). The master weights, the other activations, the biases, the
 //!   gradients and the other ops stay fp32 (the activation and attention kernels read and write
-//!   the 16-bit tensors they are given, LayerNorm writes the 16-bit copy it is given). The CPU backend rounds the same operands and outputs
-//!   the same way, so the two differ only by summation order.
+//!   the 16-bit tensors they are given, LayerNorm writes the 16-bit copy it is given). The CPU
+//!   backend rounds the same operands and outputs the same way, so the two differ only by
+//!   summation order.
 //!
 //! # Scratch
 //! Per-call scratch (LayerNorm's dgamma/dbeta partials, the bias gradients' partials, Σx²
