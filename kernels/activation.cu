@@ -7,13 +7,12 @@
 // act = 2  relu:              y = max(x, 0), y' = [x > 0]
 // (the order of the Activation enum; any other value fills the output with NaN: a bad launch is loud)
 // tanh (the pooler):          y = tanh x, y' = 1 − y² (backward reads the forward output y).
-// Backward: dx = dout·y'(x) (overwrites dx). Fused bias_activation_forward (optional):
-//   pre[r, c] = x[r, c] + bias[c] (rounded to T), out = act(pre): the same values as a separate
-//   bias add followed by activation_forward, and `pre` is what activation_backward reads.
+// Backward: dx = dout·y'(x) (overwrites dx). (The feed-forward bias is added inside its GEMM:
+//   cuBLASLt's bias epilogue, or a rank-1 GEMM, src/backend/cuda/lt.rs.)
 // activation_backward_x_{f16,bf16}: the same backward with x stored in 16 bits (the feed-forward
 //   pre-activation kept in the GEMMs' format), dx and dout fp32.
-// Layout: all tensors T, flat (n elements), except bias: fp32 [cols] and x/pre/out [rows, cols],
-// and the _x_ kernels' dx, dout (fp32) beside x (16-bit).
+// Layout: all tensors flat (n elements), fp32 (the _f32 kernels) or T (activation_forward_<T>);
+// the _x_ kernels' dx, dout fp32 beside x 16-bit.
 // Math in fp32 with the CPU's constants and order of operations, except that NVRTC's default
 // --fmad=true contracts a multiply and an add into one FMA (x + 0.044715·x³, for one), so results
 // differ from the CPU's by ulps; erff/expf/tanhf are CUDA's full-precision functions (the
@@ -137,46 +136,12 @@ __device__ __forceinline__ void map2_narrow_b(float* __restrict__ out, const flo
     for (unsigned long long i = done + tid; i < n; i += stride) out[i] = f(a[i], to_f32(b[i]));
 }
 
-// pre = x + bias (rounded to T; skipped when pre is null), out = act(pre).
-// blockIdx.y walks rows (grid-stride), x the columns of a row (grid-stride).
-template <typename T, int ACT>
-__device__ __forceinline__ void bias_act_rows(T* __restrict__ out, T* __restrict__ pre, const T* __restrict__ x,
-                                              const float* __restrict__ bias, unsigned int rows, unsigned int cols) {
-    constexpr int N = Pack<T>::N;
-    const bool vec = cols % N == 0 && is_aligned16(out) && is_aligned16(x) && is_aligned16(bias) &&
-                     (pre == nullptr || is_aligned16(pre));
-    const unsigned int step = (vec ? N : 1) * gridDim.x * blockDim.x;
-    const unsigned int c0 = (vec ? N : 1) * (blockIdx.x * blockDim.x + threadIdx.x);
-    for (unsigned int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const unsigned long long base = (unsigned long long)r * cols;
-        if (vec) {
-            for (unsigned int c = c0; c < cols; c += step) {
-                float v[N], b[N];
-                ld_pack_f32(x + base + c, v);
-                ld_f32xN(bias + c, b);
-#pragma unroll
-                for (int j = 0; j < N; ++j) v[j] = round_to<T>(v[j] + b[j]);
-                if (pre != nullptr) st_pack_f32(pre + base + c, v);
-#pragma unroll
-                for (int j = 0; j < N; ++j) v[j] = act_value<ACT>(v[j]);
-                st_pack_f32(out + base + c, v);
-            }
-        } else {
-            for (unsigned int c = c0; c < cols; c += step) {
-                const float v = round_to<T>(to_f32(x[base + c]) + bias[c]);
-                if (pre != nullptr) pre[base + c] = from_f32<T>(v);
-                out[base + c] = from_f32<T>(act_value<ACT>(v));
-            }
-        }
-    }
-}
-
 // Launch (activation_*, tanh_*): block 256 (any), grid min(ceil(n / 4 / 256), 16·SMs) (any grid;
 // grid-stride; a 16-bit pack is 8 elements, so small 16-bit launches have up to twice the blocks
 // they need). No shared memory.
-// Launch (bias_activation_forward_*): block (B, 1, 1), grid (ceil(cols / N / B), min(rows, 65535), 1)
-// with B = min(256, cols / N rounded up to 32) (any grid; grid-stride in both dimensions).
-#define ACTIVATION_KERNELS(T, SUFFIX)                                                                              \
+// activation_forward_<T>: T = f32, and f16/bf16 for the feed-forward activation stored in the
+// GEMMs' 16-bit format (its pre-activation stored so too).
+#define ACTIVATION_FORWARD(T, SUFFIX)                                                                              \
     extern "C" __global__ void activation_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,           \
                                                            unsigned long long n, int act) {                        \
         switch (act) {                                                                                             \
@@ -185,39 +150,31 @@ __device__ __forceinline__ void bias_act_rows(T* __restrict__ out, T* __restrict
             case 2: map1(out, x, n, ActForward<2>()); break;                                                       \
             default: fill_nan(out, n); break;                                                                      \
         }                                                                                                          \
-    }                                                                                                              \
-    extern "C" __global__ void activation_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,        \
-                                                            const T* __restrict__ x, unsigned long long n, int act) { \
-        switch (act) {                                                                                             \
-            case 0: map2(dx, dout, x, n, ActBackward<0>()); break;                                                 \
-            case 1: map2(dx, dout, x, n, ActBackward<1>()); break;                                                 \
-            case 2: map2(dx, dout, x, n, ActBackward<2>()); break;                                                 \
-            default: fill_nan(dx, n); break;                                                                       \
-        }                                                                                                          \
-    }                                                                                                              \
-    extern "C" __global__ void bias_activation_forward_##SUFFIX(T* __restrict__ out, T* __restrict__ pre,          \
-                                                                const T* __restrict__ x,                           \
-                                                                const float* __restrict__ bias, unsigned int rows, \
-                                                                unsigned int cols, int act) {                      \
-        switch (act) {                                                                                             \
-            case 0: bias_act_rows<T, 0>(out, pre, x, bias, rows, cols); break;                                     \
-            case 1: bias_act_rows<T, 1>(out, pre, x, bias, rows, cols); break;                                     \
-            case 2: bias_act_rows<T, 2>(out, pre, x, bias, rows, cols); break;                                     \
-            default: fill_nan(out, (unsigned long long)rows * cols); break;                                        \
-        }                                                                                                          \
-    }                                                                                                              \
-    extern "C" __global__ void tanh_forward_##SUFFIX(T* __restrict__ out, const T* __restrict__ x,                 \
-                                                     unsigned long long n) {                                       \
-        map1(out, x, n, TanhForward());                                                                            \
-    }                                                                                                              \
-    extern "C" __global__ void tanh_backward_##SUFFIX(T* __restrict__ dx, const T* __restrict__ dout,              \
-                                                      const T* __restrict__ y, unsigned long long n) {             \
-        map2(dx, dout, y, n, TanhBackward());                                                                      \
     }
 
-ACTIVATION_KERNELS(float, f32)
-ACTIVATION_KERNELS(__half, f16)
-ACTIVATION_KERNELS(__nv_bfloat16, bf16)
+ACTIVATION_FORWARD(float, f32)
+ACTIVATION_FORWARD(__half, f16)
+ACTIVATION_FORWARD(__nv_bfloat16, bf16)
+
+// fp32 only: the gradients are fp32 under every precision, and so is the pooler's tanh.
+extern "C" __global__ void activation_backward_f32(float* __restrict__ dx, const float* __restrict__ dout,
+                                                   const float* __restrict__ x, unsigned long long n, int act) {
+    switch (act) {
+        case 0: map2(dx, dout, x, n, ActBackward<0>()); break;
+        case 1: map2(dx, dout, x, n, ActBackward<1>()); break;
+        case 2: map2(dx, dout, x, n, ActBackward<2>()); break;
+        default: fill_nan(dx, n); break;
+    }
+}
+
+extern "C" __global__ void tanh_forward_f32(float* __restrict__ out, const float* __restrict__ x, unsigned long long n) {
+    map1(out, x, n, TanhForward());
+}
+
+extern "C" __global__ void tanh_backward_f32(float* __restrict__ dx, const float* __restrict__ dout,
+                                             const float* __restrict__ y, unsigned long long n) {
+    map2(dx, dout, y, n, TanhBackward());
+}
 
 // Launch as activation_backward_*.
 #define ACTIVATION_BACKWARD_NARROW_X(U, SUFFIX)                                                                    \

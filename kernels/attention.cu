@@ -1,8 +1,10 @@
 // attention.cu — multi-head self-attention with the padding mask and attention dropout,
 // flash-style: forward keeps only the log-sum-exp of each softmax row, backward recomputes the
 // probabilities. The CPU reference is src/backend/cpu/attention.rs; this file computes the same
-// function (up to fp32 rounding order) for T ∈ {float, __half, __nv_bfloat16} storage with fp32
-// math everywhere (scores, softmax statistics, accumulators, lse, D).
+// function (up to fp32 rounding order) with fp32 storage and fp32 math everywhere (scores, softmax
+// statistics, accumulators, lse, D). The templates take the storage type T, but only T = float is
+// instantiated: 16-bit attention is attention_tc.cu's (head dims 32 and 64), and the one 16-bit
+// input here is the stored o read by the delta_out kernels.
 //
 // ---- Layout (H = heads·d) ----------------------------------------------------------------------
 //   qkv  [rows, 3, heads, d]  T      q(r, h) = qkv + r·3H + h·d, k(r, h) = q + H, v(r, h) = q + 2H
@@ -49,9 +51,9 @@
 // does not handle, a sequence over 65535 rows or valid > rows executes __trap() (the launch fails,
 // sticky on the context) rather than compute garbage. No dynamic shared memory, no attributes.
 // ptxas (NVRTC 13.0, the cu13 pip wheel; `bertft-cuda doctor --arch sm_XX --resources`): 87–168
-// registers per thread; small spills, the same for f32/f16/bf16 unless given: on sm_90 an 8-byte
-// stack frame in dq_d64 and dq_generic; on sm_80 8 bytes in dq_d64 and forward_generic, 16 (f16:
-// 24) in dkdv_generic (other NVRTC versions spill differently); the delta kernels 26–31
+// registers per thread; small spills: on sm_90 an 8-byte stack frame in dq_d64 and dq_generic;
+// on sm_80 8 bytes in dq_d64 and forward_generic, 16 in dkdv_generic (other NVRTC versions spill
+// differently); the delta kernels 26–31
 // registers. The other attention kernels, and every kernel of the other files, have no stack
 // frame (tests/doctor.rs checks the other files).
 //
@@ -76,7 +78,7 @@
 //     grid (ceil(S/ROWS), heads, B), block 128: key row groups, loop over all query tiles (Q, dO,
 //     lse, D in shared memory); writes the k and v slots of dqkv for j < rows[b] (zeros for
 //     j ≥ valid[b]).
-// <T> ∈ {f32, f16, bf16}, <v> ∈ {d32, d64, generic}. Backward = delta, then dq and dkdv in any
+// <T> = f32, <v> ∈ {d32, d64, generic}. Backward = delta, then dq and dkdv in any
 // order (they write disjoint slots of dqkv and read only inputs and delta).
 //
 // Backward strategy: deterministic two-kernel split (dq over query tiles, dk/dv over key tiles),
@@ -558,16 +560,8 @@ __device__ __forceinline__ void backward_dkdv(T* __restrict__ dqkv, const T* __r
 ATTN_FORWARD(attention_forward_f32_d32, float, attn::CfgD32)
 ATTN_FORWARD(attention_forward_f32_d64, float, attn::CfgD64)
 ATTN_FORWARD(attention_forward_f32_generic, float, attn::CfgGeneric)
-ATTN_FORWARD(attention_forward_f16_d32, __half, attn::CfgD32)
-ATTN_FORWARD(attention_forward_f16_d64, __half, attn::CfgD64)
-ATTN_FORWARD(attention_forward_f16_generic, __half, attn::CfgGeneric)
-ATTN_FORWARD(attention_forward_bf16_d32, __nv_bfloat16, attn::CfgD32)
-ATTN_FORWARD(attention_forward_bf16_d64, __nv_bfloat16, attn::CfgD64)
-ATTN_FORWARD(attention_forward_bf16_generic, __nv_bfloat16, attn::CfgGeneric)
 
 ATTN_DELTA(attention_backward_delta_f32, float, float)
-ATTN_DELTA(attention_backward_delta_f16, __half, __half)
-ATTN_DELTA(attention_backward_delta_bf16, __nv_bfloat16, __nv_bfloat16)
 // fp32 dout, out as attention_tc.cu's _out16 forward kernels store it.
 ATTN_DELTA(attention_backward_delta_out_f16, float, __half)
 ATTN_DELTA(attention_backward_delta_out_bf16, float, __nv_bfloat16)
@@ -575,19 +569,7 @@ ATTN_DELTA(attention_backward_delta_out_bf16, float, __nv_bfloat16)
 ATTN_BACKWARD(attention_backward_dq_f32_d32, backward_dq, float, attn::CfgD32)
 ATTN_BACKWARD(attention_backward_dq_f32_d64, backward_dq, float, attn::CfgD64)
 ATTN_BACKWARD(attention_backward_dq_f32_generic, backward_dq, float, attn::CfgGeneric)
-ATTN_BACKWARD(attention_backward_dq_f16_d32, backward_dq, __half, attn::CfgD32)
-ATTN_BACKWARD(attention_backward_dq_f16_d64, backward_dq, __half, attn::CfgD64)
-ATTN_BACKWARD(attention_backward_dq_f16_generic, backward_dq, __half, attn::CfgGeneric)
-ATTN_BACKWARD(attention_backward_dq_bf16_d32, backward_dq, __nv_bfloat16, attn::CfgD32)
-ATTN_BACKWARD(attention_backward_dq_bf16_d64, backward_dq, __nv_bfloat16, attn::CfgD64)
-ATTN_BACKWARD(attention_backward_dq_bf16_generic, backward_dq, __nv_bfloat16, attn::CfgGeneric)
 
 ATTN_BACKWARD(attention_backward_dkdv_f32_d32, backward_dkdv, float, attn::CfgD32)
 ATTN_BACKWARD(attention_backward_dkdv_f32_d64, backward_dkdv, float, attn::CfgD64)
 ATTN_BACKWARD(attention_backward_dkdv_f32_generic, backward_dkdv, float, attn::CfgGeneric)
-ATTN_BACKWARD(attention_backward_dkdv_f16_d32, backward_dkdv, __half, attn::CfgD32)
-ATTN_BACKWARD(attention_backward_dkdv_f16_d64, backward_dkdv, __half, attn::CfgD64)
-ATTN_BACKWARD(attention_backward_dkdv_f16_generic, backward_dkdv, __half, attn::CfgGeneric)
-ATTN_BACKWARD(attention_backward_dkdv_bf16_d32, backward_dkdv, __nv_bfloat16, attn::CfgD32)
-ATTN_BACKWARD(attention_backward_dkdv_bf16_d64, backward_dkdv, __nv_bfloat16, attn::CfgD64)
-ATTN_BACKWARD(attention_backward_dkdv_bf16_generic, backward_dkdv, __nv_bfloat16, attn::CfgGeneric)

@@ -1,11 +1,11 @@
-// cast.cu — element-wise conversions between fp32 and the 16-bit formats (fp16, bf16).
+// cast.cu — element-wise conversions from fp32 to the 16-bit formats (fp16, bf16). (Nothing
+// casts back on the device: 16-bit tensors are GEMM operands, read by cuBLAS and the kernels.)
 //
 // Math: y[i] = convert(x[i]) for i in [0, n).
 //   fp32 -> fp16: IEEE round-to-nearest-even (__float2half_rn); beyond ±65504 gives ±inf,
 //                 below 2^-24 rounds to ±0 (or a subnormal); NaN stays NaN.
 //   fp32 -> bf16: round-to-nearest-even of the top 16 bits (__float2bfloat16_rn); same range
 //                 as fp32, 8 bits of mantissa; NaN stays NaN.
-//   fp16 -> fp32, bf16 -> fp32: exact (every 16-bit value is an fp32 value).
 // These are the roundings PyTorch's .half() / .bfloat16() use, so a cast here and one there
 // give the same bits.
 //
@@ -27,5 +27,3 @@
 
 CAST_KERNEL(cast_f32_to_f16, float, __half, __float2half_rn)
 CAST_KERNEL(cast_f32_to_bf16, float, __nv_bfloat16, __float2bfloat16_rn)
-CAST_KERNEL(cast_f16_to_f32, __half, float, __half2float)
-CAST_KERNEL(cast_bf16_to_f32, __nv_bfloat16, float, __bfloat162float)

@@ -8,6 +8,8 @@
 // forward and backward are the same map. p ≤ 0 (or NaN) is no dropout: out = x, bit for bit.
 // The scale is computed as the CPU does: 1.0f / (1.0f − p) in fp32.
 // Layout: x, out (dout, dx) flat T [n]; out never aliases x.
+// Only the fp32 instance (_f32) is compiled: the model keeps these tensors in fp32 under every
+// precision (16 bits are for GEMM operands), so a 16-bit instance would be code no caller runs.
 #include "common.cuh"
 
 // Launch: block 256 (any), grid min(ceil(n / N / 256), 16·SMs) (any grid: grid-stride), where
@@ -68,5 +70,3 @@ __device__ __forceinline__ void dropout_apply(T* __restrict__ out, const T* __re
     }
 
 DROPOUT_KERNELS(float, f32)
-DROPOUT_KERNELS(__half, f16)
-DROPOUT_KERNELS(__nv_bfloat16, bf16)

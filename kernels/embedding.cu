@@ -6,6 +6,8 @@
 //           row `padding_idx` (nn.Embedding(padding_idx=…)), which gets nothing.
 // Layout: tables (and their gradients) are fp32 [entries, hidden] (master weights: read directly,
 // no cast copy); out / dout are T [rows, hidden]; ids, positions, type_ids are u32 [rows].
+// Only the fp32 instance (_f32) is compiled: the model keeps these tensors in fp32 under every
+// precision (16 bits are for GEMM operands), so a 16-bit instance would be code no caller runs.
 // Indices are not range-checked here (the CPU reference panics): the caller validates them.
 //
 // Backward adds with fp32 atomicAdd into the tables, so the order of the additions (and the last
@@ -123,5 +125,3 @@ __device__ __forceinline__ void embeddings_backward_impl(float* __restrict__ dwo
     }
 
 EMBEDDING_KERNELS(float, f32)
-EMBEDDING_KERNELS(__half, f16)
-EMBEDDING_KERNELS(__nv_bfloat16, bf16)

@@ -5,6 +5,8 @@
 //                                                              the caller zeroes dx first)
 // Layout: x, dx T [rows, hidden]; out, dout T [batch, hidden]; starts u32 [batch] (SeqLayout's
 // starts: distinct rows, so backward needs no atomics — duplicate starts would race).
+// Only the fp32 instance (_f32) is compiled: the model keeps these tensors in fp32 under every
+// precision (16 bits are for GEMM operands), so a 16-bit instance would be code no caller runs.
 #include "common.cuh"
 
 // Launch (both): block (B, 1, 1), grid (ceil(hidden / N / B), min(batch, 65535), 1), where
@@ -69,5 +71,3 @@ __device__ __forceinline__ void scatter_first_tokens_backward_impl(T* __restrict
     }
 
 GATHER_KERNELS(float, f32)
-GATHER_KERNELS(__half, f16)
-GATHER_KERNELS(__nv_bfloat16, bf16)

@@ -17,6 +17,8 @@
 // and a NaN gradient row.
 // Layout: logits, dlogits T [rows, classes] (use _f32 for fp32 logits); labels u32 [rows];
 // losses fp32 [rows]. Math in fp32 (the CPU reference uses f64).
+// Only the fp32 instance (_f32) is compiled: the model keeps these tensors in fp32 under every
+// precision (16 bits are for GEMM operands), so a 16-bit instance would be code no caller runs.
 #include "common.cuh"
 
 // The label of a row the loss leaves out (loss 0, gradient 0).
@@ -113,5 +115,3 @@ __device__ __forceinline__ void cross_entropy_impl(float* __restrict__ losses, T
     }
 
 LOSS_KERNELS(float, f32)
-LOSS_KERNELS(__half, f16)
-LOSS_KERNELS(__nv_bfloat16, bf16)

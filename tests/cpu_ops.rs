@@ -1514,6 +1514,26 @@ fn cross_entropy_ignores_the_ignore_label() {
     }
 }
 
+/// Attention takes only layouts whose sequences lie back to back from row 0: on the GPU, a row
+/// in no sequence would keep stale gradients and rows in two sequences would race.
+#[test]
+#[should_panic(expected = "back to back")]
+fn attention_rejects_a_layout_with_a_gap() {
+    let layout = SeqLayout {
+        starts: vec![0, 4],
+        rows: vec![3, 2],
+        valid: vec![3, 2],
+    };
+    let dims = AttentionDims {
+        heads: 1,
+        head_dim: 4,
+    };
+    let (out, lse) = (up(&[0.0; 6 * 4]), up(&[0.0; 6]));
+    let qkv = up(&nonzero(6 * 12, 1, 1.0));
+    BE.attention_forward(&out, &lse, &qkv, &layout, dims, Dropout::NONE)
+        .unwrap();
+}
+
 /// Labels out of range other than `IGNORE_LABEL` are still an error of the caller.
 #[test]
 #[should_panic(expected = "out of range")]

@@ -948,6 +948,39 @@ fn tensor_core_gpu(p: MatmulPrecision) -> Option<CudaBackend> {
 }
 
 /// fp32 attention (head dim 5) refuses a 16-bit `which` (qkv or out): it would misread it.
+/// A layout with a gap or an overlap between its sequences is refused before any launch, in
+/// forward and backward (a row in no sequence would keep stale gradients; rows in two
+/// sequences would be written by two blocks at once).
+#[test]
+fn attention_refuses_layouts_not_back_to_back() {
+    let Some(g) = gpu() else { return };
+    let dims = AttentionDims {
+        heads: 1,
+        head_dim: 4,
+    };
+    for (what, starts) in [("gap", vec![0, 4]), ("overlap", vec![0, 2])] {
+        let layout = SeqLayout {
+            starts,
+            rows: vec![3, 2],
+            valid: vec![3, 2],
+        };
+        let (out, lse) = (up(&g, &[0.0; 6 * 4]), up(&g, &[0.0; 6]));
+        let qkv = up(&g, &random_vec(6 * 12, 1, 1.0));
+        let err = g
+            .attention_forward(&out, &lse, &qkv, &layout, dims, Dropout::NONE)
+            .unwrap_err();
+        assert!(err.to_string().contains("back to back"), "{what}: {err:#}");
+        let (dout, dqkv) = (up(&g, &[1.0; 6 * 4]), up(&g, &[0.0; 6 * 12]));
+        let err = g
+            .attention_backward(&dqkv, &dout, &qkv, &out, &lse, &layout, dims, Dropout::NONE)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("back to back"),
+            "{what} backward: {err:#}"
+        );
+    }
+}
+
 fn fp32_attention_refuses(g: &CudaBackend, which: &str) {
     let layout = SeqLayout::packed(&[3, 2]);
     let dims = AttentionDims {
@@ -1263,8 +1296,10 @@ fn attention_tensor_cores() {
         ),
     ];
     for prec in [MatmulPrecision::F16, MatmulPrecision::Bf16] {
-        let Some(g) = gpu() else { return };
-        let g = g.with_matmul_precision(prec);
+        // sm < 80 runs fp32 attention under 16-bit precisions: not what this test is about.
+        let Some(g) = tensor_core_gpu(prec) else {
+            return;
+        };
         let cpu = CpuBackend::with_matmul_precision(prec);
         for (li, (lname, layout)) in layouts.iter().enumerate() {
             for (heads, head_dim) in [(2, 32), (2, 64)] {

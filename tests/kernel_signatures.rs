@@ -246,3 +246,22 @@ fn the_source_reading_finds_every_compiled_kernel() {
         assert_eq!(source[name].len(), kinds.len(), "{name}: parameter count");
     }
 }
+
+/// Every compiled kernel is declared, so some launcher can launch it: a kernel no launcher
+/// names would be code that no test and no run ever executes (16-bit instances of ops whose
+/// tensors are fp32 under every precision, say).
+#[test]
+fn every_compiled_kernel_is_declared() {
+    let declared: std::collections::BTreeSet<&str> = declared_kernels()
+        .iter()
+        .flat_map(|sig| sig.kernels.iter().copied())
+        .collect();
+    let undeclared: Vec<&String> = compiled_kinds()
+        .keys()
+        .filter(|name| !declared.contains(name.as_str()))
+        .collect();
+    assert!(
+        undeclared.is_empty(),
+        "compiled, never launched: {undeclared:?}"
+    );
+}

@@ -254,6 +254,19 @@ impl SeqLayout {
     pub fn max_rows(&self) -> usize {
         self.rows.iter().copied().max().unwrap_or(0) as usize
     }
+
+    /// Whether the sequences lie back to back from row 0 in batch order, as every layout the
+    /// model makes does (padded, packed, padded to buckets). The attention ops require it: a
+    /// row in no sequence would be left unwritten by the GPU's backward, and rows in two
+    /// sequences would be written by two blocks at once.
+    pub fn is_back_to_back(&self) -> bool {
+        let mut at = 0u64;
+        self.starts.iter().zip(&self.rows).all(|(&s, &r)| {
+            let here = u64::from(s) == at;
+            at += u64::from(r);
+            here
+        })
+    }
 }
 
 /// The dimensions of multi-head attention over a `[rows, 3·heads·head_dim]` QKV tensor.
@@ -727,6 +740,25 @@ mod tests {
         assert_eq!(b(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2f32.powi(-6));
         assert_eq!(b(1e30), half::bf16::from_f32(1e30).to_f32());
         assert_eq!(MatmulPrecision::F32.round(0.1), 0.1);
+    }
+
+    #[test]
+    fn layouts_back_to_back_from_row_zero() {
+        let layout = |starts: &[u32], rows: &[u32]| SeqLayout {
+            starts: starts.to_vec(),
+            rows: rows.to_vec(),
+            valid: vec![1; rows.len()],
+        };
+        assert!(SeqLayout::padded(&[3, 1, 4], 5).is_back_to_back());
+        assert!(SeqLayout::packed(&[3, 1, 4]).is_back_to_back());
+        assert!(layout(&[], &[]).is_back_to_back());
+        assert!(!layout(&[1], &[3]).is_back_to_back(), "a gap before");
+        assert!(!layout(&[0, 4], &[3, 2]).is_back_to_back(), "a gap between");
+        assert!(!layout(&[0, 2], &[3, 2]).is_back_to_back(), "an overlap");
+        assert!(
+            !layout(&[3, 0], &[2, 3]).is_back_to_back(),
+            "out of batch order"
+        );
     }
 
     #[test]

@@ -92,7 +92,8 @@ pub struct DataArgs {
     /// Longer texts are truncated to this many tokens (pairs: longest first).
     #[arg(long, default_value_t = 128)]
     pub max_seq_length: usize,
-    /// Where to run: a CUDA GPU when there is one (auto), or the CPU.
+    /// Where to run: `cuda` (the GPU; it needs a driver, NVRTC and cuBLAS) or `cpu`; `auto`
+    /// runs on the CPU, with a notice, until the CUDA backend has been validated on a GPU.
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
     #[arg(long, default_value_t = 8)]

@@ -132,6 +132,12 @@ fn scores(s: &mut [f32], qkv: &[f32], head: &Head, d: usize, hidden: usize, scal
 /// (a sequence with no valid key has no softmax).
 fn assert_layout(layout: &SeqLayout) {
     assert!(
+        layout.is_back_to_back(),
+        "the sequences must lie back to back from row 0 (starts {:?}, rows {:?})",
+        layout.starts,
+        layout.rows
+    );
+    assert!(
         layout.max_rows() < 1 << 16,
         "sequences are limited to 65535 rows"
     );

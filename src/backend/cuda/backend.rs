@@ -1680,6 +1680,12 @@ impl CudaBackend {
     }
 
     fn check_layout(&self, layout: &SeqLayout) -> Result<()> {
+        ensure!(
+            layout.is_back_to_back(),
+            "the sequences must lie back to back from row 0 (starts {:?}, rows {:?})",
+            layout.starts,
+            layout.rows
+        );
         for b in 0..layout.batch() {
             let (r, v) = (layout.rows[b], layout.valid[b]);
             ensure!(
