@@ -494,6 +494,18 @@ fn layernorm_case<B: Backend>(
     cols: usize,
     residual: Option<f32>,
 ) -> Vec<(&'static str, Vec<f32>)> {
+    layernorm_case_at(be, rows, cols, residual, 0)
+}
+
+/// As `layernorm_case`, with every tensor a view at element `offset` (odd offsets reach the
+/// kernels' scalar paths, forward and backward).
+fn layernorm_case_at<B: Backend>(
+    be: &B,
+    rows: usize,
+    cols: usize,
+    residual: Option<f32>,
+    offset: usize,
+) -> Vec<(&'static str, Vec<f32>)> {
     let s = (rows * 10000 + cols * 10 + residual.is_some() as usize) as u64;
     // An offset and a spread per row, as real activations have.
     let xv: Vec<f32> = random_vec(rows * cols, s, 2.0)
@@ -501,18 +513,18 @@ fn layernorm_case<B: Backend>(
         .enumerate()
         .map(|(i, v)| v + 0.5 * ((i / cols) % 5) as f32)
         .collect();
-    let x = up(be, &xv);
-    let b = up(be, &random_vec(rows * cols, s + 1, 1.0));
-    let sum = up(be, &random_vec(rows * cols, s + 2, 9.0));
+    let x = up_at(be, &xv, offset);
+    let b = up_at(be, &random_vec(rows * cols, s + 1, 1.0), offset);
+    let sum = up_at(be, &random_vec(rows * cols, s + 2, 9.0), offset);
     let gamma_v: Vec<f32> = random_vec(cols, s + 3, 0.3)
         .iter()
         .map(|v| v + 1.0)
         .collect();
-    let gamma = up(be, &gamma_v);
-    let beta = up(be, &random_vec(cols, s + 4, 0.3));
-    let out = up(be, &random_vec(rows * cols, s + 5, 9.0));
-    let mean = up(be, &random_vec(rows, s + 6, 9.0));
-    let rstd = up(be, &random_vec(rows, s + 7, 9.0));
+    let gamma = up_at(be, &gamma_v, offset);
+    let beta = up_at(be, &random_vec(cols, s + 4, 0.3), offset);
+    let out = up_at(be, &random_vec(rows * cols, s + 5, 9.0), offset);
+    let mean = up_at(be, &random_vec(rows, s + 6, 9.0), offset);
+    let rstd = up_at(be, &random_vec(rows, s + 7, 9.0), offset);
     let dropout = residual.map(|p| Dropout {
         p,
         seed: s + 12,
@@ -537,11 +549,11 @@ fn layernorm_case<B: Backend>(
     )
     .unwrap();
     let normalized = if residual.is_some() { &sum } else { &x };
-    let dout = up(be, &random_vec(rows * cols, s + 8, 1.0));
-    let dx = up(be, &random_vec(rows * cols, s + 9, 9.0));
-    let dgamma = up(be, &random_vec(cols, s + 10, 1.0));
-    let dbeta = up(be, &random_vec(cols, s + 11, 1.0));
-    let dbranch = up(be, &random_vec(rows * cols, s + 13, 9.0));
+    let dout = up_at(be, &random_vec(rows * cols, s + 8, 1.0), offset);
+    let dx = up_at(be, &random_vec(rows * cols, s + 9, 9.0), offset);
+    let dgamma = up_at(be, &random_vec(cols, s + 10, 1.0), offset);
+    let dbeta = up_at(be, &random_vec(cols, s + 11, 1.0), offset);
+    let dbranch = up_at(be, &random_vec(rows * cols, s + 13, 9.0), offset);
     be.layernorm_backward(
         &dx,
         &dgamma,
@@ -581,7 +593,7 @@ fn layernorm() {
     // columns: dynamic shared memory past 48 KiB, and the forward's scalar path (cols > 1024)
     // with the backward's vector path.
     for rows in [1, 7, 33, 300, 3000] {
-        for cols in [5, 20, 37, 64, 768, 1030, 2048] {
+        for cols in [5, 20, 37, 64, 768, 1024, 1030, 2048] {
             // Without a residual, with one, and with the dropout fused before it: the same
             // Philox mask as the CPU's (a mask differing in one element fails by far).
             for residual in [None, Some(0.0), Some(0.1)] {
@@ -589,6 +601,22 @@ fn layernorm() {
                 let (gg, cc) = (
                     layernorm_case(&g, rows, cols, residual),
                     layernorm_case(&CPU, rows, cols, residual),
+                );
+                compare(&case, &gg[..3], &cc[..3], 1e-5);
+                compare(&case, &gg[3..], &cc[3..], 5e-5);
+            }
+        }
+    }
+    // Views at odd and even unaligned offsets: the scalar paths of forward and backward (BERT's
+    // widths otherwise always take the vector paths), against the CPU too.
+    for offset in [1, 2] {
+        for (rows, cols) in [(7, 64), (33, 768), (5, 1024)] {
+            for residual in [None, Some(0.1)] {
+                let case =
+                    format!("rows {rows}, cols {cols}, residual {residual:?}, offset {offset}");
+                let (gg, cc) = (
+                    layernorm_case_at(&g, rows, cols, residual, offset),
+                    layernorm_case_at(&CPU, rows, cols, residual, offset),
                 );
                 compare(&case, &gg[..3], &cc[..3], 1e-5);
                 compare(&case, &gg[3..], &cc[3..], 5e-5);
@@ -1248,6 +1276,46 @@ fn attention() {
                 );
                 compare(&case, &gg[..2], &cc[..2], 1e-5);
                 compare(&case, &gg[2..], &cc[2..], 5e-5);
+            }
+        }
+    }
+}
+
+/// fp32 attention at BERT's lengths (128, 512) and at the key-tile edges (32, 64 and one either
+/// side), which `attention`'s layouts (70 rows at most) do not reach: fp32 and TF32 training runs
+/// the `_d64` kernel at these lengths. Tolerances are `attention`'s scaled by the longest sum
+/// (512 keys or queries against 70): fp32 summation error grows with the number of terms, and
+/// the two sides add in different orders.
+#[test]
+fn attention_at_bert_lengths() {
+    let Some(g) = gpu() else { return };
+    let layouts = [
+        (
+            "padded [512, 128] in 512",
+            SeqLayout::padded(&[512, 128], 512),
+        ),
+        (
+            "packed [1, 32, 63, 64, 65, 127, 128, 129]",
+            SeqLayout::packed(&[1, 32, 63, 64, 65, 127, 128, 129]),
+        ),
+    ];
+    let longest = 512.0 / 70.0;
+    for (name, layout) in layouts {
+        for (heads, head_dim) in [(2, 5), (1, 32), (2, 64), (1, 128)] {
+            for p in [0.0, 0.1] {
+                let dims = AttentionDims { heads, head_dim };
+                let d = Dropout {
+                    p,
+                    seed: 7,
+                    stream: 3,
+                };
+                let case = format!("{name}, {heads} heads of {head_dim}, dropout {p}");
+                let (gg, cc) = (
+                    attention_case(&g, &layout, dims, d),
+                    attention_case(&CPU, &layout, dims, d),
+                );
+                compare(&case, &gg[..2], &cc[..2], 1e-5 * longest);
+                compare(&case, &gg[2..], &cc[2..], 5e-5 * longest);
             }
         }
     }
@@ -2452,4 +2520,46 @@ fn run_region_captures_replays_patches_and_falls_back() {
     let s = g.graph_stats().unwrap();
     assert_eq!(s.failures, 0);
     assert!(s.patched_nodes >= 2, "{s:?}");
+}
+
+/// A region in which the last handle of an allocation made before it goes (the input of its
+/// dropout, here): the free waits for the region's graph, so the capture is kept (a free node
+/// for memory the graph does not own would break it) and a replay reads the input before it is
+/// freed. Four runs: eager, captured, replayed twice, each on a new input (the dropout's pointer
+/// patched); each output the CPU's dropout of its input, bit for bit, scratch allocated inside
+/// the region after the drop included (it must not get the input's memory while it is read).
+#[test]
+fn run_region_defers_frees_of_earlier_allocations() {
+    let Some(g) = gpu() else { return };
+    let g = g.with_cuda_graphs(true);
+    let n = 4096;
+    let out = up(&g, &vec![7.0; n]);
+    let d = Dropout {
+        p: 0.3,
+        seed: 5,
+        stream: 1,
+    };
+    for (i, counts) in [(0, 0), (1, 0), (1, 1), (1, 2)].into_iter().enumerate() {
+        let x = random_vec(n, 40 + i as u64, 1.0);
+        let mut input = Some(up(&g, &x));
+        g.run_region(&[78], &mut || {
+            let x = input.take().expect("the region runs once per step here");
+            let scratch = g.zeros(n)?;
+            g.dropout_forward(&scratch, &x, d)?;
+            drop(x);
+            let late = g.zeros(n)?;
+            g.copy(&late, &scratch)?;
+            g.copy(&out, &late)
+        })
+        .unwrap();
+        let want = {
+            let o = CPU.zeros(n).unwrap();
+            CPU.dropout_forward(&o, &up(&CPU, &x), d).unwrap();
+            down(&CPU, &o)
+        };
+        exact(&format!("run {i}"), &down(&g, &out), &want);
+        let s = g.graph_stats().unwrap();
+        assert_eq!((s.captures, s.replays), counts, "after run {i}: {s:?}");
+        assert_eq!((s.failures, s.mismatches), (0, 0), "after run {i}: {s:?}");
+    }
 }

@@ -64,6 +64,8 @@
 //! fallback bias GEMM is kept and grown on demand; the `SeqLayout` arrays (starts, rows, valid) are uploaded once per distinct
 //! layout and kept in a small cache (forward and backward of every layer share one layout).
 
+use std::any::Any;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -139,7 +141,7 @@ const BLAS_WORKSPACE_BYTES: usize = 32 << 20;
 const LN_BWD_WARPS: u32 = 4;
 
 /// One device allocation with its base address.
-struct Buffer<T> {
+struct Buffer<T: 'static> {
     /// Owns the allocation (freed stream-ordered on drop); `None` for the allocation of a
     /// replayed CUDA graph, which the graph's own free node releases.
     _slice: Option<CudaSlice<T>>,
@@ -159,6 +161,62 @@ impl<T> Buffer<T> {
             _captured: None,
         }
     }
+}
+
+impl<T: 'static> Drop for Buffer<T> {
+    fn drop(&mut self) {
+        // An allocation made before a captured or replayed region whose last handle goes inside
+        // it: its stream-ordered free would be a graph node for memory the graph does not own
+        // (capture), or queued before the graph that may still read it (replay). It waits for
+        // the region's graph instead (`deferring_frees`). Allocations made while capturing are
+        // the graph's own (`_captured`), and those of a replay have no slice.
+        let Some(slice) = self._slice.take() else {
+            return;
+        };
+        if self._captured.is_some() {
+            return drop(slice);
+        }
+        let kept = DEFERRED_FREES.with(|d| match d.borrow_mut().as_mut() {
+            Some(deferred) => {
+                deferred.push(Box::new(slice));
+                None
+            }
+            None => Some(slice),
+        });
+        drop(kept);
+    }
+}
+
+thread_local! {
+    /// While a region is captured or replayed on this thread: the allocations made before it
+    /// whose last handle went inside it (see `Buffer`'s Drop).
+    static DEFERRED_FREES: RefCell<Option<Vec<Box<dyn Any>>>> = const { RefCell::new(None) };
+}
+
+/// Frees that wait until the region's graph has been queued: dropping this frees them, stream
+/// ordered after everything queued before.
+struct DeferredFrees(#[allow(dead_code)] Vec<Box<dyn Any>>);
+
+/// Runs a captured or replayed `region`, deferring the frees of allocations made before it
+/// (see `Buffer`'s Drop); the caller drops what comes back once the graph is queued, or before
+/// it runs the region again eagerly.
+fn deferring_frees(region: &mut dyn FnMut() -> Result<()>) -> (Result<()>, DeferredFrees) {
+    /// On a panic in the region, what was deferred is leaked rather than freed: the graph may
+    /// still be capturing, or queued work may still read it.
+    struct OnUnwind;
+    impl Drop for OnUnwind {
+        fn drop(&mut self) {
+            if let Some(deferred) = DEFERRED_FREES.with(|d| d.borrow_mut().take()) {
+                std::mem::forget(deferred);
+            }
+        }
+    }
+    DEFERRED_FREES.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    let unwinding = OnUnwind;
+    let ran = region();
+    std::mem::forget(unwinding);
+    let deferred = DEFERRED_FREES.with(|d| d.borrow_mut().take());
+    (ran, DeferredFrees(deferred.unwrap_or_default()))
 }
 
 /// One live allocation of a region being captured: a capture is only kept when the region
@@ -464,6 +522,17 @@ pub struct CudaBackend {
     blas_workspace: Option<Arc<Buffer<u8>>>,
 }
 
+/// Waits for the queue before the fields go: they drop in declaration order, so the modules
+/// would be unloaded, and the graphs and buffers freed, while queued work still uses them (the
+/// host runs a step ahead of the device).
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if self.bind().is_ok() {
+            let _ = self.stream.synchronize();
+        }
+    }
+}
+
 fn grid_1d(n: usize, per_thread: usize, block: u32, cap: u32) -> u32 {
     let blocks = n.div_ceil(per_thread).div_ceil(block as usize);
     blocks.clamp(1, cap as usize) as u32
@@ -715,9 +784,10 @@ impl CudaBackend {
     }
 
     /// The most device memory the stream-ordered allocations have held at once since this
-    /// backend opened (the pool's `USED_MEM_HIGH`): parameters, optimizer state, activations
-    /// and scratch; not the cuBLAS workspace, the context or the loaded modules (PyTorch's
-    /// `max_memory_allocated` counts cuBLAS workspaces). `None` without memory pools.
+    /// backend opened (the pool's `USED_MEM_HIGH`): parameters, optimizer state, activations,
+    /// scratch, and the cuBLAS and cuBLASLt workspaces (32 MiB each; PyTorch's
+    /// `max_memory_allocated` counts cuBLAS's workspaces too); not the context or the loaded
+    /// modules. `None` without memory pools.
     pub fn peak_pool_bytes(&self) -> Result<Option<u64>> {
         let Some(pool) = &self.pool else {
             return Ok(None);
@@ -764,19 +834,17 @@ impl CudaBackend {
         self
     }
 
-    /// The same backend recording the training step as CUDA graphs (see `graph`) when `on`.
-    /// Needs stream-ordered allocation and a driver with the graph functions; without them it
-    /// says so once and runs eagerly.
     /// This backend, with batches padded to their sequence and row buckets by the trainer and
     /// evaluation whether or not steps run as CUDA graphs: the padded path alone, to tell a
     /// padding problem from a graph problem.
-    pub fn with_bucket_padding(self) -> Self {
-        CudaBackend {
-            bucket_padding: true,
-            ..self
-        }
+    pub fn with_bucket_padding(mut self) -> Self {
+        self.bucket_padding = true;
+        self
     }
 
+    /// The same backend recording the training step as CUDA graphs (see `graph`) when `on`.
+    /// Needs stream-ordered allocation and a driver with the graph functions; without them it
+    /// says so once and runs eagerly.
     pub fn with_cuda_graphs(mut self, on: bool) -> Self {
         if !on {
             self.graphs = None;
@@ -858,7 +926,7 @@ impl CudaBackend {
             },
             true,
         );
-        let ran = region();
+        let (ran, deferred) = deferring_frees(region);
         let GraphMode::Capture { tape, broken, .. } = guard.finish() else {
             unreachable!("the mode is only changed by its guard")
         };
@@ -890,6 +958,8 @@ impl CudaBackend {
                 None,
             ),
         };
+        // After the capture ended, and after the graph's launch when it made one.
+        drop(deferred);
         match (why, exec) {
             (None, Some(exec)) => {
                 self.count(|s| s.captures += 1);
@@ -940,7 +1010,7 @@ impl CudaBackend {
         region: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
         let guard = ModeGuard::set(self, GraphMode::Replay(Replay::new(tape)), false);
-        let ran = region();
+        let (ran, deferred) = deferring_frees(region);
         let GraphMode::Replay(replay) = guard.finish() else {
             unreachable!("the mode is only changed by its guard")
         };
@@ -951,6 +1021,8 @@ impl CudaBackend {
                 exec.launch(self.stream.cu_stream())?;
                 Ok((tape, patches.len()))
             });
+        // After the graph's launch, or before the region runs again eagerly.
+        drop(deferred);
         match launched {
             Ok((tape, patched)) => {
                 self.count(|s| {
@@ -1009,7 +1081,7 @@ impl CudaBackend {
         &self.stream
     }
 
-    fn bind(&self) -> Result<()> {
+    pub(super) fn bind(&self) -> Result<()> {
         self.ctx
             .bind_to_thread()
             .map_err(|e| anyhow!("cannot bind the CUDA context: {e}"))

@@ -33,6 +33,8 @@ impl Drop for PendingDownload {
 impl PendingDownload {
     pub(super) fn start(be: &CudaBackend, t: &CudaTensor) -> Result<Self> {
         let len = t.len();
+        // The copy below is queued on this thread: a pooled buffer binds nothing on its way.
+        be.bind()?;
         let mut buf = be.take_pinned(len)?;
         let host = buf
             .as_mut_slice()
