@@ -67,9 +67,9 @@ __device__ __forceinline__ float ln_dropout_one(float v, unsigned long long i, f
 // memory. `residual` and `sum` are both null (plain LayerNorm of x; p is then ignored) or both
 // non-null (s = dropout(x) + residual, written to sum).
 // `out_copy` null: no copy.
-// Fast path: cols % N == 0 (N = Pack<T>::N: 4 fp32, 8 16-bit), cols ≤ 1024, all tensors 16-byte
+// Fast path: cols % N == 0 (N = Pack<T>::N = 4 for fp32), cols ≤ 1024, all tensors 16-byte
 // aligned: the row is loaded once with 128-bit accesses and kept in registers (≤ 32 floats per
-// lane); out_copy is written N elements at a time (8 or 16 bytes, st_round) when aligned to that,
+// lane); out_copy is written N elements at a time (8 bytes of 16-bit values, st_round) when so aligned,
 // else element by element. Otherwise a scalar path reads the row three times (L1/L2 hits after
 // the first). out_copy's alignment never picks the path: the copy is out rounded either way.
 template <typename T, typename C>

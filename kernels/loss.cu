@@ -15,7 +15,7 @@
 // its loss and its gradient row are exactly 0 (whatever the logits and scale), and the caller's
 // mean does not count it. Any other label ≥ classes (the CPU reference panics) gives a NaN loss
 // and a NaN gradient row.
-// Layout: logits, dlogits T [rows, classes] (use _f32 for fp32 logits); labels u32 [rows];
+// Layout: logits, dlogits T [rows, classes] (T = fp32: the _f32 kernels); labels u32 [rows];
 // losses fp32 [rows]. Math in fp32 (the CPU reference uses f64).
 // Only the fp32 instance (_f32) is compiled: the model keeps these tensors in fp32 under every
 // precision (16 bits are for GEMM operands), so a 16-bit instance would be code no caller runs.

@@ -2524,10 +2524,11 @@ fn run_region_captures_replays_patches_and_falls_back() {
 
 /// A region in which the last handle of an allocation made before it goes (the input of its
 /// dropout, here): the free waits for the region's graph, so the capture is kept (a free node
-/// for memory the graph does not own would break it) and a replay reads the input before it is
-/// freed. Four runs: eager, captured, replayed twice, each on a new input (the dropout's pointer
-/// patched); each output the CPU's dropout of its input, bit for bit, scratch allocated inside
-/// the region after the drop included (it must not get the input's memory while it is read).
+/// for memory the graph does not own would break it: no capture, and the rerun finds its input
+/// gone). Four runs: eager, captured, replayed twice, each on a new input (the dropout's
+/// pointer patched); each output the CPU's dropout of its input, bit for bit. (A replay whose
+/// free came before its launch would most likely still read intact memory: that order is the
+/// code's, `replay_region`, not something this test can see.)
 #[test]
 fn run_region_defers_frees_of_earlier_allocations() {
     let Some(g) = gpu() else { return };

@@ -176,20 +176,26 @@ impl<T: 'static> Drop for Buffer<T> {
         if self._captured.is_some() {
             return drop(slice);
         }
-        let kept = DEFERRED_FREES.with(|d| match d.borrow_mut().as_mut() {
-            Some(deferred) => {
-                deferred.push(Box::new(slice));
-                None
-            }
-            None => Some(slice),
-        });
+        // (`try_with`: in the thread's teardown there is no region; the closure is dropped
+        // unrun, and the slice it holds is freed now.)
+        let kept = DEFERRED_FREES
+            .try_with(|d| match d.borrow_mut().as_mut() {
+                Some(deferred) => {
+                    deferred.push(Box::new(slice));
+                    None
+                }
+                None => Some(slice),
+            })
+            .unwrap_or(None);
         drop(kept);
     }
 }
 
 thread_local! {
     /// While a region is captured or replayed on this thread: the allocations made before it
-    /// whose last handle went inside it (see `Buffer`'s Drop).
+    /// whose last handle went inside it (see `Buffer`'s Drop). Per thread, since a region runs
+    /// on one thread and the tensors it drops are dropped there (batches cross threads only as
+    /// host data, `train::prefetch`).
     static DEFERRED_FREES: RefCell<Option<Vec<Box<dyn Any>>>> = const { RefCell::new(None) };
 }
 
@@ -211,7 +217,10 @@ fn deferring_frees(region: &mut dyn FnMut() -> Result<()>) -> (Result<()>, Defer
             }
         }
     }
-    DEFERRED_FREES.with(|d| *d.borrow_mut() = Some(Vec::new()));
+    let outer = DEFERRED_FREES.with(|d| d.borrow_mut().replace(Vec::new()));
+    debug_assert!(outer.is_none(), "regions do not nest");
+    // Were one nested, the outer region's frees would still wait for its graph: leak them.
+    std::mem::forget(outer);
     let unwinding = OnUnwind;
     let ran = region();
     std::mem::forget(unwinding);
@@ -527,9 +536,10 @@ pub struct CudaBackend {
 /// host runs a step ahead of the device).
 impl Drop for CudaBackend {
     fn drop(&mut self) {
-        if self.bind().is_ok() {
-            let _ = self.stream.synchronize();
-        }
+        // An error recorded by an earlier free would fail a bind first: clear it, then wait
+        // (the stream's synchronize binds the context itself).
+        let _ = self.ctx.check_err();
+        let _ = self.stream.synchronize();
     }
 }
 
@@ -2674,6 +2684,8 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let AttentionDims { heads, head_dim } = dims;
         let hidden = heads * head_dim;
+        // The layout first (as on the CPU): the lengths below are counted from it.
+        self.check_layout(layout)?;
         let rows = layout.total_rows();
         ensure!(
             (out.len, lse.len, qkv.len) == (rows * hidden, rows * heads, rows * 3 * hidden),
@@ -2683,7 +2695,6 @@ impl Backend for CudaBackend {
             lse.len,
             qkv.len
         );
-        self.check_layout(layout)?;
         let (prefix, suffix, block_rows) = self.attention_kernels(head_dim)?;
         let s = layout.max_rows();
         if layout.batch() == 0 || s == 0 || heads == 0 {
@@ -2734,6 +2745,7 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let AttentionDims { heads, head_dim } = dims;
         let hidden = heads * head_dim;
+        self.check_layout(layout)?;
         let rows = layout.total_rows();
         ensure!(
             (dqkv.len, dout.len, out.len, qkv.len, lse.len)
@@ -2752,7 +2764,6 @@ impl Backend for CudaBackend {
             qkv.len,
             lse.len
         );
-        self.check_layout(layout)?;
         let (prefix, suffix, block_rows) = self.attention_kernels(head_dim)?;
         let s = layout.max_rows();
         if layout.batch() == 0 || s == 0 || heads == 0 {
