@@ -1408,14 +1408,22 @@ fn attention_tensor_cores() {
                         .unwrap();
                         (down(&cpu, &out), down(&cpu, &lse), down(&cpu, &dqkv))
                     };
-                    // The GPU: forward; backward from the CPU's out and lse (twice: bitwise
-                    // the same).
+                    // The GPU: forward; backward from the CPU's out and lse (each twice:
+                    // bitwise the same, as a kernel without races or atomics gives).
                     let out = up(&g, &random_vec(rows * hidden, s + 2, 9.0));
                     let lse = up(&g, &random_vec(rows * heads, s + 3, 9.0));
                     let qkv_t = up(&g, &qkv);
                     g.attention_forward(&out, &lse, &qkv_t, layout, dims, d)
                         .unwrap();
                     let (g_out, g_lse) = (down(&g, &out), down(&g, &lse));
+                    let (out2, lse2) = (
+                        up(&g, &random_vec(rows * hidden, s + 5, 9.0)),
+                        up(&g, &random_vec(rows * heads, s + 6, 9.0)),
+                    );
+                    g.attention_forward(&out2, &lse2, &qkv_t, layout, dims, d)
+                        .unwrap();
+                    exact(&format!("{case}: out run to run"), &down(&g, &out2), &g_out);
+                    exact(&format!("{case}: lse run to run"), &down(&g, &lse2), &g_lse);
                     let (out_c, lse_c, dout_t) = (up(&g, &c_out), up(&g, &c_lse), up(&g, &dout));
                     let mut g_dqkv = Vec::new();
                     for _ in 0..2 {
