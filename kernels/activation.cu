@@ -89,33 +89,12 @@ __device__ __forceinline__ void map1(T* __restrict__ out, const T* __restrict__ 
     for (unsigned long long i = done + tid; i < n; i += stride) out[i] = from_f32<T>(f(to_f32(a[i])));
 }
 
-template <typename T, typename F>
-__device__ __forceinline__ void map2(T* __restrict__ out, const T* __restrict__ a, const T* __restrict__ b,
-                                     unsigned long long n, F f) {
-    constexpr int N = Pack<T>::N;
-    const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
-    unsigned long long done = 0;
-    if (is_aligned16(out) && is_aligned16(a) && is_aligned16(b)) {
-        const unsigned long long packs = n / N;
-        for (unsigned long long k = tid; k < packs; k += stride) {
-            float u[N], v[N];
-            ld_pack_f32(a + k * N, u);
-            ld_pack_f32(b + k * N, v);
-#pragma unroll
-            for (int j = 0; j < N; ++j) u[j] = f(u[j], v[j]);
-            st_pack_f32(out + k * N, u);
-        }
-        done = packs * N;
-    }
-    for (unsigned long long i = done + tid; i < n; i += stride) out[i] = from_f32<T>(f(to_f32(a[i]), to_f32(b[i])));
-}
-
-// out[i] = f(a[i], b[i]) with out and a fp32, b 16-bit (U): packs of N = Pack<U>::N (8) elements,
-// b with one 128-bit load and a, out with two each, when all three are 16-byte aligned (8 floats
-// from an aligned start stay aligned); then the tail, or everything, one element at a time.
+// out[i] = f(a[i], b[i]) with out and a fp32, b fp32 or 16-bit (U): packs of N = Pack<U>::N
+// elements (4 fp32, 8 16-bit), b with one 128-bit load and a, out with N/4 each, when all three
+// are 16-byte aligned (N floats from an aligned start stay aligned); then the tail, or
+// everything, one element at a time.
 template <typename U, typename F>
-__device__ __forceinline__ void map2_narrow_b(float* __restrict__ out, const float* __restrict__ a,
+__device__ __forceinline__ void map2(float* __restrict__ out, const float* __restrict__ a,
                                               const U* __restrict__ b, unsigned long long n, F f) {
     constexpr int N = Pack<U>::N;
     const unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -156,17 +135,24 @@ ACTIVATION_FORWARD(float, f32)
 ACTIVATION_FORWARD(__half, f16)
 ACTIVATION_FORWARD(__nv_bfloat16, bf16)
 
-// fp32 only: the gradients are fp32 under every precision, and so is the pooler's tanh.
-extern "C" __global__ void activation_backward_f32(float* __restrict__ dx, const float* __restrict__ dout,
-                                                   const float* __restrict__ x, unsigned long long n, int act) {
-    switch (act) {
-        case 0: map2(dx, dout, x, n, ActBackward<0>()); break;
-        case 1: map2(dx, dout, x, n, ActBackward<1>()); break;
-        case 2: map2(dx, dout, x, n, ActBackward<2>()); break;
-        default: fill_nan(dx, n); break;
+// The backward: dx and dout fp32 (the gradients are fp32 under every precision); x fp32, or
+// 16-bit for the feed-forward pre-activation stored in the GEMMs' format (the _x_ kernels).
+#define ACTIVATION_BACKWARD(U, NAME)                                                                               \
+    extern "C" __global__ void NAME(float* __restrict__ dx, const float* __restrict__ dout, const U* __restrict__ x, \
+                                    unsigned long long n, int act) {                                               \
+        switch (act) {                                                                                             \
+            case 0: map2(dx, dout, x, n, ActBackward<0>()); break;                                                 \
+            case 1: map2(dx, dout, x, n, ActBackward<1>()); break;                                                 \
+            case 2: map2(dx, dout, x, n, ActBackward<2>()); break;                                                 \
+            default: fill_nan(dx, n); break;                                                                       \
+        }                                                                                                          \
     }
-}
 
+ACTIVATION_BACKWARD(float, activation_backward_f32)
+ACTIVATION_BACKWARD(__half, activation_backward_x_f16)
+ACTIVATION_BACKWARD(__nv_bfloat16, activation_backward_x_bf16)
+
+// The pooler's tanh: fp32 only.
 extern "C" __global__ void tanh_forward_f32(float* __restrict__ out, const float* __restrict__ x, unsigned long long n) {
     map1(out, x, n, TanhForward());
 }
@@ -175,20 +161,3 @@ extern "C" __global__ void tanh_backward_f32(float* __restrict__ dx, const float
                                              const float* __restrict__ y, unsigned long long n) {
     map2(dx, dout, y, n, TanhBackward());
 }
-
-// Launch as activation_backward_*.
-#define ACTIVATION_BACKWARD_NARROW_X(U, SUFFIX)                                                                    \
-    extern "C" __global__ void activation_backward_x_##SUFFIX(float* __restrict__ dx,                              \
-                                                              const float* __restrict__ dout,                      \
-                                                              const U* __restrict__ x, unsigned long long n,       \
-                                                              int act) {                                           \
-        switch (act) {                                                                                             \
-            case 0: map2_narrow_b(dx, dout, x, n, ActBackward<0>()); break;                                        \
-            case 1: map2_narrow_b(dx, dout, x, n, ActBackward<1>()); break;                                        \
-            case 2: map2_narrow_b(dx, dout, x, n, ActBackward<2>()); break;                                        \
-            default: fill_nan(dx, n); break;                                                                       \
-        }                                                                                                          \
-    }
-
-ACTIVATION_BACKWARD_NARROW_X(__half, f16)
-ACTIVATION_BACKWARD_NARROW_X(__nv_bfloat16, bf16)
