@@ -86,8 +86,9 @@
 // gradients are bitwise reproducible run to run (resume-from-checkpoint draws the same bits). The
 // cost is recomputing s and dp once more (7 row-sized passes per (i, j) instead of 5), acceptable
 // for CUDA-core math where attention is a small share of a BERT step.
-// Rows of dqkv belonging to no sequence (gaps in a custom layout) are not written; padded and
-// packed layouts have none. Sequences are limited to 65535 rows (16-bit Philox positions), the
+// Every row of dqkv belongs to one sequence: the launchers refuse layouts whose sequences do not
+// lie back to back from row 0 (a row in a gap would not be written, rows in two sequences would
+// be written by two blocks). Sequences are limited to 65535 rows (16-bit Philox positions), the
 // batch to 65535 sequences and heads to 65535 (grid y/z).
 
 #include "common.cuh"

@@ -201,7 +201,8 @@ pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
 /// Sequence `b` occupies rows `starts[b] .. starts[b] + rows[b]`; its first `valid[b]` rows are
 /// real tokens and the rest padding. Padding rows are computed like any other row (as
 /// transformers does) but are never attended to. A padded batch has `rows[b] = seq_len`; a packed
-/// batch has `rows[b] = valid[b]`.
+/// batch has `rows[b] = valid[b]`. The sequences lie back to back from row 0, in batch order
+/// ([`SeqLayout::is_back_to_back`]; the attention ops refuse other layouts).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SeqLayout {
     pub starts: Vec<u32>,
